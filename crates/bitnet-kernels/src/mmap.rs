@@ -1,0 +1,74 @@
+//! Read-only memory-mapped files: weights are read in place, never copied.
+
+use std::fs::File;
+use std::io;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+
+/// A whole file mapped read-only. Dereferences to its bytes.
+#[derive(Debug)]
+pub struct MappedFile {
+    path: PathBuf,
+    map: Option<memmap2::Mmap>,
+}
+
+impl MappedFile {
+    /// Map `path` read-only. An empty file maps to an empty slice.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path)?;
+        let len = file.metadata()?.len();
+        if len == 0 {
+            return Ok(Self { path, map: None });
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the map is read-only and private. The one hazard is another process
+        // truncating or rewriting the file while it is mapped; model files are written by
+        // rename-into-place (ours) and treated as immutable, which is the contract every
+        // mmap-based model loader (llama.cpp, candle, safetensors) relies on.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(Self { path, map: Some(map) })
+    }
+
+    /// The path the file was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tell the kernel the mapping will be read front to back (best effort).
+    pub fn advise_sequential(&self) {
+        if let Some(m) = &self.map {
+            let _ = m.advise(memmap2::Advice::Sequential);
+        }
+    }
+}
+
+impl Deref for MappedFile {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+impl AsRef<[u8]> for MappedFile {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn maps_and_reads() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"GGUF1234").unwrap();
+        let m = MappedFile::open(f.path()).unwrap();
+        assert_eq!(&m[..4], b"GGUF");
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(MappedFile::open(empty.path()).unwrap().len(), 0);
+        assert!(MappedFile::open("/nonexistent/file").is_err());
+    }
+}
