@@ -41,7 +41,11 @@ pub fn error_metrics(reference: &[f32], approx: &[f32]) -> Result<ErrorMetrics> 
         (true, false) | (false, true) => 0.0,
         (false, false) => (dot / (nr.sqrt() * na.sqrt())).clamp(-1.0, 1.0),
     };
-    let sqnr_db = if se == 0.0 { f64::INFINITY } else { 10.0 * (nr / se).log10() };
+    let sqnr_db = if se == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (nr / se).log10()
+    };
     Ok(ErrorMetrics {
         mse: se / n,
         cosine,

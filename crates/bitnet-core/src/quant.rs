@@ -72,11 +72,25 @@ pub struct TernaryMatrix {
 
 impl TernaryMatrix {
     /// Build from codes and scales, checking every code and the number of scales.
-    pub fn new(rows: usize, cols: usize, codes: Vec<i8>, granularity: Granularity, scales: Vec<f32>) -> Result<Self> {
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        codes: Vec<i8>,
+        granularity: Granularity,
+        scales: Vec<f32>,
+    ) -> Result<Self> {
         check_len("codes", rows * cols, codes.len())?;
         let g = granularity.group_len(rows, cols)?;
-        check_len("scales", (rows * cols).checked_div(g).unwrap_or(1).max(1), scales.len())?;
-        if let Some((index, &code)) = codes.iter().enumerate().find(|(_, c)| !(-1..=1).contains(*c)) {
+        check_len(
+            "scales",
+            (rows * cols).checked_div(g).unwrap_or(1).max(1),
+            scales.len(),
+        )?;
+        if let Some((index, &code)) = codes
+            .iter()
+            .enumerate()
+            .find(|(_, c)| !(-1..=1).contains(*c))
+        {
             return Err(CoreError::BadCode { index, code });
         }
         Ok(Self {
@@ -90,7 +104,10 @@ impl TernaryMatrix {
 
     /// Number of consecutive weights sharing one scale.
     pub fn group_len(&self) -> usize {
-        self.granularity.group_len(self.rows, self.cols).unwrap_or(self.rows * self.cols).max(1)
+        self.granularity
+            .group_len(self.rows, self.cols)
+            .unwrap_or(self.rows * self.cols)
+            .max(1)
     }
 
     /// `code * scale` for every weight: the dequantized matrix, as the runtime multiplies it.
@@ -129,7 +146,12 @@ impl TernaryMatrix {
 ///
 /// Per tensor, the result equals transformers' `WeightQuant` bit for bit (codes and scale), with
 /// the mean summed in PyTorch's order ([`TorchReduce::default`]).
-pub fn ternarize(w: &[f32], rows: usize, cols: usize, granularity: Granularity) -> Result<TernaryMatrix> {
+pub fn ternarize(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    granularity: Granularity,
+) -> Result<TernaryMatrix> {
     ternarize_with(w, rows, cols, granularity, TorchReduce::default())
 }
 
@@ -268,13 +290,21 @@ pub fn ternary_gemv_ref(w: &TernaryMatrix, x: &[i8], x_scale: f32, out: &mut [f3
     for (r, o) in out.iter_mut().enumerate() {
         let row = &w.codes[r * w.cols..(r + 1) * w.cols];
         if g >= w.cols {
-            let dot: i32 = row.iter().zip(x).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+            let dot: i32 = row
+                .iter()
+                .zip(x)
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum();
             let scale = w.scales[(r * w.cols) / g];
             *o = dot as f32 * scale / x_scale;
         } else {
             let mut acc = 0.0f32;
             for (gi, (wc, xc)) in row.chunks(g).zip(x.chunks(g)).enumerate() {
-                let dot: i32 = wc.iter().zip(xc).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+                let dot: i32 = wc
+                    .iter()
+                    .zip(xc)
+                    .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                    .sum();
                 acc += dot as f32 * w.scales[(r * w.cols) / g + gi];
             }
             *o = acc / x_scale;
@@ -331,7 +361,13 @@ mod tests {
 
     #[test]
     fn gemv_reference_matches_float() {
-        let w = ternarize(&[0.3, -0.2, 0.0, 0.5, 0.1, -0.6], 2, 3, Granularity::PerTensor).unwrap();
+        let w = ternarize(
+            &[0.3, -0.2, 0.0, 0.5, 0.1, -0.6],
+            2,
+            3,
+            Granularity::PerTensor,
+        )
+        .unwrap();
         let a = quantize_activations(&[1.0, -0.5, 0.25], 1, 3).unwrap();
         let mut y = [0.0f32; 2];
         ternary_gemv_ref(&w, &a.codes, a.scales[0], &mut y).unwrap();
@@ -345,7 +381,10 @@ mod tests {
 
     #[test]
     fn convention_from_linear_class() {
-        assert_eq!(ScaleConvention::from_linear_class("bitlinear").unwrap(), ScaleConvention::Divide);
+        assert_eq!(
+            ScaleConvention::from_linear_class("bitlinear").unwrap(),
+            ScaleConvention::Divide
+        );
         assert!(ScaleConvention::from_linear_class("magic").is_err());
     }
 }

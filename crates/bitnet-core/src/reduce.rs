@@ -98,7 +98,12 @@ fn inner_sum_vec<const L: usize>(x: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f3
 /// `row_sum` over scalars.
 fn row_sum_scalar(x: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f32 {
     let rows = x.len() / ILP;
-    let mut partial = multi_row_sum(rows, |i, k| f(x[i * ILP + k]), |a: &mut f32, b: f32| *a += b, 0.0f32);
+    let mut partial = multi_row_sum(
+        rows,
+        |i, k| f(x[i * ILP + k]),
+        |a: &mut f32, b: f32| *a += b,
+        0.0f32,
+    );
     for &v in &x[rows * ILP..] {
         partial[0] += f(v);
     }
@@ -141,7 +146,8 @@ fn multi_row_sum<T: Clone>(
     let level_power = 4.max(ceil_log2(rows) / LEVELS as u32);
     let level_step = 1usize << level_power;
     let level_mask = level_step - 1;
-    let mut acc: [[T; ILP]; LEVELS] = std::array::from_fn(|_| std::array::from_fn(|_| zero.clone()));
+    let mut acc: [[T; ILP]; LEVELS] =
+        std::array::from_fn(|_| std::array::from_fn(|_| zero.clone()));
     let mut i = 0usize;
     while i + level_step <= rows {
         for _ in 0..level_step {
@@ -178,7 +184,11 @@ fn multi_row_sum<T: Clone>(
 
 /// `c10::utils::CeilLog2`: 0 for 0 and 1, else the bit length of `n - 1`.
 fn ceil_log2(n: usize) -> u32 {
-    if n <= 1 { 0 } else { usize::BITS - (n - 1).leading_zeros() }
+    if n <= 1 {
+        0
+    } else {
+        usize::BITS - (n - 1).leading_zeros()
+    }
 }
 
 #[cfg(test)]
@@ -201,7 +211,10 @@ mod tests {
         for lanes in [1, 8, 16] {
             for threads in [1, 2] {
                 let s = TorchReduce { lanes, threads }.sum(&x) as f64;
-                assert!((s - 300_000.0).abs() / 300_000.0 < 1e-6, "lanes {lanes} threads {threads}: {s}");
+                assert!(
+                    (s - 300_000.0).abs() / 300_000.0 < 1e-6,
+                    "lanes {lanes} threads {threads}: {s}"
+                );
             }
         }
     }

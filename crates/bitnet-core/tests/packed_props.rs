@@ -14,7 +14,9 @@ fn codes(n: usize) -> impl Strategy<Value = Vec<i8>> {
 fn matrix() -> impl Strategy<Value = TernaryMatrix> {
     (1usize..4, 1usize..3, 1e-4f32..10.0).prop_flat_map(|(r4, c256, scale)| {
         let (rows, cols) = (r4 * 4, c256 * 256);
-        codes(rows * cols).prop_map(move |c| TernaryMatrix::new(rows, cols, c, Granularity::PerTensor, vec![scale]).unwrap())
+        codes(rows * cols).prop_map(move |c| {
+            TernaryMatrix::new(rows, cols, c, Granularity::PerTensor, vec![scale]).unwrap()
+        })
     })
 }
 
@@ -102,7 +104,14 @@ fn per_channel_scales_survive_tq_but_not_i2s() {
     let rows = 4;
     let cols = 256;
     let codes: Vec<i8> = (0..rows * cols).map(|i| (i % 3) as i8 - 1).collect();
-    let m = TernaryMatrix::new(rows, cols, codes, Granularity::PerChannel, vec![0.5, 0.25, 1.0, 2.0]).unwrap();
+    let m = TernaryMatrix::new(
+        rows,
+        cols,
+        codes,
+        Granularity::PerChannel,
+        vec![0.5, 0.25, 1.0, 2.0],
+    )
+    .unwrap();
     let (p, f) = packed::pack(&m, TernaryFormat::Tq2_0).unwrap();
     assert!(f.exact, "{}", f.note);
     let back = packed::unpack(&p).unwrap();
@@ -115,7 +124,11 @@ fn per_channel_scales_survive_tq_but_not_i2s() {
 #[test]
 fn shapes_that_do_not_fit_are_refused() {
     let m = TernaryMatrix::new(2, 100, vec![0; 200], Granularity::PerTensor, vec![1.0]).unwrap();
-    for fmt in [TernaryFormat::Tq2_0, TernaryFormat::Tq1_0, TernaryFormat::HfPacked] {
+    for fmt in [
+        TernaryFormat::Tq2_0,
+        TernaryFormat::Tq1_0,
+        TernaryFormat::HfPacked,
+    ] {
         assert!(packed::pack(&m, fmt).is_err(), "{fmt}");
     }
     let bad = PackedTensor {

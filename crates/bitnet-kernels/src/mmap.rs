@@ -27,7 +27,10 @@ impl MappedFile {
         // rename-into-place (ours) and treated as immutable, which is the contract every
         // mmap-based model loader (llama.cpp, candle, safetensors) relies on.
         let map = unsafe { memmap2::Mmap::map(&file)? };
-        Ok(Self { path, map: Some(map) })
+        Ok(Self {
+            path,
+            map: Some(map),
+        })
     }
 
     /// The path the file was opened from.

@@ -62,13 +62,19 @@ mod tests {
         // The example in transformers' `unpack_weights` docstring.
         let packed = [0b1010_0001u8, 0b0001_1000, 0b1001_0000, 0b0000_1010];
         let codes = unpack(&packed, 2, 2).unwrap();
-        assert_eq!(codes, [0, -1, -1, 1, -1, 1, -1, 1, 1, 0, 0, -1, 1, -1, 1, -1]);
+        assert_eq!(
+            codes,
+            [0, -1, -1, 1, -1, 1, -1, 1, 1, 0, 0, -1, 1, -1, 1, -1]
+        );
         assert_eq!(pack(&codes, 8, 2).unwrap(), packed);
     }
 
     #[test]
     fn code_three_is_an_error() {
-        assert!(matches!(unpack(&[0b11], 1, 1), Err(CoreError::BadPackedCode { .. })));
+        assert!(matches!(
+            unpack(&[0b11], 1, 1),
+            Err(CoreError::BadPackedCode { .. })
+        ));
         assert!(pack(&[2], 1, 1).is_err());
     }
 }

@@ -150,7 +150,9 @@ pub fn unpack(p: &PackedTensor) -> Result<TernaryMatrix> {
         TernaryFormat::HfPacked => {
             let mut codes = hf::unpack(&p.data, p.rows.div_ceil(4), p.cols)?;
             codes.truncate(n);
-            let s = p.scale.ok_or_else(|| CoreError::Unsupported("HF packed tensor without its weight_scale".into()))?;
+            let s = p.scale.ok_or_else(|| {
+                CoreError::Unsupported("HF packed tensor without its weight_scale".into())
+            })?;
             TernaryMatrix::new(p.rows, p.cols, codes, Granularity::PerTensor, vec![s])
         }
         TernaryFormat::I2S => {
@@ -164,7 +166,13 @@ pub fn unpack(p: &PackedTensor) -> Result<TernaryMatrix> {
                 tq1::unpack(&p.data)?
             };
             let scales: Vec<f32> = d.iter().map(|d| d.to_f32()).collect();
-            merge_scales(TernaryMatrix::new(p.rows, p.cols, codes, Granularity::PerGroup(256), scales)?)
+            merge_scales(TernaryMatrix::new(
+                p.rows,
+                p.cols,
+                codes,
+                Granularity::PerGroup(256),
+                scales,
+            )?)
         }
     }
 }
@@ -177,13 +185,20 @@ pub fn convert(p: &PackedTensor, to: TernaryFormat) -> Result<(PackedTensor, Fid
 /// Collapse per-group scales into per-channel or per-tensor when they are all equal.
 pub fn merge_scales(m: TernaryMatrix) -> Result<TernaryMatrix> {
     let g = m.group_len();
-    if m.scales.windows(2).all(|w| w[0].to_bits() == w[1].to_bits()) && !m.scales.is_empty() {
+    if m.scales
+        .windows(2)
+        .all(|w| w[0].to_bits() == w[1].to_bits())
+        && !m.scales.is_empty()
+    {
         let s = m.scales[0];
         return TernaryMatrix::new(m.rows, m.cols, m.codes, Granularity::PerTensor, vec![s]);
     }
     if matches!(m.granularity, Granularity::PerGroup(_)) && g <= m.cols && m.cols % g == 0 {
         let per_row = m.cols / g;
-        if m.scales.chunks(per_row).all(|r| r.windows(2).all(|w| w[0].to_bits() == w[1].to_bits())) {
+        if m.scales
+            .chunks(per_row)
+            .all(|r| r.windows(2).all(|w| w[0].to_bits() == w[1].to_bits()))
+        {
             let scales = m.scales.chunks(per_row).map(|r| r[0]).collect();
             return TernaryMatrix::new(m.rows, m.cols, m.codes, Granularity::PerChannel, scales);
         }
@@ -216,7 +231,9 @@ fn block_scales_f16(m: &TernaryMatrix, qk: usize) -> Result<Vec<f16>> {
         )));
     }
     let n = m.rows * m.cols;
-    Ok((0..n / qk).map(|b| f16::from_f32(m.scales[b * qk / g])).collect())
+    Ok((0..n / qk)
+        .map(|b| f16::from_f32(m.scales[b * qk / g]))
+        .collect())
 }
 
 fn compare(a: &TernaryMatrix, b: &TernaryMatrix) -> Result<Fidelity> {
@@ -225,7 +242,11 @@ fn compare(a: &TernaryMatrix, b: &TernaryMatrix) -> Result<Fidelity> {
     let mut i = 0;
     while i < a.rows * a.cols {
         let (sa, sb) = (f64::from(a.scales[i / ga]), f64::from(b.scales[i / gb]));
-        let rel = if sa == 0.0 { (sb != 0.0) as u8 as f64 } else { (sb - sa).abs() / sa.abs() };
+        let rel = if sa == 0.0 {
+            (sb != 0.0) as u8 as f64
+        } else {
+            (sb - sa).abs() / sa.abs()
+        };
         max_rel = max_rel.max(rel);
         i += ga.min(gb);
     }

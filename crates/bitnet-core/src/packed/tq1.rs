@@ -53,7 +53,10 @@ pub fn pack(codes: &[i8], d: &[f16]) -> Result<Vec<u8>> {
         let mut v = [0u16; 52];
         for (i, &c) in block.iter().enumerate() {
             if !(-1..=1).contains(&c) {
-                return Err(CoreError::BadCode { index: b * QK + i, code: c });
+                return Err(CoreError::BadCode {
+                    index: b * QK + i,
+                    code: c,
+                });
             }
             let (byte, n) = place(i);
             v[byte] += (c + 1) as u16 * 3u16.pow(4 - n);
@@ -78,14 +81,22 @@ pub fn pack(codes: &[i8], d: &[f16]) -> Result<Vec<u8>> {
 fn codes_of(blk: &BlockTq1_0) -> [u8; QK] {
     std::array::from_fn(|i| {
         let (byte, n) = place(i);
-        let raw = if byte < 48 { blk.qs[byte] } else { blk.qh[byte - 48] };
+        let raw = if byte < 48 {
+            blk.qs[byte]
+        } else {
+            blk.qh[byte - 48]
+        };
         trit(raw, n)
     })
 }
 
 /// Unpack to codes and the per-block scales. Every byte value decodes to valid trits.
 pub fn unpack(data: &[u8]) -> Result<(Vec<i8>, Vec<f16>)> {
-    check_len("TQ1_0 bytes", data.len() / BLOCK_BYTES * BLOCK_BYTES, data.len())?;
+    check_len(
+        "TQ1_0 bytes",
+        data.len() / BLOCK_BYTES * BLOCK_BYTES,
+        data.len(),
+    )?;
     let nb = data.len() / BLOCK_BYTES;
     let (mut codes, mut d) = (Vec::with_capacity(nb * QK), Vec::with_capacity(nb));
     for raw in data.chunks_exact(BLOCK_BYTES) {

@@ -40,7 +40,11 @@ pub fn pack(codes: &[i8], d: &[f16]) -> Result<Vec<u8>> {
 
 /// Unpack to codes and the per-block scales; a 2-bit code of 3 is an error.
 pub fn unpack(data: &[u8]) -> Result<(Vec<i8>, Vec<f16>)> {
-    check_len("TQ2_0 bytes", data.len() / BLOCK_BYTES * BLOCK_BYTES, data.len())?;
+    check_len(
+        "TQ2_0 bytes",
+        data.len() / BLOCK_BYTES * BLOCK_BYTES,
+        data.len(),
+    )?;
     let nb = data.len() / BLOCK_BYTES;
     let (mut codes, mut d) = (Vec::with_capacity(nb * QK), Vec::with_capacity(nb));
     for (b, raw) in data.chunks_exact(BLOCK_BYTES).enumerate() {

@@ -1,0 +1,40 @@
+//! Writes that never leave half a file: write a temporary file beside the target, fsync it,
+//! rename it into place, fsync the directory.
+
+use crate::error::{FormatError, Result, io_err};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+/// Create `path` atomically from what `fill` writes. On any error (including a full disk) the
+/// temporary file is removed and `path` is left as it was.
+pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    let mut w = BufWriter::with_capacity(1 << 20, tmp);
+    fill(&mut w)?;
+    let tmp = w.into_inner().map_err(|e| FormatError::Io {
+        path: path.to_path_buf(),
+        source: e.into_error(),
+    })?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
+    tmp.persist(path).map_err(|e| FormatError::Io {
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    // Make the rename itself durable.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

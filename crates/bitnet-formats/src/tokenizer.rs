@@ -1,0 +1,324 @@
+//! Tokenizers from `tokenizer.json` (Hugging Face `tokenizers`, pure Rust) or rebuilt from GGUF
+//! tokenizer metadata the way transformers rebuilds them (`integrations/gguf/
+//! gguf_tokenizer_mapping.py`), so both give the same ids as transformers does.
+
+use crate::error::{FormatError, Result};
+use crate::gguf::{GgufHeader, MetaValue};
+use serde_json::{Value, json};
+use std::path::Path;
+
+/// A text tokenizer with the special tokens and chat template the model ships.
+#[derive(Debug, Clone)]
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub pad_id: Option<u32>,
+    pub unk_id: Option<u32>,
+    /// Whether encoding with special tokens prepends BOS.
+    pub add_bos: bool,
+    pub add_eos: bool,
+    /// The Jinja chat template, as the checkpoint ships it.
+    pub chat_template: Option<String>,
+    /// Where the tokenizer came from, for reports (`tokenizer.json`, `gguf:gpt2`, ...).
+    pub source: String,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> FormatError {
+    FormatError::Tokenizer(e.to_string())
+}
+
+/// GPT-2's reversible byte-to-character map (`bytes_to_unicode`): printable Latin-1 bytes map
+/// to themselves, the rest to U+0100 onwards in byte order.
+pub fn byte_level_alphabet() -> [char; 256] {
+    let mut printable: Vec<u32> = (u32::from('!')..=u32::from('~')).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut map = ['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            next += 1;
+            next - 1
+        };
+        map[b as usize] = char::from_u32(c).expect("valid code point");
+    }
+    map
+}
+
+/// Pre-tokenizer split patterns transformers applies per `tokenizer.ggml.pre` (its
+/// `GGUF_PRE_TOKENIZER_SPLITS`); other values keep GPT-2's own ByteLevel regex.
+fn split_regex(pre: &str) -> Option<&'static str> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "dbrx" | "smaug-bpe" => Some(LLAMA3),
+        "qwen2" | "deepseek-r1-qwen" | "megrez" => Some(QWEN2),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Load `tokenizer.json`, with `tokenizer_config.json` beside it when present (chat template,
+    /// special tokens, BOS/EOS flags).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| FormatError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut t = Self {
+            inner,
+            bos_id: None,
+            eos_id: None,
+            pad_id: None,
+            unk_id: None,
+            add_bos: false,
+            add_eos: false,
+            chat_template: None,
+            source: path.display().to_string(),
+        };
+        let cfg_path = path.with_file_name("tokenizer_config.json");
+        if let Ok(text) = std::fs::read_to_string(&cfg_path) {
+            let cfg: Value = serde_json::from_str(&text).map_err(|source| FormatError::Json {
+                path: cfg_path.clone(),
+                source,
+            })?;
+            let token_id = |key: &str| -> Option<u32> {
+                let v = cfg.get(key)?;
+                let s = v
+                    .as_str()
+                    .or_else(|| v.get("content").and_then(Value::as_str))?;
+                t.inner.token_to_id(s)
+            };
+            let (bos, eos, pad, unk) = (
+                token_id("bos_token"),
+                token_id("eos_token"),
+                token_id("pad_token"),
+                token_id("unk_token"),
+            );
+            t.bos_id = bos;
+            t.eos_id = eos;
+            t.pad_id = pad;
+            t.unk_id = unk;
+            t.add_bos = cfg
+                .get("add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            t.add_eos = cfg
+                .get("add_eos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            t.chat_template = match cfg.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: take "default".
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .find(|i| i.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|i| i.get("template").and_then(Value::as_str))
+                    .map(str::to_string),
+                _ => None,
+            };
+        }
+        if t.chat_template.is_none()
+            && let Ok(s) = std::fs::read_to_string(path.with_file_name("chat_template.jinja"))
+        {
+            t.chat_template = Some(s);
+        }
+        Ok(t)
+    }
+
+    /// Rebuild the tokenizer a GGUF file describes in its `tokenizer.*` metadata.
+    pub fn from_gguf(h: &GgufHeader) -> Result<Self> {
+        let model = h.get_str("tokenizer.ggml.model").ok_or_else(|| {
+            tok_err("the GGUF file has no tokenizer.ggml.model: it carries no tokenizer")
+        })?;
+        let strings = |key: &str| -> Result<Vec<&str>> {
+            let arr = h
+                .get(key)
+                .and_then(MetaValue::as_array)
+                .ok_or_else(|| tok_err(format!("{key} is missing or not an array")))?;
+            arr.iter()
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| tok_err(format!("{key} holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let types: Vec<i64> = h
+            .get("tokenizer.ggml.token_type")
+            .and_then(MetaValue::as_array)
+            .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let id = |key: &str| {
+            h.get_u64(key)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| (v as usize) < tokens.len())
+        };
+        let inner = match model {
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?;
+                byte_level_bpe(
+                    &tokens,
+                    &merges,
+                    &types,
+                    h.get_str("tokenizer.ggml.pre").unwrap_or("default"),
+                )?
+            }
+            other => {
+                return Err(tok_err(format!(
+                    "GGUF tokenizer model {other:?} is not supported yet (supported: \"gpt2\" byte-level BPE); \
+                     use the model's tokenizer.json instead"
+                )));
+            }
+        };
+        let flag = |key: &str| h.get(key).and_then(MetaValue::as_bool);
+        Ok(Self {
+            inner,
+            bos_id: id("tokenizer.ggml.bos_token_id"),
+            eos_id: id("tokenizer.ggml.eos_token_id"),
+            pad_id: id("tokenizer.ggml.padding_token_id"),
+            unk_id: id("tokenizer.ggml.unknown_token_id"),
+            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            add_eos: flag("tokenizer.ggml.add_eos_token").unwrap_or(false),
+            chat_template: h.get_str("tokenizer.chat_template").map(str::to_string),
+            source: format!("gguf:{model}"),
+        })
+    }
+
+    /// Token ids of `text`; with `add_special`, BOS/EOS as the tokenizer is configured to add.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 2);
+        if add_special
+            && self.add_bos
+            && let Some(b) = self.bos_id
+        {
+            ids.push(b);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        if add_special
+            && self.add_eos
+            && let Some(e) = self.eos_id
+        {
+            ids.push(e);
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`; ids outside the vocabulary are an error, not a panic.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        let n = self.vocab_size() as u32;
+        if let Some(bad) = ids.iter().find(|&&i| i >= n) {
+            return Err(tok_err(format!(
+                "token id {bad} is outside the vocabulary of {n}"
+            )));
+        }
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The underlying `tokenizers` object.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+/// transformers' `byte_level_tokenizer` + `add_gguf_special_tokens` + `set_split_regex`, as a
+/// `tokenizer.json` document handed to the `tokenizers` crate.
+fn byte_level_bpe(
+    tokens: &[&str],
+    merges: &[&str],
+    types: &[i64],
+    pre: &str,
+) -> Result<tokenizers::Tokenizer> {
+    let alphabet = byte_level_alphabet();
+    let in_alphabet = |s: &str| s.chars().all(|c| alphabet.contains(&c));
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        // Tokens spelled outside the byte alphabet are respelled byte by byte, as transformers does.
+        let key = if in_alphabet(t) {
+            (*t).to_string()
+        } else {
+            t.bytes().map(|b| alphabet[b as usize]).collect()
+        };
+        vocab.insert(key, json!(i));
+    }
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|m| {
+            let mut parts = m.splitn(2, ' ');
+            let a = parts.next().unwrap_or_default();
+            let b = parts.next().unwrap_or_default();
+            json!([a, b])
+        })
+        .collect();
+    let mut added = Vec::new();
+    for (i, (t, &ty)) in tokens.iter().zip(types).enumerate() {
+        // 3 = CONTROL (special), 4 = USER_DEFINED (matched whole, not special). Control tokens
+        // spelled outside the byte alphabet are llama.cpp mislabels and are skipped.
+        let special = match ty {
+            3 if in_alphabet(t) => true,
+            4 => false,
+            _ => continue,
+        };
+        added.push(
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                          "normalized": false, "special": special}),
+        );
+    }
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match split_regex(pre) {
+        Some(re) => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        None => byte_level.clone(),
+    };
+    let doc = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    doc.to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(tok_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alphabet_is_gpt2s() {
+        let a = byte_level_alphabet();
+        assert_eq!(a[b'!' as usize], '!');
+        assert_eq!(a[b' ' as usize], 'Ġ');
+        assert_eq!(a[b'\n' as usize], 'Ċ');
+        let mut sorted = a.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 256);
+    }
+}
