@@ -273,7 +273,7 @@ def _cmp_tensor(name: str, t, exp: dict[str, Any], diffs: list[str], max_elem_di
         neq = g.view(bits) != e.view(bits)
         neq &= ~(np.isnan(g) & np.isnan(e))
         bad = np.flatnonzero(neq).tolist()
-        fmt = lambda i: f"{g[i]!r} (0x{int(g.view(bits)[i]):x}) vs expected {e[i]!r} (0x{int(e.view(bits)[i]):x})"  # noqa: E731
+        fmt = lambda i: f"{float(g[i])!r} (0x{int(g.view(bits)[i]):x}) vs expected {float(e[i])!r} (0x{int(e.view(bits)[i]):x})"  # noqa: E731
     if bad:
         nshape = list(reversed(shape))
         diffs.append(f"tensor {name} ({tname}, numpy shape {nshape}): {len(bad)} of {flat.size} values differ")

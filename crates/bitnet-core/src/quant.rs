@@ -38,7 +38,7 @@ impl Granularity {
             Granularity::PerTensor => Ok(rows * cols),
             Granularity::PerChannel => Ok(cols),
             Granularity::PerGroup(g) => {
-                if g == 0 || cols % g != 0 {
+                if g == 0 || !cols.is_multiple_of(g) {
                     Err(CoreError::BadGroup { group: g, cols })
                 } else {
                     Ok(g)

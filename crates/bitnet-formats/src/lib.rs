@@ -24,5 +24,7 @@ pub mod gguf;
 
 pub use error::{FormatError, Result};
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod safetensors_dir;
 pub mod tokenizer;

@@ -36,12 +36,15 @@ pub struct SafetensorsSet {
     pub metadata: Vec<Option<HashMap<String, String>>>,
 }
 
+/// A parsed safetensors header: its tensors (in data order) and its `__metadata__`.
+#[derive(Debug, Clone)]
+pub struct StHeader {
+    pub tensors: Vec<StTensorInfo>,
+    pub metadata: Option<HashMap<String, String>>,
+}
+
 /// Parse a safetensors header from a whole file's bytes, validating it against the buffer.
-pub fn parse_header(
-    bytes: &[u8],
-    path: &Path,
-    shard: usize,
-) -> Result<(Vec<StTensorInfo>, Option<HashMap<String, String>>)> {
+pub fn parse_header(bytes: &[u8], path: &Path, shard: usize) -> Result<StHeader> {
     let err = |message: String| FormatError::Safetensors {
         path: path.to_path_buf(),
         message,
@@ -72,8 +75,11 @@ pub fn parse_header(
             range: s..e,
         });
     }
-    out.sort_by(|a, b| a.range.start.cmp(&b.range.start));
-    Ok((out, meta.metadata().clone()))
+    out.sort_by_key(|a| a.range.start);
+    Ok(StHeader {
+        tensors: out,
+        metadata: meta.metadata().clone(),
+    })
 }
 
 impl SafetensorsSet {
@@ -87,7 +93,10 @@ impl SafetensorsSet {
         };
         for (i, f) in files.iter().enumerate() {
             let map = MappedFile::open(f).map_err(io_err(f))?;
-            let (tensors, meta) = parse_header(&map, f, i)?;
+            let StHeader {
+                tensors,
+                metadata: meta,
+            } = parse_header(&map, f, i)?;
             for t in tensors {
                 if set
                     .index

@@ -2,7 +2,9 @@
 //! an allocation sized by an unchecked header field.
 
 use bitnet_formats::FormatError;
-use bitnet_formats::gguf::{GgmlType, GgufHeader, GgufWriter, MetaValue, TensorData, ValueType, array};
+use bitnet_formats::gguf::{
+    GgmlType, GgufHeader, GgufWriter, MetaValue, TensorData, ValueType, array,
+};
 use proptest::prelude::*;
 
 fn sample() -> Vec<u8> {
@@ -12,7 +14,13 @@ fn sample() -> Vec<u8> {
         .set("a.list", array(ValueType::String, ["x", "yy", "zzz"]))
         .set("a.f", 0.5f32);
     w.add_f32("w", &[4, 2], &[0.0; 8]).unwrap();
-    w.add_tensor("q", GgmlType::Q8_0, &[32], TensorData::Bytes(vec![0u8; 34].into())).unwrap();
+    w.add_tensor(
+        "q",
+        GgmlType::Q8_0,
+        &[32],
+        TensorData::Bytes(vec![0u8; 34].into()),
+    )
+    .unwrap();
     let mut b = Vec::new();
     w.write_to(&mut b).unwrap();
     b
@@ -20,7 +28,11 @@ fn sample() -> Vec<u8> {
 
 fn header_end(bytes: &[u8]) -> usize {
     let h = GgufHeader::parse(bytes).unwrap();
-    h.tensors.iter().map(|t| h.tensor_range(t).end).max().unwrap()
+    h.tensors
+        .iter()
+        .map(|t| h.tensor_range(t).end)
+        .max()
+        .unwrap()
 }
 
 #[test]
@@ -43,25 +55,42 @@ fn patch_u64(b: &mut [u8], at: usize, v: u64) {
 fn absurd_counts_are_refused_before_allocating() {
     let mut b = sample();
     patch_u64(&mut b, 8, u64::MAX); // tensor count
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::ImpossibleCount { what: "tensor", .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::ImpossibleCount { what: "tensor", .. })
+    ));
     let mut b = sample();
     patch_u64(&mut b, 16, 1 << 60); // metadata count
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::ImpossibleCount { what: "metadata", .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::ImpossibleCount {
+            what: "metadata",
+            ..
+        })
+    ));
     // The first key's length.
     let mut b = sample();
     patch_u64(&mut b, 24, u64::MAX - 3);
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::Truncated { .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::Truncated { .. })
+    ));
 }
 
 #[test]
 fn magic_version_and_endianness() {
     let mut b = sample();
     b[0] = b'X';
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::BadMagic { .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::BadMagic { .. })
+    ));
     for v in [0u32, 1, 4, 99] {
         let mut b = sample();
         b[4..8].copy_from_slice(&v.to_le_bytes());
-        assert!(matches!(GgufHeader::parse(&b), Err(FormatError::UnsupportedVersion { version }) if version == v));
+        assert!(
+            matches!(GgufHeader::parse(&b), Err(FormatError::UnsupportedVersion { version }) if version == v)
+        );
     }
     let mut b = sample();
     b[4..8].copy_from_slice(&3u32.to_be_bytes());
@@ -107,32 +136,63 @@ impl Raw {
 fn lying_fields() {
     // Invalid UTF-8 in a key.
     let b = Raw::new(0, 1).str(b"bad\xff").u32(4).u32(1).0;
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::BadUtf8 { .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::BadUtf8 { .. })
+    ));
     // Unknown value type.
     let b = Raw::new(0, 1).str(b"k").u32(13).u32(1).0;
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::BadValueType { type_id: 13, .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::BadValueType { type_id: 13, .. })
+    ));
     // A bool that is neither 0 nor 1.
     let b = Raw::new(0, 1).str(b"k").u32(7).bytes(&[2]).0;
     assert!(GgufHeader::parse(&b).is_err());
     // An array claiming 2^62 u64 elements.
     let b = Raw::new(0, 1).str(b"k").u32(9).u32(10).u64(1 << 62).0;
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::ImpossibleCount { what: "array element", .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::ImpossibleCount {
+            what: "array element",
+            ..
+        })
+    ));
     // Arrays nested beyond the limit.
     let mut r = Raw::new(0, 1).str(b"k").u32(9);
     for _ in 0..8 {
         r = r.u32(9).u64(1);
     }
     let b = r.u32(0).u64(0).0;
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::TooDeep { .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::TooDeep { .. })
+    ));
     // Duplicate key.
-    let b = Raw::new(0, 2).str(b"k").u32(0).bytes(&[1]).str(b"k").u32(0).bytes(&[2]).0;
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::Duplicate { .. })));
+    let b = Raw::new(0, 2)
+        .str(b"k")
+        .u32(0)
+        .bytes(&[1])
+        .str(b"k")
+        .u32(0)
+        .bytes(&[2])
+        .0;
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::Duplicate { .. })
+    ));
     // Alignment that is not a power of two.
     let b = Raw::new(0, 1).str(b"general.alignment").u32(4).u32(24).0;
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::BadAlignment(24))));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::BadAlignment(24))
+    ));
     // Alignment of the wrong type.
     let b = Raw::new(0, 1).str(b"general.alignment").u32(8).str(b"32").0;
-    assert!(matches!(GgufHeader::parse(&b), Err(FormatError::WrongType { .. })));
+    assert!(matches!(
+        GgufHeader::parse(&b),
+        Err(FormatError::WrongType { .. })
+    ));
 }
 
 fn tensor_file(dims: &[u64], ty: u32, offset: u64, data: usize) -> Vec<u8> {
@@ -166,11 +226,17 @@ fn lying_tensor_infos() {
     assert!(GgufHeader::parse(&tensor_file(&[1, 1, 1, 1, 1], 0, 0, 4)).is_err());
     assert!(GgufHeader::parse(&tensor_file(&[], 0, 0, 4)).is_err());
     // Unknown type id, and a row that is not a whole number of blocks.
-    assert!(matches!(GgufHeader::parse(&tensor_file(&[4], 77, 0, 16)), Err(FormatError::UnknownType { type_id: 77, .. })));
+    assert!(matches!(
+        GgufHeader::parse(&tensor_file(&[4], 77, 0, 16)),
+        Err(FormatError::UnknownType { type_id: 77, .. })
+    ));
     assert!(GgufHeader::parse(&tensor_file(&[100], GgmlType::TQ2_0.id(), 0, 66)).is_err());
     // Id 36 outside a bitnet architecture whose size is not I2_S's is refused, not guessed.
     let e = GgufHeader::parse(&tensor_file(&[1000], 36, 0, 18)).unwrap_err();
-    assert!(e.to_string().contains("36") || e.to_string().contains("past the end"), "{e}");
+    assert!(
+        e.to_string().contains("36") || e.to_string().contains("past the end"),
+        "{e}"
+    );
 }
 
 proptest! {

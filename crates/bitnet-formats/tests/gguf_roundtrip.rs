@@ -3,7 +3,10 @@
 
 use bitnet_core::f16;
 use bitnet_core::packed::{i2s, tq1, tq2};
-use bitnet_formats::gguf::{Dialect, GgmlType, GgufFile, GgufHeader, GgufWriter, MetaValue, TensorData, ValueType, array, dequantize};
+use bitnet_formats::gguf::{
+    Dialect, GgmlType, GgufFile, GgufHeader, GgufWriter, MetaValue, TensorData, ValueType, array,
+    dequantize,
+};
 
 fn all_types_writer() -> GgufWriter<'static> {
     let mut w = GgufWriter::new();
@@ -25,7 +28,10 @@ fn all_types_writer() -> GgufWriter<'static> {
         .set("t.arr_empty", MetaValue::Array(ValueType::F32, vec![]))
         .set(
             "t.arr_nested",
-            MetaValue::Array(ValueType::Array, vec![array(ValueType::U8, [1u8, 2]), array(ValueType::U8, [3u8])]),
+            MetaValue::Array(
+                ValueType::Array,
+                vec![array(ValueType::U8, [1u8, 2]), array(ValueType::U8, [3u8])],
+            ),
         );
     w
 }
@@ -47,8 +53,16 @@ fn metadata_of_every_type_roundtrips() {
     assert_eq!(h.get("t.i64"), Some(&MetaValue::I64(i64::MIN)));
     assert_eq!(h.get_str("t.str"), Some("héllo wörld ✓"));
     assert_eq!(h.get("t.bool").and_then(MetaValue::as_bool), Some(true));
-    assert_eq!(h.get("t.arr_nested").and_then(MetaValue::as_array).map(<[_]>::len), Some(2));
-    assert_eq!(h.get("t.arr_empty"), Some(&MetaValue::Array(ValueType::F32, vec![])));
+    assert_eq!(
+        h.get("t.arr_nested")
+            .and_then(MetaValue::as_array)
+            .map(<[_]>::len),
+        Some(2)
+    );
+    assert_eq!(
+        h.get("t.arr_empty"),
+        Some(&MetaValue::Array(ValueType::F32, vec![]))
+    );
     assert_eq!(h.metadata.len(), 17);
 }
 
@@ -61,17 +75,43 @@ fn tensors_roundtrip_through_a_mapped_file() {
     let tq2b = tq2::pack(&codes, &d).unwrap();
     let tq1b = tq1::pack(&codes, &d).unwrap();
     let i2b = i2s::pack(&codes, 0.25).unwrap();
-    let f16b: Vec<u8> = (0..6).flat_map(|i| f16::from_f32(i as f32 - 2.5).to_le_bytes()).collect();
+    let f16b: Vec<u8> = (0..6)
+        .flat_map(|i| f16::from_f32(i as f32 - 2.5).to_le_bytes())
+        .collect();
     let mut w = GgufWriter::new();
-    w.set("general.architecture", "llama").set("general.alignment", 64u32);
-    w.add_f32("a", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
-    w.add_tensor("h", GgmlType::F16, &[6], TensorData::Bytes(f16b.into())).unwrap();
-    w.add_tensor("t2", GgmlType::TQ2_0, &[512, 2], TensorData::Bytes(tq2b.clone().into())).unwrap();
-    w.add_tensor("t1", GgmlType::TQ1_0, &[256, 4], TensorData::Bytes(tq1b.clone().into())).unwrap();
+    w.set("general.architecture", "llama")
+        .set("general.alignment", 64u32);
+    w.add_f32("a", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+        .unwrap();
+    w.add_tensor("h", GgmlType::F16, &[6], TensorData::Bytes(f16b.into()))
+        .unwrap();
+    w.add_tensor(
+        "t2",
+        GgmlType::TQ2_0,
+        &[512, 2],
+        TensorData::Bytes(tq2b.clone().into()),
+    )
+    .unwrap();
+    w.add_tensor(
+        "t1",
+        GgmlType::TQ1_0,
+        &[256, 4],
+        TensorData::Bytes(tq1b.clone().into()),
+    )
+    .unwrap();
     let streamed = tq2b.clone();
-    w.add_tensor("s", GgmlType::TQ2_0, &[1024], TensorData::Stream(Box::new(move |out| {
-        out.write_all(&streamed).map_err(|e| bitnet_formats::FormatError::Io { path: "x".into(), source: e })
-    })))
+    w.add_tensor(
+        "s",
+        GgmlType::TQ2_0,
+        &[1024],
+        TensorData::Stream(Box::new(move |out| {
+            out.write_all(&streamed)
+                .map_err(|e| bitnet_formats::FormatError::Io {
+                    path: "x".into(),
+                    source: e,
+                })
+        })),
+    )
     .unwrap();
     w.write_to_path(&path).unwrap();
     let f = GgufFile::open(&path).unwrap();
@@ -82,7 +122,10 @@ fn tensors_roundtrip_through_a_mapped_file() {
     }
     assert_eq!(f.dequantize("a").unwrap(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     assert_eq!(f.tensor("a").unwrap().shape(), [2, 3]);
-    assert_eq!(f.dequantize("h").unwrap(), [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]);
+    assert_eq!(
+        f.dequantize("h").unwrap(),
+        [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]
+    );
     let expect: Vec<f32> = codes.iter().map(|&c| f32::from(c) * 0.5).collect();
     assert_eq!(f.dequantize("t2").unwrap(), expect);
     assert_eq!(f.dequantize("t1").unwrap(), expect);
@@ -94,7 +137,13 @@ fn tensors_roundtrip_through_a_mapped_file() {
     let path2 = dir.path().join("b.gguf");
     let mut w = GgufWriter::new();
     w.set("general.architecture", "bitnet-b1.58");
-    w.add_tensor("w", GgmlType::I2_S, &[256, 4], TensorData::Bytes(i2b.into())).unwrap();
+    w.add_tensor(
+        "w",
+        GgmlType::I2_S,
+        &[256, 4],
+        TensorData::Bytes(i2b.into()),
+    )
+    .unwrap();
     w.write_to_path(&path2).unwrap();
     let f = GgufFile::open(&path2).unwrap();
     assert_eq!(f.header.dialect, Dialect::BitnetCpp);
@@ -105,27 +154,59 @@ fn tensors_roundtrip_through_a_mapped_file() {
 #[test]
 fn writer_refuses_inconsistent_tensors() {
     let mut w = GgufWriter::new();
-    assert!(w.add_tensor("x", GgmlType::TQ2_0, &[100], TensorData::Bytes(vec![0; 66].into())).is_err());
-    assert!(w.add_tensor("x", GgmlType::F32, &[2], TensorData::Bytes(vec![0; 7].into())).is_err());
+    assert!(
+        w.add_tensor(
+            "x",
+            GgmlType::TQ2_0,
+            &[100],
+            TensorData::Bytes(vec![0; 66].into())
+        )
+        .is_err()
+    );
+    assert!(
+        w.add_tensor(
+            "x",
+            GgmlType::F32,
+            &[2],
+            TensorData::Bytes(vec![0; 7].into())
+        )
+        .is_err()
+    );
     w.add_f32("x", &[1], &[1.0]).unwrap();
     assert!(w.add_f32("x", &[1], &[1.0]).is_err(), "duplicate name");
     // A stream that writes the wrong number of bytes is caught, and no file appears.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.gguf");
     let mut w = GgufWriter::new();
-    w.add_tensor("y", GgmlType::F32, &[4], TensorData::Stream(Box::new(|out| {
-        out.write_all(&[0; 8]).map_err(|e| bitnet_formats::FormatError::Io { path: "x".into(), source: e })
-    })))
+    w.add_tensor(
+        "y",
+        GgmlType::F32,
+        &[4],
+        TensorData::Stream(Box::new(|out| {
+            out.write_all(&[0; 8])
+                .map_err(|e| bitnet_formats::FormatError::Io {
+                    path: "x".into(),
+                    source: e,
+                })
+        })),
+    )
     .unwrap();
     let err = w.write_to_path(&path).unwrap_err();
     assert!(err.to_string().contains("wrote 8 bytes"), "{err}");
     assert!(!path.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temp file left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "temp file left behind"
+    );
 }
 
 #[test]
 fn dequantize_checks_sizes() {
     assert!(dequantize("x", GgmlType::Q8_0, &[0; 33], 32).is_err());
     assert!(dequantize("x", GgmlType::Q4_K, &[0; 144], 256).is_err());
-    assert_eq!(dequantize("x", GgmlType::Q8_0, &[0; 34], 32).unwrap(), vec![0.0; 32]);
+    assert_eq!(
+        dequantize("x", GgmlType::Q8_0, &[0; 34], 32).unwrap(),
+        vec![0.0; 32]
+    );
 }

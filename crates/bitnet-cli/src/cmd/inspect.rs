@@ -334,7 +334,7 @@ fn print_text(out: &mut impl Write, r: &Report) -> Result<()> {
         human_bytes(s.linear_bytes),
         s.linear_bits_per_weight
     )?;
-    writeln!(out, "  tokenizer      {}", compact(&r.tokenizer))?;
+    writeln!(out, "  tokenizer      {}", tokenizer_line(&r.tokenizer))?;
     writeln!(out, "\nmetadata ({} keys)", r.metadata.len())?;
     for (k, v) in &r.metadata {
         let text = match v {
@@ -375,6 +375,33 @@ fn print_text(out: &mut impl Write, r: &Report) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+fn tokenizer_line(t: &Value) -> String {
+    if let Some(e) = t.get("error").and_then(Value::as_str) {
+        return format!("unavailable: {e}");
+    }
+    if t.is_null() {
+        return "none".into();
+    }
+    let tok = |k: &str| match &t[k] {
+        Value::Object(o) => format!("{} ({})", o["token"].as_str().unwrap_or("?"), o["id"]),
+        Value::Number(n) => format!("id {n}"),
+        _ => "none".into(),
+    };
+    let mut s = t["source"].as_str().unwrap_or("?").to_string();
+    if let Some(pre) = t.get("pre").and_then(Value::as_str) {
+        s += &format!(" (pre-tokenizer {pre})");
+    }
+    s += &format!(", {} tokens", t["vocab_size"]);
+    if let Some(m) = t.get("merges").and_then(Value::as_u64) {
+        s += &format!(", {m} merges");
+    }
+    s += &format!(", bos {}, eos {}", tok("bos"), tok("eos"));
+    if t["chat_template"] == Value::Bool(true) {
+        s += ", chat template";
+    }
+    s
 }
 
 fn compact(v: &Value) -> String {

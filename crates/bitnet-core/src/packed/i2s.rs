@@ -27,7 +27,7 @@ fn place(i: usize) -> (usize, u32) {
 
 /// Pack codes (a multiple of 128) with the tensor's scale.
 pub fn pack(codes: &[i8], scale: f32) -> Result<Vec<u8>> {
-    if codes.len() % QK != 0 {
+    if !codes.len().is_multiple_of(QK) {
         return Err(CoreError::NotMultiple {
             format: "I2_S",
             what: "the element count",

@@ -193,7 +193,8 @@ pub fn merge_scales(m: TernaryMatrix) -> Result<TernaryMatrix> {
         let s = m.scales[0];
         return TernaryMatrix::new(m.rows, m.cols, m.codes, Granularity::PerTensor, vec![s]);
     }
-    if matches!(m.granularity, Granularity::PerGroup(_)) && g <= m.cols && m.cols % g == 0 {
+    if matches!(m.granularity, Granularity::PerGroup(_)) && g <= m.cols && m.cols.is_multiple_of(g)
+    {
         let per_row = m.cols / g;
         if m.scales
             .chunks(per_row)
@@ -224,7 +225,7 @@ fn single_scale(m: &TernaryMatrix, format: TernaryFormat) -> Result<f32> {
 /// One f16 scale per `qk`-weight block, from whatever scale covers that block.
 fn block_scales_f16(m: &TernaryMatrix, qk: usize) -> Result<Vec<f16>> {
     let g = m.group_len();
-    if g % qk != 0 {
+    if !g.is_multiple_of(qk) {
         return Err(CoreError::Unsupported(format!(
             "TQ formats carry one scale per {qk} weights; {} scales cover {g} weights, which is not a multiple",
             m.granularity

@@ -64,7 +64,7 @@ pub fn pack(codes: &[i8], d: &[f16]) -> Result<Vec<u8>> {
         let mut raw = [0u8; 52];
         for (r, &val) in raw.iter_mut().zip(&v) {
             // Ceiling division so that the trit extraction in `trit` rounds back exactly.
-            *r = ((val * 256 + 242) / 243) as u8;
+            *r = (val * 256).div_ceil(243) as u8;
         }
         let mut blk = BlockTq1_0 {
             qs: [0; 48],

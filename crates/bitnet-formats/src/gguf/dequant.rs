@@ -154,3 +154,25 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
             | I2_S
     )
 }
+
+/// Quantize to Q8_0 exactly as ggml's `quantize_row_q8_0_ref` and gguf-py do: per 32 values,
+/// `d = max|x| / 127`, `q = round_half_away(x / d)` (as `x * (1/d)`), `d` stored as f16.
+pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>> {
+    if !x.len().is_multiple_of(32) {
+        return Err(FormatError::BadTensor {
+            name: "Q8_0 input".into(),
+            reason: format!(
+                "{} values are not a whole number of 32-value blocks",
+                x.len()
+            ),
+        });
+    }
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for block in x.chunks_exact(32) {
+        let d = block.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    Ok(out)
+}

@@ -7,11 +7,11 @@ mod types;
 mod value;
 mod write;
 
-pub use dequant::{can_dequantize, dequantize, dequantize_into};
+pub use dequant::{can_dequantize, dequantize, dequantize_into, quantize_q8_0};
 pub use read::{BITNET_CPP_ARCHS, DEFAULT_ALIGNMENT, GgufHeader, TensorInfo};
 pub use types::{Dialect, GgmlType};
 pub use value::{MetaValue, ValueType};
-pub use write::{GgufWriter, TensorData, array};
+pub use write::{GgufWriter, StreamFn, TensorData, array};
 
 use crate::error::{FormatError, Result, io_err};
 use bitnet_kernels::mmap::MappedFile;

@@ -160,11 +160,11 @@ impl GgmlType {
     pub fn nbytes(self, n: u64, row_len: u64) -> Option<u64> {
         match self {
             // bitnet.cpp: `ggml_nbytes` = n/4 codes + a 32-byte tail holding the f32 scale.
-            I2_S => (n % 4 == 0).then(|| n / 4 + 32),
+            I2_S => n.is_multiple_of(4).then(|| n / 4 + 32),
             TL1 | TL2 => None,
             _ => {
                 let bs = self.block_size() as u64;
-                if bs == 0 || row_len % bs != 0 {
+                if bs == 0 || !row_len.is_multiple_of(bs) {
                     return None;
                 }
                 (n / bs).checked_mul(self.block_bytes() as u64)

