@@ -92,6 +92,10 @@ fn magic_version_and_endianness() {
             matches!(GgufHeader::parse(&b), Err(FormatError::UnsupportedVersion { version }) if version == v)
         );
     }
+    // Version 2 has the same layout as 3 (3 only added big-endian files): both are read.
+    let mut b = sample();
+    b[4..8].copy_from_slice(&2u32.to_le_bytes());
+    assert_eq!(GgufHeader::parse(&b).unwrap().version, 2);
     let mut b = sample();
     b[4..8].copy_from_slice(&3u32.to_be_bytes());
     let e = GgufHeader::parse(&b).unwrap_err();
@@ -231,7 +235,12 @@ fn lying_tensor_infos() {
         Err(FormatError::UnknownType { type_id: 77, .. })
     ));
     assert!(GgufHeader::parse(&tensor_file(&[100], GgmlType::TQ2_0.id(), 0, 66)).is_err());
-    // Id 36 outside a bitnet architecture whose size is not I2_S's is refused, not guessed.
+    // Id 36 outside a bitnet architecture: read as I2_S when its size is exactly I2_S's, with the
+    // dialect reported; refused, not guessed, when it is not.
+    let h = GgufHeader::parse(&tensor_file(&[256], 36, 0, 96)).unwrap();
+    assert_eq!(h.dialect, bitnet_formats::gguf::Dialect::BitnetCpp);
+    assert_eq!(h.tensors[0].ty, GgmlType::I2_S);
+    assert_eq!(h.tensors[0].nbytes, 96);
     let e = GgufHeader::parse(&tensor_file(&[1000], 36, 0, 18)).unwrap_err();
     assert!(
         e.to_string().contains("36") || e.to_string().contains("past the end"),

@@ -130,4 +130,28 @@ fn tokenizer_matches_transformers() {
     );
     // Ids outside the vocabulary are an error, not a panic.
     assert!(tok.decode(&[49152], false).is_err());
+
+    // The same tokenizer saved as tokenizer.json (+ tokenizer_config.json) loads back through the
+    // Hugging Face directory path and encodes identically.
+    let dir = tempfile::tempdir().unwrap();
+    tok.inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    let cfg = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "add_bos_token": false, "chat_template": tok.chat_template});
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let from_json = TextTokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+    assert_eq!(
+        (from_json.bos_id, from_json.eos_id, from_json.unk_id),
+        (tok.bos_id, tok.eos_id, tok.unk_id)
+    );
+    assert_eq!(from_json.chat_template, tok.chat_template);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(
+            from_json.encode(text, false).unwrap(),
+            ids(&c["ids"]),
+            "tokenizer.json encode {text:?}"
+        );
+    }
 }
