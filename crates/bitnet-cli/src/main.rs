@@ -17,12 +17,15 @@ struct Cli {
 enum Command {
     /// Show what a model file or directory holds: architecture, metadata, tensors, bits per weight.
     Inspect(cmd::inspect::Args),
+    /// Generate text from a prompt, streaming it as it comes.
+    Run(cmd::run::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Run(args) => cmd::run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@ use bitnet_kernels::mmap::MappedFile;
 pub use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One tensor of a safetensors file: where its bytes are and what they are.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,7 +30,7 @@ impl StTensorInfo {
 /// A set of mapped safetensors files with a name index over all of them.
 #[derive(Debug)]
 pub struct SafetensorsSet {
-    shards: Vec<MappedFile>,
+    shards: Vec<Arc<MappedFile>>,
     tensors: Vec<StTensorInfo>,
     index: HashMap<String, usize>,
     /// `__metadata__` of each shard.
@@ -110,7 +111,7 @@ impl SafetensorsSet {
                 }
                 set.tensors.push(t);
             }
-            set.shards.push(map);
+            set.shards.push(Arc::new(map));
             set.metadata.push(meta);
         }
         Ok(set)
@@ -121,7 +122,12 @@ impl SafetensorsSet {
     }
 
     pub fn shard_paths(&self) -> Vec<&Path> {
-        self.shards.iter().map(MappedFile::path).collect()
+        self.shards.iter().map(|m| m.path()).collect()
+    }
+
+    /// The mapping of a shard, for views that outlive this set (weights read in place).
+    pub fn shard_mapping(&self, shard: usize) -> Arc<MappedFile> {
+        Arc::clone(&self.shards[shard])
     }
 
     pub fn get(&self, name: &str) -> Option<&StTensorInfo> {

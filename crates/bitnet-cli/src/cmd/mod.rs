@@ -1,1 +1,3 @@
+pub mod common;
 pub mod inspect;
+pub mod run;

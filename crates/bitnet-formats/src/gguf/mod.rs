@@ -16,12 +16,13 @@ pub use write::{GgufWriter, StreamFn, TensorData, array};
 use crate::error::{FormatError, Result, io_err};
 use bitnet_kernels::mmap::MappedFile;
 use std::path::Path;
+use std::sync::Arc;
 
 /// An open GGUF file: the parsed header over a read-only mapping of the whole file.
 #[derive(Debug)]
 pub struct GgufFile {
     pub header: GgufHeader,
-    map: MappedFile,
+    map: Arc<MappedFile>,
 }
 
 impl GgufFile {
@@ -36,7 +37,15 @@ impl GgufFile {
                 message: other.to_string(),
             },
         })?;
-        Ok(Self { header, map })
+        Ok(Self {
+            header,
+            map: Arc::new(map),
+        })
+    }
+
+    /// The mapping itself, for views that outlive this handle (weights read in place).
+    pub fn mapping(&self) -> Arc<MappedFile> {
+        Arc::clone(&self.map)
     }
 
     pub fn path(&self) -> &Path {

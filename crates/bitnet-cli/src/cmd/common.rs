@@ -1,0 +1,114 @@
+//! Flags and helpers shared by the commands that run a model.
+
+use anyhow::{Context, Result, bail};
+use bitnet_formats::tokenizer::TextTokenizer;
+use bitnet_model::LoadedModel;
+use bitnet_model::sampling::SamplingParams;
+use std::path::PathBuf;
+
+/// Which model to load.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face model directory (config.json + safetensors).
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Context length to allow (default: the model's own).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<LoadedModel> {
+        let mut m = bitnet_model::load(&self.model)
+            .with_context(|| format!("cannot load model {}", self.model.display()))?;
+        if let Some(c) = self.ctx {
+            if c == 0 {
+                bail!("--ctx must be at least 1");
+            }
+            m.model.spec.context = c;
+        }
+        Ok(m)
+    }
+}
+
+/// Sampling flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalise tokens already in the context (1.0: off; >1 discourages repeats).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Subtract this times a token's count so far from its logit.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Subtract this from the logit of any token already present.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Random seed, for reproducible sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed,
+        };
+        p.validate().map_err(anyhow::Error::msg)?;
+        Ok(p)
+    }
+}
+
+/// `1,2,3` → token ids.
+pub fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .with_context(|| format!("--tokens: {t:?} is not a token id"))
+        })
+        .collect()
+}
+
+pub fn tokenizer(m: &LoadedModel) -> Result<&TextTokenizer> {
+    m.tokenizer
+        .as_ref()
+        .context("this model ships no tokenizer: pass token ids with --tokens instead of text")
+}
+
+/// Token ids from `--tokens` or by encoding `--prompt`.
+pub fn prompt_ids(m: &LoadedModel, tokens: Option<&str>, prompt: Option<&str>) -> Result<Vec<u32>> {
+    let ids = match (tokens, prompt) {
+        (Some(t), None) => parse_tokens(t)?,
+        (None, Some(p)) => tokenizer(m)?.encode(p, true)?,
+        (Some(_), Some(_)) => bail!("give either --prompt or --tokens, not both"),
+        (None, None) => bail!("give a prompt with --prompt TEXT or token ids with --tokens 1,2,3"),
+    };
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let vocab = m.model.spec.vocab;
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary of {vocab}");
+    }
+    Ok(ids)
+}

@@ -1,0 +1,105 @@
+//! `bitnet run`: generate text from a prompt, streaming it, then report speed.
+
+use super::common::{ModelArgs, SamplingArgs, prompt_ids};
+use anyhow::{Result, bail};
+use bitnet_model::generate::{FinishReason, GenerateOptions, generate};
+use std::io::Write;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text to continue.
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    /// Token ids to continue instead of text, comma-separated.
+    #[arg(long)]
+    pub tokens: Option<String>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    pub n: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Keep going past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// If the prompt is longer than the context, keep its last tokens instead of failing.
+    #[arg(long)]
+    pub truncate: bool,
+    /// Print one JSON object (token ids, text, timings) instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let m = args.model.load()?;
+    let mut prompt = prompt_ids(&m, args.tokens.as_deref(), args.prompt.as_deref())?;
+    let ctx = m.model.spec.context;
+    if prompt.len() >= ctx {
+        if !args.truncate {
+            bail!(
+                "the prompt is {} tokens, the context holds {ctx}: shorten it, raise --ctx, or pass --truncate to keep its last {} tokens",
+                prompt.len(),
+                ctx - 1
+            );
+        }
+        prompt.drain(..prompt.len() - (ctx - 1));
+    }
+    let tok = m.tokenizer.as_ref();
+    let mut stop_tokens = Vec::new();
+    if !args.ignore_eos
+        && let Some(e) = tok.and_then(|t| t.eos_id)
+    {
+        stop_tokens.push(e);
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: args.n.min(ctx - prompt.len()),
+        sampling: args.sampling.params()?,
+        stop_tokens,
+        stop_strings: args.stop.clone(),
+    };
+    let mut cache = m.model.new_cache();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let json = args.json;
+    if !json && let Some(t) = tok {
+        write!(out, "{}", t.decode(&prompt, false)?)?;
+        out.flush()?;
+    }
+    let mut io_err = None;
+    let g = generate(&m.model, tok, &prompt, &opts, &mut cache, &mut |text| {
+        if !json && io_err.is_none() {
+            io_err = write!(out, "{text}").and_then(|_| out.flush()).err();
+        }
+    })?;
+    if let Some(e) = io_err {
+        return Err(e.into());
+    }
+    if json {
+        let v = serde_json::json!({
+            "prompt_tokens": prompt,
+            "tokens": g.tokens,
+            "text": g.text,
+            "finish_reason": match g.finish { FinishReason::Length => "length", FinishReason::Stop => "stop", FinishReason::ContextFull => "context_full" },
+            "timings": {"prompt_tokens_per_sec": g.prompt_tok_per_sec(), "generation_tokens_per_sec": g.gen_tok_per_sec(),
+                        "prompt_secs": g.prompt_secs, "generation_secs": g.gen_secs},
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+        if tok.is_none() {
+            writeln!(out, "tokens: {:?}", g.tokens)?;
+        }
+        eprintln!(
+            "\nprompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s",
+            g.prompt_tokens,
+            g.prompt_tok_per_sec(),
+            g.tokens.len(),
+            g.gen_tok_per_sec()
+        );
+    }
+    Ok(())
+}

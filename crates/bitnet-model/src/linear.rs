@@ -1,0 +1,286 @@
+//! Linear layers: ternary (BitLinear: int8 activations × ternary codes, exact i32 dot products)
+//! and dense (f32/f16/bf16/Q8_0/Q4_x weights read in place from the mapped file).
+//!
+//! These are the simple reference paths; the SIMD tiers of `bitnet-kernels` replace the inner
+//! loops without changing results.
+
+use crate::error::{ModelError, Result};
+use bitnet_core::quant::{ScaleConvention, TernaryMatrix, quantize_row_i8};
+use bitnet_formats::gguf::{GgmlType, dequantize_into};
+use std::sync::Arc;
+
+/// Bytes that live either in a shared read-only mapping or in memory we own.
+#[derive(Clone)]
+pub struct WeightBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: std::ops::Range<usize>,
+}
+
+impl std::fmt::Debug for WeightBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightBytes({} bytes)", self.range.len())
+    }
+}
+
+impl WeightBytes {
+    /// A view into a mapping (zero-copy).
+    pub fn mapped(
+        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        range: std::ops::Range<usize>,
+    ) -> Self {
+        Self { owner, range }
+    }
+
+    /// Bytes we own (converted or repacked at load).
+    pub fn owned(bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        Self {
+            owner: Arc::new(bytes),
+            range: 0..len,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.range.clone()]
+    }
+}
+
+/// A `[rows, cols]` matrix in a ggml type, row-major (ggml's `ne0 = cols`).
+#[derive(Debug, Clone)]
+pub struct DenseMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub ty: GgmlType,
+    bytes: WeightBytes,
+    row_bytes: usize,
+}
+
+impl DenseMatrix {
+    pub fn new(
+        name: &str,
+        rows: usize,
+        cols: usize,
+        ty: GgmlType,
+        bytes: WeightBytes,
+    ) -> Result<Self> {
+        let row_bytes = ty
+            .nbytes(cols as u64, cols as u64)
+            .filter(|_| ty != GgmlType::I2_S && bitnet_formats::gguf::can_dequantize(ty))
+            .ok_or_else(|| {
+                ModelError::Unsupported(format!(
+                    "tensor {name:?}: {ty} rows of {cols} cannot be read densely"
+                ))
+            })? as usize;
+        if bytes.as_slice().len() != row_bytes * rows {
+            return Err(ModelError::Invalid(format!(
+                "tensor {name:?}: {} bytes for {rows} rows of {row_bytes}",
+                bytes.as_slice().len()
+            )));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            ty,
+            bytes,
+            row_bytes,
+        })
+    }
+
+    /// Owned f32 matrix.
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self {
+            rows,
+            cols,
+            ty: GgmlType::F32,
+            bytes: WeightBytes::owned(bytes),
+            row_bytes: cols * 4,
+        }
+    }
+
+    /// Dequantize row `r` into `out` (`cols` values).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let raw = &self.bytes.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes];
+        dequantize_into("row", self.ty, raw, out).expect("row size validated at construction");
+    }
+
+    /// `out[t, r] = x[t, :] . W[r, :]` for `t` in `0..n`.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        debug_assert_eq!(x.len(), n * self.cols);
+        debug_assert_eq!(out.len(), n * self.rows);
+        let mut row = vec![0.0f32; self.cols];
+        for r in 0..self.rows {
+            self.row_into(r, &mut row);
+            for t in 0..n {
+                out[t * self.rows + r] = dot_f32(&row, &x[t * self.cols..(t + 1) * self.cols]);
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.as_slice().len()
+    }
+}
+
+/// f32 dot product with 8 independent partial sums (vectorises, and is more accurate than one
+/// running sum).
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0.0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + s
+}
+
+/// Exact int8 × ternary dot product.
+#[inline]
+pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    let mut acc = [0i32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += i32::from(x[i]) * i32::from(y[i]);
+        }
+    }
+    let tail: i32 = ra
+        .iter()
+        .zip(rb)
+        .map(|(&x, &y)| i32::from(x) * i32::from(y))
+        .sum();
+    acc.iter().sum::<i32>() + tail
+}
+
+/// A BitLinear layer: per-token int8 activations times ternary weights.
+#[derive(Debug, Clone)]
+pub struct TernaryLinear {
+    pub weights: TernaryMatrix,
+    pub convention: ScaleConvention,
+    /// The scale as stored (`mean|W|` for `Multiply`, the divisor for `Divide`), per row.
+    row_scales: Vec<f32>,
+}
+
+impl TernaryLinear {
+    pub fn new(weights: TernaryMatrix, convention: ScaleConvention) -> Self {
+        let g = weights.group_len();
+        let row_scales = if g >= weights.cols {
+            (0..weights.rows)
+                .map(|r| weights.scales[(r * weights.cols) / g])
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            weights,
+            convention,
+            row_scales,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.weights.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.weights.cols
+    }
+
+    /// Output of one row given its quantized activations: transformers' `BitLinear` computes
+    /// `dot / (weight_scale * input_scale)` (`Divide`); `AutoBitLinear` multiplies by `mean|W|`.
+    pub fn forward_quantized(&self, xq: &[i8], xs: f32, out: &mut [f32]) {
+        let w = &self.weights;
+        if !self.row_scales.is_empty() {
+            for (r, o) in out.iter_mut().enumerate() {
+                let dot = dot_i8(&w.codes[r * w.cols..(r + 1) * w.cols], xq) as f32;
+                let s = self.row_scales[r];
+                *o = match self.convention {
+                    ScaleConvention::Divide => dot / (s * xs),
+                    ScaleConvention::Multiply => dot / xs * s,
+                };
+            }
+        } else {
+            let g = w.group_len();
+            for (r, o) in out.iter_mut().enumerate() {
+                let row = &w.codes[r * w.cols..(r + 1) * w.cols];
+                let mut acc = 0.0f32;
+                for (gi, (wc, xc)) in row.chunks(g).zip(xq.chunks(g)).enumerate() {
+                    let s = w.scales[(r * w.cols) / g + gi];
+                    let dot = dot_i8(wc, xc) as f32;
+                    acc += match self.convention {
+                        ScaleConvention::Divide => dot / s,
+                        ScaleConvention::Multiply => dot * s,
+                    };
+                }
+                *o = acc / xs;
+            }
+        }
+    }
+
+    /// `n` rows of float activations in, `n` rows out.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut xq = vec![0i8; cols];
+        for t in 0..n {
+            let xs =
+                quantize_row_i8(&x[t * cols..(t + 1) * cols], &mut xq).expect("row length matches");
+            self.forward_quantized(&xq, xs, &mut out[t * rows..(t + 1) * rows]);
+        }
+    }
+}
+
+/// Any linear layer of a model.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Ternary(TernaryLinear),
+    Dense(DenseMatrix),
+}
+
+impl Linear {
+    pub fn rows(&self) -> usize {
+        match self {
+            Linear::Ternary(t) => t.rows(),
+            Linear::Dense(d) => d.rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Linear::Ternary(t) => t.cols(),
+            Linear::Dense(d) => d.cols,
+        }
+    }
+
+    /// `x` is `[n, cols]`, `out` is `[n, rows]`.
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        match self {
+            Linear::Ternary(t) => t.matmul(x, n, out),
+            Linear::Dense(d) => d.matmul(x, n, out),
+        }
+    }
+
+    /// Bytes of weights one forward pass reads.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Linear::Ternary(t) => t.rows() * t.cols() / 4,
+            Linear::Dense(d) => d.bytes(),
+        }
+    }
+
+    pub fn kind(&self) -> String {
+        match self {
+            Linear::Ternary(t) => {
+                format!("ternary ({}, {:?})", t.weights.granularity, t.convention)
+            }
+            Linear::Dense(d) => d.ty.to_string(),
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! Loading models from Hugging Face directories and GGUF files.
+
+use crate::error::{ModelError, Result};
+use crate::linear::{DenseMatrix, Linear, TernaryLinear, WeightBytes};
+use crate::model::{Layer, Model};
+use crate::spec::{Family, ModelSpec};
+use bitnet_core::packed::{self, PackedTensor, TernaryFormat};
+use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, ternarize};
+use bitnet_formats::gguf::{GgmlType, GgufFile, TensorInfo};
+use bitnet_formats::safetensors_dir::{Dtype, HfModelDir, StTensorInfo};
+use bitnet_formats::tokenizer::TextTokenizer;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A model with its tokenizer (when the checkpoint ships one).
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Option<TextTokenizer>,
+    /// Where the weights came from and how they are held, for reports.
+    pub description: String,
+}
+
+/// Load a GGUF file or a Hugging Face model directory.
+pub fn load(path: impl AsRef<Path>) -> Result<LoadedModel> {
+    let path = path.as_ref();
+    if !path.exists() {
+        return Err(ModelError::Load {
+            path: path.to_path_buf(),
+            message: "no such file or directory".into(),
+        });
+    }
+    if path.is_dir() {
+        load_hf(path)
+    } else {
+        load_gguf(path)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hugging Face directories
+// ---------------------------------------------------------------------------------------------
+
+/// How the linear layers of a Hugging Face checkpoint are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HfQuant {
+    /// Plain float linears (llama).
+    None,
+    /// Float master weights, ternarized at load (`quantization_mode: online`).
+    Online,
+    /// Packed uint8 `[out/4, in]` + `weight_scale` (2B-4T, `linear_class: bitlinear`).
+    Packed(ScaleConvention),
+    /// Ternary values stored as floats + `weight_scale` (`autobitlinear`, offline).
+    TernaryFloat(ScaleConvention),
+}
+
+struct HfLoader<'a> {
+    dir: &'a HfModelDir,
+    quant: HfQuant,
+    skip: Vec<String>,
+}
+
+fn hf_dtype(d: Dtype) -> Option<GgmlType> {
+    match d {
+        Dtype::F32 => Some(GgmlType::F32),
+        Dtype::F16 => Some(GgmlType::F16),
+        Dtype::BF16 => Some(GgmlType::BF16),
+        _ => None,
+    }
+}
+
+impl HfLoader<'_> {
+    fn info(&self, name: &str) -> Result<&StTensorInfo> {
+        self.dir
+            .weights
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let v = self.dir.weights.to_f32(name)?;
+        if v.len() != len {
+            return Err(ModelError::Shape {
+                name: name.into(),
+                expected: vec![len],
+                found: vec![v.len()],
+            });
+        }
+        Ok(v)
+    }
+
+    fn dense(&self, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
+        let t = self.info(name)?;
+        if t.shape != [rows, cols] {
+            return Err(ModelError::Shape {
+                name: name.into(),
+                expected: vec![rows, cols],
+                found: t.shape.clone(),
+            });
+        }
+        let ty = hf_dtype(t.dtype).ok_or_else(|| {
+            ModelError::Unsupported(format!("tensor {name:?} has dtype {:?}", t.dtype))
+        })?;
+        let map: Arc<dyn AsRef<[u8]> + Send + Sync> = self.dir.weights.shard_mapping(t.shard);
+        DenseMatrix::new(
+            name,
+            rows,
+            cols,
+            ty,
+            WeightBytes::mapped(map, t.range.clone()),
+        )
+    }
+
+    fn linear(&self, module: &str, rows: usize, cols: usize) -> Result<Linear> {
+        let wname = format!("{module}.weight");
+        let quant = if self
+            .skip
+            .iter()
+            .any(|s| module.ends_with(s.as_str()) || module == s)
+        {
+            HfQuant::None
+        } else {
+            self.quant
+        };
+        match quant {
+            HfQuant::None => Ok(Linear::Dense(self.dense(&wname, rows, cols)?)),
+            HfQuant::Online => {
+                let w = self.dense(&wname, rows, cols)?;
+                let mut vals = vec![0.0f32; rows * cols];
+                for r in 0..rows {
+                    w.row_into(r, &mut vals[r * cols..(r + 1) * cols]);
+                }
+                let m = ternarize(&vals, rows, cols, Granularity::PerTensor)?;
+                Ok(Linear::Ternary(TernaryLinear::new(
+                    m,
+                    ScaleConvention::Multiply,
+                )))
+            }
+            HfQuant::Packed(conv) => {
+                let t = self.info(&wname)?;
+                if t.dtype != Dtype::U8 || t.shape != [rows.div_ceil(4), cols] {
+                    return Err(ModelError::Shape {
+                        name: wname,
+                        expected: vec![rows.div_ceil(4), cols],
+                        found: t.shape.clone(),
+                    });
+                }
+                let scale = self.scale(module)?;
+                let p = PackedTensor {
+                    format: TernaryFormat::HfPacked,
+                    rows,
+                    cols,
+                    data: self.dir.weights.bytes(t).to_vec(),
+                    scale: Some(scale),
+                };
+                Ok(Linear::Ternary(TernaryLinear::new(
+                    packed::unpack(&p)?,
+                    conv,
+                )))
+            }
+            HfQuant::TernaryFloat(conv) => {
+                let w = self.dense(&wname, rows, cols)?;
+                let mut codes = Vec::with_capacity(rows * cols);
+                let mut row = vec![0.0f32; cols];
+                for r in 0..rows {
+                    w.row_into(r, &mut row);
+                    codes.extend(row.iter().map(|&v| v as i8));
+                }
+                let m = TernaryMatrix::new(
+                    rows,
+                    cols,
+                    codes,
+                    Granularity::PerTensor,
+                    vec![self.scale(module)?],
+                )?;
+                Ok(Linear::Ternary(TernaryLinear::new(m, conv)))
+            }
+        }
+    }
+
+    fn scale(&self, module: &str) -> Result<f32> {
+        let name = format!("{module}.weight_scale");
+        let v = self.dir.weights.to_f32(&name)?;
+        match v.as_slice() {
+            [s] => Ok(*s),
+            _ => Err(ModelError::Shape {
+                name,
+                expected: vec![1],
+                found: vec![v.len()],
+            }),
+        }
+    }
+}
+
+fn load_hf(path: &Path) -> Result<LoadedModel> {
+    let dir = HfModelDir::open(path)?;
+    let spec = ModelSpec::from_hf(&dir.config)?;
+    let (quant, skip) = match &dir.config.quantization_config {
+        None => (HfQuant::None, Vec::new()),
+        Some(q) if q.quant_method.as_deref() == Some("bitnet") => {
+            let conv = ScaleConvention::from_linear_class(
+                q.linear_class.as_deref().unwrap_or("bitlinear"),
+            )?;
+            let online = q.quantization_mode.as_deref() == Some("online");
+            let mode = match (online, conv) {
+                (true, _) => HfQuant::Online,
+                (false, ScaleConvention::Divide) => HfQuant::Packed(conv),
+                (false, ScaleConvention::Multiply) => HfQuant::TernaryFloat(conv),
+            };
+            (
+                mode,
+                q.modules_to_not_convert
+                    .clone()
+                    .unwrap_or_else(|| vec!["lm_head".into()]),
+            )
+        }
+        Some(q) => {
+            return Err(ModelError::Unsupported(format!(
+                "quantization_config.quant_method {:?} (supported: bitnet, or none)",
+                q.quant_method
+            )));
+        }
+    };
+    let l = HfLoader {
+        dir: &dir,
+        quant,
+        skip,
+    };
+    let s = &spec;
+    let mut layers = Vec::with_capacity(s.n_layers);
+    for i in 0..s.n_layers {
+        let p = format!("model.layers.{i}");
+        let bitnet = s.family == Family::BitNet;
+        layers.push(Layer {
+            attn_norm: l.vector(&format!("{p}.input_layernorm.weight"), s.hidden)?,
+            q: l.linear(&format!("{p}.self_attn.q_proj"), s.q_dim(), s.hidden)?,
+            k: l.linear(&format!("{p}.self_attn.k_proj"), s.kv_dim(), s.hidden)?,
+            v: l.linear(&format!("{p}.self_attn.v_proj"), s.kv_dim(), s.hidden)?,
+            o: l.linear(&format!("{p}.self_attn.o_proj"), s.hidden, s.q_dim())?,
+            attn_sub_norm: bitnet
+                .then(|| l.vector(&format!("{p}.self_attn.attn_sub_norm.weight"), s.q_dim()))
+                .transpose()?,
+            ffn_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), s.hidden)?,
+            gate: l.linear(&format!("{p}.mlp.gate_proj"), s.intermediate, s.hidden)?,
+            up: l.linear(&format!("{p}.mlp.up_proj"), s.intermediate, s.hidden)?,
+            down: l.linear(&format!("{p}.mlp.down_proj"), s.hidden, s.intermediate)?,
+            ffn_sub_norm: bitnet
+                .then(|| l.vector(&format!("{p}.mlp.ffn_sub_norm.weight"), s.intermediate))
+                .transpose()?,
+        });
+    }
+    let embed = l.dense("model.embed_tokens.weight", s.vocab, s.hidden)?;
+    let lm_head = if s.tied_embeddings || dir.weights.get("lm_head.weight").is_none() {
+        Linear::Dense(embed.clone())
+    } else {
+        Linear::Dense(l.dense("lm_head.weight", s.vocab, s.hidden)?)
+    };
+    let norm = l.vector("model.norm.weight", s.hidden)?;
+    let tokenizer = dir
+        .tokenizer_json()
+        .map(TextTokenizer::from_file)
+        .transpose()?;
+    let description = format!(
+        "{} ({:?} linears) from {}",
+        s.arch_name,
+        quant,
+        path.display()
+    );
+    Ok(LoadedModel {
+        model: Model::new(spec, embed, layers, norm, lm_head)?,
+        tokenizer,
+        description,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF
+// ---------------------------------------------------------------------------------------------
+
+struct GgufLoader<'a> {
+    f: &'a GgufFile,
+}
+
+impl GgufLoader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.f
+            .header
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    fn check(&self, t: &TensorInfo, rows: usize, cols: usize) -> Result<()> {
+        let want = if rows == 1 {
+            vec![cols as u64]
+        } else {
+            vec![cols as u64, rows as u64]
+        };
+        if t.dims != want {
+            return Err(ModelError::Shape {
+                name: t.name.clone(),
+                expected: want.iter().rev().map(|&d| d as usize).collect(),
+                found: t.shape().iter().map(|&d| d as usize).collect(),
+            });
+        }
+        Ok(())
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.info(name)?;
+        self.check(t, 1, len)?;
+        Ok(self.f.dequantize(name)?)
+    }
+
+    fn dense(&self, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
+        let t = self.info(name)?;
+        self.check(t, rows, cols)?;
+        let map: Arc<dyn AsRef<[u8]> + Send + Sync> = self.f.mapping();
+        DenseMatrix::new(
+            name,
+            rows,
+            cols,
+            t.ty,
+            WeightBytes::mapped(map, self.f.header.tensor_range(t)),
+        )
+    }
+
+    fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Linear> {
+        let t = self.info(name)?;
+        self.check(t, rows, cols)?;
+        let format = match t.ty {
+            GgmlType::TQ2_0 => TernaryFormat::Tq2_0,
+            GgmlType::TQ1_0 => TernaryFormat::Tq1_0,
+            GgmlType::I2_S => TernaryFormat::I2S,
+            GgmlType::TL1 | GgmlType::TL2 => {
+                return Err(ModelError::Unsupported(format!(
+                    "tensor {name:?} is {}, a bitnet.cpp lookup-table layout tied to the kernels that wrote it; \
+                     convert the model to I2_S or TQ2_0 instead",
+                    t.ty
+                )));
+            }
+            _ => return Ok(Linear::Dense(self.dense(name, rows, cols)?)),
+        };
+        let p = PackedTensor {
+            format,
+            rows,
+            cols,
+            data: self.f.tensor_bytes(t).to_vec(),
+            scale: None,
+        };
+        let mut m = packed::unpack(&p)?;
+        // llama.cpp's BitNet graph multiplies some projections by a separate scale tensor.
+        let scale_name = name.replace(".weight", ".scale");
+        if let Some(st) = self.f.header.tensor(&scale_name) {
+            let s = self.f.dequantize(&st.name)?;
+            if s.len() != 1 {
+                return Err(ModelError::Unsupported(format!(
+                    "{scale_name} has {} values; one was expected",
+                    s.len()
+                )));
+            }
+            for v in &mut m.scales {
+                *v *= s[0];
+            }
+        }
+        Ok(Linear::Ternary(TernaryLinear::new(
+            m,
+            ScaleConvention::Multiply,
+        )))
+    }
+}
+
+fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    let f = GgufFile::open(path)?;
+    let spec = ModelSpec::from_gguf(&f.header)?;
+    let l = GgufLoader { f: &f };
+    let s = &spec;
+    let bitnet = s.family == Family::BitNet;
+    let mut layers = Vec::with_capacity(s.n_layers);
+    for i in 0..s.n_layers {
+        let p = format!("blk.{i}");
+        layers.push(Layer {
+            attn_norm: l.vector(&format!("{p}.attn_norm.weight"), s.hidden)?,
+            q: l.linear(&format!("{p}.attn_q.weight"), s.q_dim(), s.hidden)?,
+            k: l.linear(&format!("{p}.attn_k.weight"), s.kv_dim(), s.hidden)?,
+            v: l.linear(&format!("{p}.attn_v.weight"), s.kv_dim(), s.hidden)?,
+            o: l.linear(&format!("{p}.attn_output.weight"), s.hidden, s.q_dim())?,
+            attn_sub_norm: bitnet
+                .then(|| l.vector(&format!("{p}.attn_sub_norm.weight"), s.q_dim()))
+                .transpose()?,
+            ffn_norm: l.vector(&format!("{p}.ffn_norm.weight"), s.hidden)?,
+            gate: l.linear(&format!("{p}.ffn_gate.weight"), s.intermediate, s.hidden)?,
+            up: l.linear(&format!("{p}.ffn_up.weight"), s.intermediate, s.hidden)?,
+            down: l.linear(&format!("{p}.ffn_down.weight"), s.hidden, s.intermediate)?,
+            ffn_sub_norm: bitnet
+                .then(|| l.vector(&format!("{p}.ffn_sub_norm.weight"), s.intermediate))
+                .transpose()?,
+        });
+    }
+    let embed = l.dense("token_embd.weight", s.vocab, s.hidden)?;
+    let lm_head = match f.header.tensor("output.weight") {
+        Some(_) => l.linear("output.weight", s.vocab, s.hidden)?,
+        None => Linear::Dense(embed.clone()),
+    };
+    let norm = l.vector("output_norm.weight", s.hidden)?;
+    let tokenizer = match TextTokenizer::from_gguf(&f.header) {
+        Ok(t) => Some(t),
+        Err(_) if f.header.get("tokenizer.ggml.model").is_none() => None,
+        Err(e) => return Err(e.into()),
+    };
+    let description = format!(
+        "{} GGUF ({}) from {}",
+        s.arch_name,
+        f.header.dialect,
+        path.display()
+    );
+    Ok(LoadedModel {
+        model: Model::new(spec, embed, layers, norm, lm_head)?,
+        tokenizer,
+        description,
+    })
+}

@@ -1,0 +1,302 @@
+//! The transformer: embeddings, decoder layers, final norm, lm_head; one forward pass over any
+//! mix of sequences (prefill of one, decode of many, or both).
+
+use crate::error::{ModelError, Result};
+use crate::kv::KvCache;
+use crate::linear::{DenseMatrix, Linear, dot_f32};
+use crate::ops::{Rope, gated_activation, rms_norm_rows, softmax};
+use crate::spec::{Family, ModelSpec};
+
+/// One decoder layer's weights.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    /// BitNet: RMSNorm of the attention output before `o_proj`.
+    pub attn_sub_norm: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    /// BitNet: RMSNorm of `act(gate) * up` before `down_proj`.
+    pub ffn_sub_norm: Option<Vec<f32>>,
+}
+
+/// A loaded model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub spec: ModelSpec,
+    /// `[vocab, hidden]`.
+    pub embed: DenseMatrix,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    /// `[vocab, hidden]`; the embedding matrix itself when tied.
+    pub lm_head: Linear,
+    rope: Rope,
+}
+
+/// One token of one sequence to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Index into the caches passed to [`Model::forward`].
+    pub seq: usize,
+    pub token: u32,
+    /// Whether to compute logits for this position.
+    pub logits: bool,
+}
+
+/// Where [`Model::forward_traced`] reports intermediate values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trace {
+    /// Hidden state after decoder layer `n` (`[steps, hidden]`).
+    LayerOutput(usize),
+}
+
+impl Model {
+    pub fn new(
+        spec: ModelSpec,
+        embed: DenseMatrix,
+        layers: Vec<Layer>,
+        norm: Vec<f32>,
+        lm_head: Linear,
+    ) -> Result<Self> {
+        let check = |name: &str, l: &Linear, rows: usize, cols: usize| -> Result<()> {
+            if l.rows() == rows && l.cols() == cols {
+                Ok(())
+            } else {
+                Err(ModelError::Shape {
+                    name: name.to_string(),
+                    expected: vec![rows, cols],
+                    found: vec![l.rows(), l.cols()],
+                })
+            }
+        };
+        let s = &spec;
+        if embed.rows != s.vocab || embed.cols != s.hidden {
+            return Err(ModelError::Shape {
+                name: "embeddings".into(),
+                expected: vec![s.vocab, s.hidden],
+                found: vec![embed.rows, embed.cols],
+            });
+        }
+        if layers.len() != s.n_layers {
+            return Err(ModelError::Invalid(format!(
+                "{} layers loaded, config says {}",
+                layers.len(),
+                s.n_layers
+            )));
+        }
+        for (i, l) in layers.iter().enumerate() {
+            check(&format!("layer {i} q"), &l.q, s.q_dim(), s.hidden)?;
+            check(&format!("layer {i} k"), &l.k, s.kv_dim(), s.hidden)?;
+            check(&format!("layer {i} v"), &l.v, s.kv_dim(), s.hidden)?;
+            check(&format!("layer {i} o"), &l.o, s.hidden, s.q_dim())?;
+            check(
+                &format!("layer {i} gate"),
+                &l.gate,
+                s.intermediate,
+                s.hidden,
+            )?;
+            check(&format!("layer {i} up"), &l.up, s.intermediate, s.hidden)?;
+            check(
+                &format!("layer {i} down"),
+                &l.down,
+                s.hidden,
+                s.intermediate,
+            )?;
+            let norms = [
+                (l.attn_norm.len(), s.hidden),
+                (l.ffn_norm.len(), s.hidden),
+                (
+                    l.attn_sub_norm.as_ref().map_or(s.q_dim(), Vec::len),
+                    s.q_dim(),
+                ),
+                (
+                    l.ffn_sub_norm.as_ref().map_or(s.intermediate, Vec::len),
+                    s.intermediate,
+                ),
+            ];
+            if norms.iter().any(|(a, b)| a != b) {
+                return Err(ModelError::Invalid(format!(
+                    "layer {i}: a norm weight has the wrong length"
+                )));
+            }
+            if s.family == Family::BitNet && (l.attn_sub_norm.is_none() || l.ffn_sub_norm.is_none())
+            {
+                return Err(ModelError::Invalid(format!(
+                    "layer {i}: BitNet layers need attn_sub_norm and ffn_sub_norm"
+                )));
+            }
+        }
+        check("lm_head", &lm_head, s.vocab, s.hidden)?;
+        if norm.len() != s.hidden {
+            return Err(ModelError::Invalid(
+                "final norm has the wrong length".into(),
+            ));
+        }
+        let rope = Rope::new(s.head_dim, s.rope_theta, s.rope_style);
+        Ok(Self {
+            spec,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.spec.n_layers, self.spec.kv_dim())
+    }
+
+    /// Bytes of weights one decode step reads (all linear layers and the lm_head).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|x| x.weight_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
+    /// Run `steps` (tokens appended to their sequences' caches, in order) and return the logits
+    /// of the steps that asked for them, in order.
+    pub fn forward(&self, steps: &[Step], caches: &mut [KvCache]) -> Result<Vec<Vec<f32>>> {
+        self.forward_traced(steps, caches, &mut |_, _| {})
+    }
+
+    /// [`Model::forward`], reporting intermediate values to `trace`.
+    pub fn forward_traced(
+        &self,
+        steps: &[Step],
+        caches: &mut [KvCache],
+        trace: &mut dyn FnMut(Trace, &[f32]),
+    ) -> Result<Vec<Vec<f32>>> {
+        let s = &self.spec;
+        let n = steps.len();
+        // Positions: each sequence continues from its cache length, in step order.
+        let mut next: Vec<usize> = caches.iter().map(KvCache::len).collect();
+        let mut pos = Vec::with_capacity(n);
+        for st in steps {
+            let p = next.get_mut(st.seq).ok_or_else(|| {
+                ModelError::Invalid(format!(
+                    "step for sequence {} but only {} caches",
+                    st.seq,
+                    caches.len()
+                ))
+            })?;
+            if st.token as usize >= s.vocab {
+                return Err(ModelError::BadToken {
+                    id: st.token,
+                    vocab: s.vocab,
+                });
+            }
+            if *p >= s.context {
+                return Err(ModelError::ContextFull {
+                    needed: *p + 1,
+                    ctx: s.context,
+                });
+            }
+            pos.push(*p);
+            *p += 1;
+        }
+        let (hd, qd, kvd, h) = (s.head_dim, s.q_dim(), s.kv_dim(), s.hidden);
+        let mut x = vec![0.0f32; n * h];
+        for (t, st) in steps.iter().enumerate() {
+            self.embed
+                .row_into(st.token as usize, &mut x[t * h..(t + 1) * h]);
+        }
+        let mut buf = vec![0.0f32; n * h];
+        let (mut q, mut k, mut v) = (
+            vec![0.0f32; n * qd],
+            vec![0.0f32; n * kvd],
+            vec![0.0f32; n * kvd],
+        );
+        let mut attn = vec![0.0f32; n * qd];
+        let (mut gate, mut up) = (
+            vec![0.0f32; n * s.intermediate],
+            vec![0.0f32; n * s.intermediate],
+        );
+        let group = s.n_heads / s.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut scores = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            buf.copy_from_slice(&x);
+            rms_norm_rows(&mut buf, &layer.attn_norm, s.rms_eps);
+            layer.q.matmul(&buf, n, &mut q);
+            layer.k.matmul(&buf, n, &mut k);
+            layer.v.matmul(&buf, n, &mut v);
+            for t in 0..n {
+                self.rope.apply(&mut q[t * qd..(t + 1) * qd], pos[t], hd);
+                self.rope.apply(&mut k[t * kvd..(t + 1) * kvd], pos[t], hd);
+                caches[steps[t].seq].push(
+                    li,
+                    &k[t * kvd..(t + 1) * kvd],
+                    &v[t * kvd..(t + 1) * kvd],
+                );
+            }
+            for t in 0..n {
+                let (kc, vc) = caches[steps[t].seq].layer(li);
+                let len = pos[t] + 1;
+                for head in 0..s.n_heads {
+                    let kvh = head / group;
+                    let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                    scores.clear();
+                    scores.extend((0..len).map(|p| {
+                        dot_f32(qh, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale
+                    }));
+                    softmax(&mut scores);
+                    let out = &mut attn[t * qd + head * hd..t * qd + (head + 1) * hd];
+                    out.fill(0.0);
+                    for (p, &w) in scores.iter().enumerate() {
+                        let vr = &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                        for (o, &vv) in out.iter_mut().zip(vr) {
+                            *o += w * vv;
+                        }
+                    }
+                }
+            }
+            if let Some(w) = &layer.attn_sub_norm {
+                rms_norm_rows(&mut attn, w, s.rms_eps);
+            }
+            layer.o.matmul(&attn, n, &mut buf);
+            for (xv, &b) in x.iter_mut().zip(&buf) {
+                *xv += b;
+            }
+            buf.copy_from_slice(&x);
+            rms_norm_rows(&mut buf, &layer.ffn_norm, s.rms_eps);
+            layer.gate.matmul(&buf, n, &mut gate);
+            layer.up.matmul(&buf, n, &mut up);
+            gated_activation(s.activation, &mut gate, &up);
+            if let Some(w) = &layer.ffn_sub_norm {
+                rms_norm_rows(&mut gate, w, s.rms_eps);
+            }
+            layer.down.matmul(&gate, n, &mut buf);
+            for (xv, &b) in x.iter_mut().zip(&buf) {
+                *xv += b;
+            }
+            trace(Trace::LayerOutput(li), &x);
+        }
+        for (c, &len) in caches.iter_mut().zip(&next) {
+            c.set_len(len);
+        }
+        let want: Vec<usize> = (0..n).filter(|&t| steps[t].logits).collect();
+        let mut hs = Vec::with_capacity(want.len() * h);
+        for &t in &want {
+            hs.extend_from_slice(&x[t * h..(t + 1) * h]);
+        }
+        rms_norm_rows(&mut hs, &self.norm, s.rms_eps);
+        let mut logits = vec![0.0f32; want.len() * s.vocab];
+        self.lm_head.matmul(&hs, want.len(), &mut logits);
+        Ok(logits.chunks(s.vocab).map(<[f32]>::to_vec).collect())
+    }
+}

@@ -1,0 +1,124 @@
+//! The float parts of the forward pass: RMSNorm, RoPE, activations, softmax.
+
+use crate::spec::{Activation, RopeStyle};
+
+/// `w * x / sqrt(mean(x^2) + eps)`, as transformers' `LlamaRMSNorm` (f32 throughout; the mean
+/// accumulated in f64 so that it is correctly rounded).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let var = (ss / x.len() as f64) as f32;
+    let r = 1.0 / (var + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = g * (v * r);
+    }
+}
+
+/// In-place RMSNorm of each `dim`-long row.
+pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    let dim = w.len();
+    let mut tmp = vec![0.0f32; dim];
+    for row in x.chunks_mut(dim) {
+        rms_norm(row, w, eps, &mut tmp);
+        row.copy_from_slice(&tmp);
+    }
+}
+
+/// Precomputed RoPE frequencies for one head dimension.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    style: RopeStyle,
+}
+
+impl Rope {
+    /// `inv_freq[i] = 1 / theta^(2i/d)` in f32, as transformers' default RoPE computes it.
+    pub fn new(head_dim: usize, theta: f32, style: RopeStyle) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        Self { inv_freq, style }
+    }
+
+    /// Rotate every head of `x` (`n_heads * head_dim` values) for position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize, head_dim: usize) {
+        let half = head_dim / 2;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = self
+            .inv_freq
+            .iter()
+            .map(|&f| {
+                let a = f64::from(pos as f32 * f);
+                (a.cos() as f32, a.sin() as f32)
+            })
+            .unzip();
+        for head in x.chunks_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = match self.style {
+                    RopeStyle::NeoX => (i, i + half),
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x1 * cos[i] + x0 * sin[i];
+            }
+        }
+    }
+}
+
+/// `act(gate) * up`, in place into `gate`.
+pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
+    match act {
+        Activation::Silu => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        }
+        Activation::Relu2 => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                let r = g.max(0.0);
+                *g = r * r * u;
+            }
+        }
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_styles_agree_up_to_permutation() {
+        let d = 8;
+        let x: Vec<f32> = (0..d).map(|i| i as f32 * 0.3 - 1.0).collect();
+        // Interleaved on the permutation [0, 4, 1, 5, 2, 6, 3, 7] of x equals NeoX on x.
+        let perm = [0, 4, 1, 5, 2, 6, 3, 7];
+        let mut neox = x.clone();
+        Rope::new(d, 10000.0, RopeStyle::NeoX).apply(&mut neox, 7, d);
+        let mut inter: Vec<f32> = perm.iter().map(|&p| x[p]).collect();
+        Rope::new(d, 10000.0, RopeStyle::Interleaved).apply(&mut inter, 7, d);
+        for (j, &p) in perm.iter().enumerate() {
+            assert!((inter[j] - neox[p]).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rms_norm_unit() {
+        let mut out = [0.0; 2];
+        rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+        let r = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / r).abs() < 1e-6 && (out[1] - 8.0 / r).abs() < 1e-6);
+    }
+}

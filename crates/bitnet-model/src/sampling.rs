@@ -1,0 +1,310 @@
+//! Choosing the next token: penalties, temperature, top-k, top-p, min-p, seeded sampling.
+//!
+//! The order follows Hugging Face `generate`: repetition penalty, then temperature, then top-k,
+//! top-p and min-p; frequency and presence penalties are OpenAI's (subtracted from the logits).
+
+/// Sampling settings. `temperature == 0` means greedy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// 0.0 disables.
+    pub min_p: f32,
+    /// 1.0 disables; HF semantics (positive logits divided, negative multiplied).
+    pub repetition_penalty: f32,
+    /// OpenAI semantics: `logit -= frequency_penalty * count`.
+    pub frequency_penalty: f32,
+    /// `logit -= presence_penalty` for any token already present.
+    pub presence_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Reject values that have no meaning, with a message naming the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if !self.frequency_penalty.is_finite() || !self.presence_penalty.is_finite() {
+            return Err("penalties must be finite".into());
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// xoshiro256++ (Blackman & Vigna): small, fast, and the same stream on every platform, so a
+/// seed reproduces a generation anywhere.
+#[derive(Debug, Clone)]
+pub struct Rng([u64; 4]);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // SplitMix64 expands the seed into the state.
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9E3779B97F4A7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D049BB133111EB);
+            x ^ (x >> 31)
+        };
+        Self([next(), next(), next(), next()])
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let r = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        r
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// A sampler with its RNG state: one per sequence.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+}
+
+/// The chosen token and its log-probability under the (unwarped) distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Choice {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+/// Index of the largest value (the first on ties), as `argmax` does.
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `log_softmax(x)[i]`.
+pub fn log_prob(x: &[f32], i: usize) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = x.iter().map(|&v| f64::from(v - max).exp()).sum();
+    (f64::from(x[i] - max) - sum.ln()) as f32
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = Rng::new(params.seed);
+        Self { params, rng }
+    }
+
+    /// Apply the penalties for the tokens seen so far (`history`), in place.
+    pub fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 {
+            return;
+        }
+        let mut counts = std::collections::HashMap::new();
+        for &t in history {
+            if (t as usize) < logits.len() {
+                *counts.entry(t).or_insert(0u32) += 1;
+            }
+        }
+        for (&t, &c) in &counts {
+            let l = &mut logits[t as usize];
+            if p.repetition_penalty != 1.0 {
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
+            }
+            *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
+        }
+    }
+
+    /// Pick the next token from `logits` given the sequence so far.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Choice {
+        let mut l = logits.to_vec();
+        self.apply_penalties(&mut l, history);
+        let p = self.params.clone();
+        if p.is_greedy() {
+            let t = argmax(&l);
+            return Choice {
+                token: t as u32,
+                logprob: log_prob(&l, t),
+            };
+        }
+        // Candidates sorted by logit, best first (stable: lower ids first on ties).
+        let mut idx: Vec<usize> = (0..l.len()).collect();
+        idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            idx.truncate(p.top_k);
+        }
+        let max = l[idx[0]] / p.temperature;
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| f64::from(l[i] / p.temperature - max).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|v| *v /= total);
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (j, &v) in probs.iter().enumerate() {
+                cum += v;
+                if cum >= f64::from(p.top_p) {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            idx.truncate(keep);
+            probs.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * f64::from(p.min_p);
+            let keep = probs.iter().take_while(|&&v| v >= floor).count().max(1);
+            idx.truncate(keep);
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = self.rng.next_f64() * total;
+        let mut pick = idx[idx.len() - 1];
+        for (&i, &pr) in idx.iter().zip(&probs) {
+            if u < pr {
+                pick = i;
+                break;
+            }
+            u -= pr;
+        }
+        Choice {
+            token: pick as u32,
+            logprob: log_prob(&l, pick),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_seeded() {
+        let logits = [0.1, 2.0, 1.9, -1.0];
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&logits, &[]).token, 1);
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..Default::default()
+        };
+        let a: Vec<u32> = (0..20)
+            .scan(Sampler::new(params.clone()), |s, _| {
+                Some(s.sample(&logits, &[]).token)
+            })
+            .collect();
+        let b: Vec<u32> = (0..20)
+            .scan(Sampler::new(params), |s, _| {
+                Some(s.sample(&logits, &[]).token)
+            })
+            .collect();
+        assert_eq!(a, b);
+        assert!(
+            a.contains(&1) && a.contains(&2),
+            "temperature 1 should visit both top tokens: {a:?}"
+        );
+    }
+
+    #[test]
+    fn filters() {
+        let logits = [5.0, 4.0, 0.0, -5.0];
+        let mut top1 = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        });
+        assert!((0..50).all(|_| top1.sample(&logits, &[]).token == 0));
+        let mut minp = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            ..Default::default()
+        });
+        assert!(
+            (0..50).all(|_| minp.sample(&logits, &[]).token == 0),
+            "token 1 has p/p0 = e^-1 < 0.5"
+        );
+        let mut topp = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        });
+        assert!((0..50).all(|_| topp.sample(&logits, &[]).token == 0));
+    }
+
+    #[test]
+    fn penalties() {
+        let s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            ..Default::default()
+        });
+        let mut l = [4.0, -4.0, 1.0];
+        s.apply_penalties(&mut l, &[0, 0, 1]);
+        assert_eq!(l, [4.0 / 2.0 - 1.0, -8.0 - 0.5, 1.0]);
+        assert!(
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}
