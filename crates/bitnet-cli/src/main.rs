@@ -19,6 +19,12 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Generate text from a prompt, streaming it as it comes.
     Run(cmd::run::Args),
+    /// Chat with a model in the terminal, using its chat template.
+    Chat(cmd::chat::Args),
+    /// Write the logits of every position to a .npy file.
+    Logits(cmd::logits::Args),
+    /// Perplexity of a text file (llama.cpp's method).
+    Perplexity(cmd::perplexity::Args),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +32,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
+        Command::Logits(args) => cmd::logits::run(args),
+        Command::Perplexity(args) => cmd::perplexity::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,3 +1,6 @@
+pub mod chat;
 pub mod common;
 pub mod inspect;
+pub mod logits;
+pub mod perplexity;
 pub mod run;
