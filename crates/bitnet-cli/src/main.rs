@@ -21,6 +21,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Chat with a model in the terminal, using its chat template.
     Chat(cmd::chat::Args),
+    /// Convert a Hugging Face BitNet directory to a ternary GGUF (TQ2_0, TQ1_0, I2_S).
+    Convert(cmd::convert::Args),
     /// Write the logits of every position to a .npy file.
     Logits(cmd::logits::Args),
     /// Perplexity of a text file (llama.cpp's method).
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Chat(args) => cmd::chat::run(args),
+        Command::Convert(args) => cmd::convert::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Perplexity(args) => cmd::perplexity::run(args),
     };

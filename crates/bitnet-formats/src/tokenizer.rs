@@ -306,6 +306,89 @@ fn byte_level_bpe(
         .map_err(tok_err)
 }
 
+impl TextTokenizer {
+    /// GGUF `tokenizer.*` metadata describing this tokenizer the way llama.cpp writes it, so a
+    /// converted file carries its tokenizer. Supported: byte-level BPE (GPT-2 style) models.
+    pub fn to_gguf_metadata(&self) -> Result<Vec<(String, crate::gguf::MetaValue)>> {
+        use crate::gguf::{MetaValue, ValueType, array};
+        let doc: Value = serde_json::from_str(&self.inner.to_string(false).map_err(tok_err)?)
+            .map_err(tok_err)?;
+        let model = &doc["model"];
+        if model["type"] != "BPE" {
+            return Err(tok_err(format!(
+                "only BPE tokenizers can be written to GGUF (this one is {})",
+                model["type"]
+            )));
+        }
+        let vocab = model["vocab"]
+            .as_object()
+            .ok_or_else(|| tok_err("BPE model without a vocabulary"))?;
+        let n = self.vocab_size();
+        let mut tokens = vec![String::new(); n];
+        let mut types = vec![1i32; n];
+        for (t, id) in vocab {
+            if let Some(i) = id.as_u64().map(|i| i as usize).filter(|&i| i < n) {
+                tokens[i] = t.clone();
+            }
+        }
+        for a in doc["added_tokens"].as_array().into_iter().flatten() {
+            if let (Some(i), Some(c)) =
+                (a["id"].as_u64().map(|i| i as usize), a["content"].as_str())
+                && i < n
+            {
+                tokens[i] = c.to_string();
+                types[i] = if a["special"] == true { 3 } else { 4 };
+            }
+        }
+        let merges: Vec<String> = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match m {
+                Value::String(s) => s.clone(),
+                Value::Array(p) => format!(
+                    "{} {}",
+                    p[0].as_str().unwrap_or(""),
+                    p[1].as_str().unwrap_or("")
+                ),
+                _ => String::new(),
+            })
+            .collect();
+        let mut out: Vec<(String, MetaValue)> = vec![
+            ("tokenizer.ggml.model".into(), "gpt2".into()),
+            ("tokenizer.ggml.pre".into(), "default".into()),
+            (
+                "tokenizer.ggml.tokens".into(),
+                array(ValueType::String, tokens),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                array(ValueType::I32, types),
+            ),
+            (
+                "tokenizer.ggml.merges".into(),
+                array(ValueType::String, merges),
+            ),
+            ("tokenizer.ggml.add_bos_token".into(), self.add_bos.into()),
+            ("tokenizer.ggml.add_eos_token".into(), self.add_eos.into()),
+        ];
+        for (key, id) in [
+            ("bos_token_id", self.bos_id),
+            ("eos_token_id", self.eos_id),
+            ("padding_token_id", self.pad_id),
+            ("unknown_token_id", self.unk_id),
+        ] {
+            if let Some(i) = id {
+                out.push((format!("tokenizer.ggml.{key}"), i.into()));
+            }
+        }
+        if let Some(t) = &self.chat_template {
+            out.push(("tokenizer.chat_template".into(), t.as_str().into()));
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod chat;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod kv;

@@ -54,8 +54,8 @@ enum HfQuant {
     TernaryFloat(ScaleConvention),
 }
 
-struct HfLoader<'a> {
-    dir: &'a HfModelDir,
+pub(crate) struct HfLoader<'a> {
+    pub(crate) dir: &'a HfModelDir,
     quant: HfQuant,
     skip: Vec<String>,
 }
@@ -77,7 +77,7 @@ impl HfLoader<'_> {
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let v = self.dir.weights.to_f32(name)?;
         if v.len() != len {
             return Err(ModelError::Shape {
@@ -89,7 +89,7 @@ impl HfLoader<'_> {
         Ok(v)
     }
 
-    fn dense(&self, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
+    pub(crate) fn dense(&self, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
         let t = self.info(name)?;
         if t.shape != [rows, cols] {
             return Err(ModelError::Shape {
@@ -111,7 +111,7 @@ impl HfLoader<'_> {
         )
     }
 
-    fn linear(&self, module: &str, rows: usize, cols: usize) -> Result<Linear> {
+    pub(crate) fn linear(&self, module: &str, rows: usize, cols: usize) -> Result<Linear> {
         let wname = format!("{module}.weight");
         let quant = if self
             .skip
@@ -192,10 +192,16 @@ impl HfLoader<'_> {
     }
 }
 
-fn load_hf(path: &Path) -> Result<LoadedModel> {
-    let dir = HfModelDir::open(path)?;
-    let spec = ModelSpec::from_hf(&dir.config)?;
-    let (quant, skip) = match &dir.config.quantization_config {
+impl<'a> HfLoader<'a> {
+    pub(crate) fn new(dir: &'a HfModelDir) -> Result<(Self, ModelSpec)> {
+        let spec = ModelSpec::from_hf(&dir.config)?;
+        let (quant, skip) = hf_quant(dir)?;
+        Ok((Self { dir, quant, skip }, spec))
+    }
+}
+
+fn hf_quant(dir: &HfModelDir) -> Result<(HfQuant, Vec<String>)> {
+    Ok(match &dir.config.quantization_config {
         None => (HfQuant::None, Vec::new()),
         Some(q) if q.quant_method.as_deref() == Some("bitnet") => {
             let conv = ScaleConvention::from_linear_class(
@@ -220,12 +226,13 @@ fn load_hf(path: &Path) -> Result<LoadedModel> {
                 q.quant_method
             )));
         }
-    };
-    let l = HfLoader {
-        dir: &dir,
-        quant,
-        skip,
-    };
+    })
+}
+
+fn load_hf(path: &Path) -> Result<LoadedModel> {
+    let dir = HfModelDir::open(path)?;
+    let (l, spec) = HfLoader::new(&dir)?;
+    let quant = l.quant;
     let s = &spec;
     let mut layers = Vec::with_capacity(s.n_layers);
     for i in 0..s.n_layers {

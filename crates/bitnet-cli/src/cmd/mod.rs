@@ -1,5 +1,6 @@
 pub mod chat;
 pub mod common;
+pub mod convert;
 pub mod inspect;
 pub mod logits;
 pub mod perplexity;

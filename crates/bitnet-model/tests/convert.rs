@@ -1,0 +1,205 @@
+//! Hugging Face BitNet directories converted to ternary GGUF load back and decode the same
+//! greedy tokens as the directory itself.
+
+use bitnet_formats::gguf::{GgmlType, GgufFile};
+use bitnet_model::convert::{ConvertOptions, convert_hf_to_gguf};
+use bitnet_model::generate::{GenerateOptions, generate};
+use bitnet_model::{Step, load};
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn greedy(path: &std::path::Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let m = load(path).unwrap();
+    let mut c = m.model.new_cache();
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let g = generate(&m.model, None, prompt, &opts, &mut c, &mut |_| {}).unwrap();
+    let mut c = m.model.new_cache();
+    let steps: Vec<Step> = prompt
+        .iter()
+        .map(|&token| Step {
+            seq: 0,
+            token,
+            logits: true,
+        })
+        .collect();
+    let logits = m
+        .model
+        .forward(&steps, std::slice::from_mut(&mut c))
+        .unwrap()
+        .concat();
+    (g.tokens, logits)
+}
+
+/// A packed (2B-4T layout) BitNet directory with random weights and shapes that fit TQ blocks.
+fn synthetic_packed_dir(dir: &std::path::Path) {
+    use bitnet_core::packed::hf;
+    use safetensors::tensor::{Dtype, TensorView};
+    let (h, inter, layers, heads, kv, vocab) =
+        (256usize, 512usize, 2usize, 4usize, 2usize, 300usize);
+    let hd = h / heads;
+    let mut seed = 12345u64;
+    let mut rnd = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) as f64 / (1u64 << 31) as f64) as f32
+    };
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let f32s = |v: Vec<f32>| {
+        v.into_iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>()
+    };
+    tensors.push((
+        "model.embed_tokens.weight".into(),
+        Dtype::F32,
+        vec![vocab, h],
+        f32s((0..vocab * h).map(|_| (rnd() - 0.5) * 2.0).collect()),
+    ));
+    tensors.push((
+        "model.norm.weight".into(),
+        Dtype::F32,
+        vec![h],
+        f32s((0..h).map(|_| 1.0 + (rnd() - 0.5) * 0.2).collect()),
+    ));
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (n, len) in [
+            ("input_layernorm", h),
+            ("post_attention_layernorm", h),
+            ("self_attn.attn_sub_norm", h),
+            ("mlp.ffn_sub_norm", inter),
+        ] {
+            tensors.push((
+                format!("{p}.{n}.weight"),
+                Dtype::F32,
+                vec![len],
+                f32s((0..len).map(|_| 1.0 + (rnd() - 0.5) * 0.2).collect()),
+            ));
+        }
+        for (n, rows, cols) in [
+            ("self_attn.q_proj", h, h),
+            ("self_attn.k_proj", kv * hd, h),
+            ("self_attn.v_proj", kv * hd, h),
+            ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", inter, h),
+            ("mlp.up_proj", inter, h),
+            ("mlp.down_proj", h, inter),
+        ] {
+            let codes: Vec<i8> = (0..rows * cols).map(|_| (rnd() * 3.0) as i8 - 1).collect();
+            tensors.push((
+                format!("{p}.{n}.weight"),
+                Dtype::U8,
+                vec![rows / 4, cols],
+                hf::pack(&codes, rows, cols).unwrap(),
+            ));
+            // BitLinear divides by weight_scale: 1 / mean|W| for weights of mean magnitude ~0.03.
+            tensors.push((
+                format!("{p}.{n}.weight_scale"),
+                Dtype::F32,
+                vec![1],
+                f32s(vec![30.0 + rnd() * 10.0]),
+            ));
+        }
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({"model_type": "bitnet", "architectures": ["BitNetForCausalLM"], "hidden_size": h, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "relu2", "tie_word_embeddings": true,
+        "quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
+
+#[test]
+fn converted_gguf_decodes_like_the_directory() {
+    let prompt = [17u32, 42, 99, 5, 120, 7, 64, 3];
+    let tmp = tempfile::tempdir().unwrap();
+    let synth = tmp.path().join("synthetic");
+    std::fs::create_dir(&synth).unwrap();
+    synthetic_packed_dir(&synth);
+    for name in [
+        "tiny-bitnet-a-packed",
+        "tiny-bitnet-a-float",
+        "tiny-bitnet-b-packed",
+        "synthetic",
+    ] {
+        let src = if name == "synthetic" {
+            synth.clone()
+        } else {
+            root().join("testdata/models").join(name)
+        };
+        let (want, want_logits) = greedy(&src, &prompt, 12);
+        let types: &[GgmlType] = if name == "synthetic" {
+            &[GgmlType::TQ2_0, GgmlType::TQ1_0, GgmlType::I2_S]
+        } else {
+            &[GgmlType::I2_S]
+        };
+        if name != "synthetic" {
+            // Rows of 64 / 96 weights are not whole TQ blocks of 256: refused, clearly.
+            let e = convert_hf_to_gguf(
+                &src,
+                &tmp.path().join("x.gguf"),
+                &ConvertOptions::default(),
+                &mut |_, _, _| {},
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("multiple of 256"), "{e}");
+            assert!(!tmp.path().join("x.gguf").exists());
+        }
+        for &ty in types {
+            for float in [GgmlType::F32, GgmlType::F16] {
+                let out = tmp.path().join(format!("{name}-{ty}-{float}.gguf"));
+                let mut calls = 0;
+                let r = convert_hf_to_gguf(
+                    &src,
+                    &out,
+                    &ConvertOptions {
+                        ternary: ty,
+                        float_type: float,
+                    },
+                    &mut |_, _, _| calls += 1,
+                )
+                .unwrap();
+                assert_eq!(calls, r.tensors.len());
+                let f = GgufFile::open(&out).unwrap();
+                assert_eq!(f.header.architecture(), "bitnet-25");
+                let linears = f.header.tensors.iter().filter(|t| t.ty == ty).count();
+                let layers = if name.contains("-b-") { 3 } else { 2 };
+                assert_eq!(linears, 7 * layers, "{name} {ty}");
+                let (got, logits) = greedy(&out, &prompt, 12);
+                let max = want_logits
+                    .iter()
+                    .zip(&logits)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                eprintln!(
+                    "{name} -> {ty} (+{float} embeddings): max logit change {max:.3e}, greedy {}",
+                    if got == want { "same" } else { "DIFFERENT" }
+                );
+                // The GGUF holds Q/K rows permuted for pairwise RoPE, so attention sums its dot
+                // products in another order; TQ scales round to f16 and F16 embeddings drop 13
+                // mantissa bits. Any of these can flip an int8 activation code, which moves these
+                // tiny models' logits by up to ~0.25 (transformers' own float/packed forms differ
+                // by 0.12 for the same reason). The file is held to the greedy tokens, and the
+                // logits to moving by less than 10% of their largest magnitude (0.12 / 7.4 = 1.6%
+                // for transformers' own pair).
+                let scale = want_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    max < 0.10 * scale,
+                    "{name} {ty} {float}: logits moved by {max} (largest logit {scale})"
+                );
+                assert_eq!(got, want, "{name} {ty} {float}: greedy tokens");
+            }
+        }
+    }
+}
