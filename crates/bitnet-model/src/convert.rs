@@ -2,18 +2,16 @@
 //!
 //! Linear layers are ternarized (float masters, absmean as transformers does) or unpacked (the
 //! 2B-4T layout, exact) and packed into TQ2_0, TQ1_0 or I2_S; embeddings and the lm_head stay in
-//! higher precision (F16 by default); norms stay F32. Q and K rows are permuted the way
-//! llama.cpp's converter permutes them, because GGUF readers (ours included) apply RoPE to
-//! adjacent pairs. Each tensor is produced inside the writer's stream, so memory holds one tensor
+//! higher precision (F16 by default); norms stay F32. The file follows bitnet.cpp's `bitnet-25`
+//! layout (the 2B-4T graph: squared ReLU, sub-norms, NeoX RoPE, Q/K not permuted). Each tensor is produced inside the writer's stream, so memory holds one tensor
 //! at a time and the output appears only when complete (temp file, fsync, rename).
 
 use crate::error::{ModelError, Result};
-use crate::linear::Linear;
 use crate::load::HfLoader;
 use crate::spec::{Activation, Family, ModelSpec};
 use bitnet_core::f16;
 use bitnet_core::packed::{self, Fidelity, TernaryFormat};
-use bitnet_core::quant::{ScaleConvention, TernaryMatrix};
+use bitnet_core::quant::ScaleConvention;
 use bitnet_formats::FormatError;
 use bitnet_formats::gguf::{GgmlType, GgufWriter, MetaValue, TensorData, quantize_q8_0};
 use bitnet_formats::safetensors_dir::HfModelDir;
@@ -71,36 +69,6 @@ fn fmt_err(e: impl std::fmt::Display) -> FormatError {
         path: "conversion".into(),
         message: e.to_string(),
     }
-}
-
-/// llama.cpp's `permute` for Q/K: within each head, HF rows `j` and `j + d/2` become rows `2j` and
-/// `2j + 1`, so that rotating adjacent pairs equals `rotate_half` on the original.
-pub fn permute_rows_for_rope(m: &TernaryMatrix, n_heads: usize) -> TernaryMatrix {
-    let (rows, cols) = (m.rows, m.cols);
-    let hd = rows / n_heads;
-    let half = hd / 2;
-    let mut codes = vec![0i8; rows * cols];
-    for h in 0..n_heads {
-        for j in 0..half {
-            for s in 0..2 {
-                let src = h * hd + s * half + j;
-                let dst = h * hd + 2 * j + s;
-                codes[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&m.codes[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    let mut out = m.clone();
-    out.codes = codes;
-    if out.scales.len() == rows {
-        out.scales = (0..rows)
-            .map(|dst| {
-                let (h, r) = (dst / hd, dst % hd);
-                m.scales[h * hd + (r % 2) * half + r / 2]
-            })
-            .collect();
-    }
-    out
 }
 
 /// Convert the Hugging Face directory `src` to a GGUF file `dst`. `progress(done, total)` is
@@ -207,7 +175,6 @@ pub fn convert_hf_to_gguf(
             format!("{p}.self_attn.q_proj"),
             s.q_dim(),
             s.hidden,
-            Some(s.n_heads),
         )?;
         cx.linear(
             &mut w,
@@ -215,7 +182,6 @@ pub fn convert_hf_to_gguf(
             format!("{p}.self_attn.k_proj"),
             s.kv_dim(),
             s.hidden,
-            Some(s.n_kv_heads),
         )?;
         cx.linear(
             &mut w,
@@ -223,7 +189,6 @@ pub fn convert_hf_to_gguf(
             format!("{p}.self_attn.v_proj"),
             s.kv_dim(),
             s.hidden,
-            None,
         )?;
         cx.linear(
             &mut w,
@@ -231,7 +196,6 @@ pub fn convert_hf_to_gguf(
             format!("{p}.self_attn.o_proj"),
             s.hidden,
             s.q_dim(),
-            None,
         )?;
         cx.norm(
             &mut w,
@@ -251,7 +215,6 @@ pub fn convert_hf_to_gguf(
             format!("{p}.mlp.gate_proj"),
             s.intermediate,
             s.hidden,
-            None,
         )?;
         cx.linear(
             &mut w,
@@ -259,7 +222,6 @@ pub fn convert_hf_to_gguf(
             format!("{p}.mlp.up_proj"),
             s.intermediate,
             s.hidden,
-            None,
         )?;
         cx.linear(
             &mut w,
@@ -267,7 +229,6 @@ pub fn convert_hf_to_gguf(
             format!("{p}.mlp.down_proj"),
             s.hidden,
             s.intermediate,
-            None,
         )?;
         cx.norm(
             &mut w,
@@ -376,23 +337,17 @@ impl<'a, 'p> Ctx<'a, 'p> {
         hf: String,
         rows: usize,
         cols: usize,
-        permute_heads: Option<usize>,
     ) -> Result<()> {
         self.format.check_shape(rows, cols)?;
         let n = name.clone();
         let format = self.format;
         w.add_tensor(name, self.opts.ternary, &[cols as u64, rows as u64], TensorData::Stream(Box::new(move |out: &mut dyn Write| {
-            let lin = self.loader.linear(&hf, rows, cols).map_err(fmt_err)?;
-            let Linear::Ternary(t) = lin else {
+            let Some((mut m, convention)) = self.loader.ternary(&hf, rows, cols).map_err(fmt_err)? else {
                 return Err(fmt_err(format!("{hf} is not ternary in the source; only BitNet checkpoints convert to {format}")));
             };
-            let mut m = t.weights;
-            if t.convention == ScaleConvention::Divide {
+            if convention == ScaleConvention::Divide {
                 // GGUF ternary types multiply by their scale.
                 m.scales.iter_mut().for_each(|s| *s = 1.0 / *s);
-            }
-            if let Some(h) = permute_heads {
-                m = permute_rows_for_rope(&m, h);
             }
             let (p, fidelity) = packed::pack(&m, format).map_err(fmt_err)?;
             out.write_all(&p.data).map_err(|e| FormatError::Io { path: "output".into(), source: e })?;

@@ -5,8 +5,10 @@
 //! loops without changing results.
 
 use crate::error::{ModelError, Result};
-use bitnet_core::quant::{ScaleConvention, TernaryMatrix, quantize_row_i8};
+use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, quantize_row_i8};
 use bitnet_formats::gguf::{GgmlType, dequantize_into};
+use bitnet_kernels::ternary::{PackedTernary, QuantizedBatch, gemm_par};
+use bitnet_kernels::{cpu, pool};
 use std::sync::Arc;
 
 /// Bytes that live either in a shared read-only mapping or in memory we own.
@@ -160,80 +162,133 @@ pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     acc.iter().sum::<i32>() + tail
 }
 
-/// A BitLinear layer: per-token int8 activations times ternary weights.
+/// A BitLinear layer: per-token int8 activations times ternary weights, the weights repacked
+/// once into the kernel layout.
 #[derive(Debug, Clone)]
 pub struct TernaryLinear {
-    pub weights: TernaryMatrix,
+    packed: PackedTernary,
+    pub granularity: Granularity,
+    /// The scales as stored (`mean|W|` for `Multiply`, the divisor for `Divide`), per group.
+    pub scales: Vec<f32>,
     pub convention: ScaleConvention,
-    /// The scale as stored (`mean|W|` for `Multiply`, the divisor for `Divide`), per row.
+    /// Per-row scale when the granularity is per tensor or per channel.
     row_scales: Vec<f32>,
+    /// Codes kept for the per-group path (scales finer than a row), which the fused kernels
+    /// do not cover.
+    grouped: Option<TernaryMatrix>,
 }
 
 impl TernaryLinear {
     pub fn new(weights: TernaryMatrix, convention: ScaleConvention) -> Self {
         let g = weights.group_len();
-        let row_scales = if g >= weights.cols {
+        let packed = PackedTernary::from_codes(&weights.codes, weights.rows, weights.cols);
+        let row_scales: Vec<f32> = if g >= weights.cols {
             (0..weights.rows)
                 .map(|r| weights.scales[(r * weights.cols) / g])
                 .collect()
         } else {
             Vec::new()
         };
+        let grouped = row_scales.is_empty().then(|| weights.clone());
         Self {
-            weights,
+            packed,
+            granularity: weights.granularity,
+            scales: weights.scales,
             convention,
             row_scales,
+            grouped,
         }
     }
 
     pub fn rows(&self) -> usize {
-        self.weights.rows
+        self.packed.rows()
     }
 
     pub fn cols(&self) -> usize {
-        self.weights.cols
+        self.packed.cols()
+    }
+
+    /// Weight `(r, c)` as a code in {-1, 0, 1}.
+    pub fn code(&self, r: usize, c: usize) -> i8 {
+        self.packed.code(r, c)
+    }
+
+    /// Bytes of packed weights a product streams.
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.bytes()
+    }
+
+    #[inline]
+    fn scale_out(&self, dot: i32, r: usize, xs: f32) -> f32 {
+        let s = self.row_scales[r];
+        match self.convention {
+            ScaleConvention::Divide => dot as f32 / (s * xs),
+            ScaleConvention::Multiply => dot as f32 / xs * s,
+        }
     }
 
     /// Output of one row given its quantized activations: transformers' `BitLinear` computes
     /// `dot / (weight_scale * input_scale)` (`Divide`); `AutoBitLinear` multiplies by `mean|W|`.
     pub fn forward_quantized(&self, xq: &[i8], xs: f32, out: &mut [f32]) {
-        let w = &self.weights;
-        if !self.row_scales.is_empty() {
-            for (r, o) in out.iter_mut().enumerate() {
-                let dot = dot_i8(&w.codes[r * w.cols..(r + 1) * w.cols], xq) as f32;
-                let s = self.row_scales[r];
-                *o = match self.convention {
-                    ScaleConvention::Divide => dot / (s * xs),
-                    ScaleConvention::Multiply => dot / xs * s,
-                };
-            }
-        } else {
+        let mut batch = QuantizedBatch::default();
+        batch.reset(1, self.packed.padded_cols());
+        batch.token_mut(0)[..xq.len()].copy_from_slice(xq);
+        batch.finish();
+        self.forward_batch(&batch, &[xs], out);
+    }
+
+    fn forward_batch(&self, batch: &QuantizedBatch, xs: &[f32], out: &mut [f32]) {
+        let rows = self.rows();
+        if let Some(w) = &self.grouped {
             let g = w.group_len();
-            for (r, o) in out.iter_mut().enumerate() {
-                let row = &w.codes[r * w.cols..(r + 1) * w.cols];
-                let mut acc = 0.0f32;
-                for (gi, (wc, xc)) in row.chunks(g).zip(xq.chunks(g)).enumerate() {
-                    let s = w.scales[(r * w.cols) / g + gi];
-                    let dot = dot_i8(wc, xc) as f32;
-                    acc += match self.convention {
-                        ScaleConvention::Divide => dot / s,
-                        ScaleConvention::Multiply => dot * s,
-                    };
+            for (t, &s) in xs.iter().enumerate() {
+                let xq = &batch.values[t * batch.stride..t * batch.stride + w.cols];
+                for r in 0..rows {
+                    let row = &w.codes[r * w.cols..(r + 1) * w.cols];
+                    let mut acc = 0.0f32;
+                    for (gi, (wc, xc)) in row.chunks(g).zip(xq.chunks(g)).enumerate() {
+                        let sc = w.scales[(r * w.cols) / g + gi];
+                        let dot = dot_i8(wc, xc) as f32;
+                        acc += match self.convention {
+                            ScaleConvention::Divide => dot / sc,
+                            ScaleConvention::Multiply => dot * sc,
+                        };
+                    }
+                    out[t * rows + r] = acc / s;
                 }
-                *o = acc / xs;
+            }
+            return;
+        }
+        let mut dots = vec![0i32; batch.n * rows];
+        gemm_par(
+            pool::global(),
+            cpu::tier(),
+            &self.packed,
+            batch,
+            &mut dots,
+            rows,
+        );
+        for (t, &s) in xs.iter().enumerate() {
+            for r in 0..rows {
+                out[t * rows + r] = self.scale_out(dots[t * rows + r], r, s);
             }
         }
     }
 
     /// `n` rows of float activations in, `n` rows out.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.rows(), self.cols());
-        let mut xq = vec![0i8; cols];
+        let cols = self.cols();
+        let mut batch = QuantizedBatch::default();
+        batch.reset(n, self.packed.padded_cols());
+        let mut xs = Vec::with_capacity(n);
         for t in 0..n {
-            let xs =
-                quantize_row_i8(&x[t * cols..(t + 1) * cols], &mut xq).expect("row length matches");
-            self.forward_quantized(&xq, xs, &mut out[t * rows..(t + 1) * rows]);
+            let dst = &mut batch.token_mut(t)[..cols];
+            xs.push(
+                quantize_row_i8(&x[t * cols..(t + 1) * cols], dst).expect("row length matches"),
+            );
         }
+        batch.finish();
+        self.forward_batch(&batch, &xs, out);
     }
 }
 
@@ -270,7 +325,7 @@ impl Linear {
     /// Bytes of weights one forward pass reads.
     pub fn weight_bytes(&self) -> usize {
         match self {
-            Linear::Ternary(t) => t.rows() * t.cols() / 4,
+            Linear::Ternary(t) => t.packed_bytes(),
             Linear::Dense(d) => d.bytes(),
         }
     }
@@ -278,7 +333,7 @@ impl Linear {
     pub fn kind(&self) -> String {
         match self {
             Linear::Ternary(t) => {
-                format!("ternary ({}, {:?})", t.weights.granularity, t.convention)
+                format!("ternary ({}, {:?})", t.granularity, t.convention)
             }
             Linear::Dense(d) => d.ty.to_string(),
         }

@@ -112,6 +112,19 @@ impl HfLoader<'_> {
     }
 
     pub(crate) fn linear(&self, module: &str, rows: usize, cols: usize) -> Result<Linear> {
+        Ok(match self.ternary(module, rows, cols)? {
+            Some((m, conv)) => Linear::Ternary(TernaryLinear::new(m, conv)),
+            None => Linear::Dense(self.dense(&format!("{module}.weight"), rows, cols)?),
+        })
+    }
+
+    /// The ternary codes and scales of a linear layer, or `None` for a float layer.
+    pub(crate) fn ternary(
+        &self,
+        module: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<(TernaryMatrix, ScaleConvention)>> {
         let wname = format!("{module}.weight");
         let quant = if self
             .skip
@@ -123,7 +136,7 @@ impl HfLoader<'_> {
             self.quant
         };
         match quant {
-            HfQuant::None => Ok(Linear::Dense(self.dense(&wname, rows, cols)?)),
+            HfQuant::None => Ok(None),
             HfQuant::Online => {
                 let w = self.dense(&wname, rows, cols)?;
                 let mut vals = vec![0.0f32; rows * cols];
@@ -131,10 +144,7 @@ impl HfLoader<'_> {
                     w.row_into(r, &mut vals[r * cols..(r + 1) * cols]);
                 }
                 let m = ternarize(&vals, rows, cols, Granularity::PerTensor)?;
-                Ok(Linear::Ternary(TernaryLinear::new(
-                    m,
-                    ScaleConvention::Multiply,
-                )))
+                Ok(Some((m, ScaleConvention::Multiply)))
             }
             HfQuant::Packed(conv) => {
                 let t = self.info(&wname)?;
@@ -153,10 +163,7 @@ impl HfLoader<'_> {
                     data: self.dir.weights.bytes(t).to_vec(),
                     scale: Some(scale),
                 };
-                Ok(Linear::Ternary(TernaryLinear::new(
-                    packed::unpack(&p)?,
-                    conv,
-                )))
+                Ok(Some((packed::unpack(&p)?, conv)))
             }
             HfQuant::TernaryFloat(conv) => {
                 let w = self.dense(&wname, rows, cols)?;
@@ -173,7 +180,7 @@ impl HfLoader<'_> {
                     Granularity::PerTensor,
                     vec![self.scale(module)?],
                 )?;
-                Ok(Linear::Ternary(TernaryLinear::new(m, conv)))
+                Ok(Some((m, conv)))
             }
         }
     }

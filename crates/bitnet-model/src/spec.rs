@@ -183,10 +183,17 @@ impl ModelSpec {
                 .arch_get("rope.freq_base")
                 .and_then(|v| v.as_f64())
                 .unwrap_or(10_000.0) as f32,
-            rope_style: RopeStyle::Interleaved,
-            activation: match family {
-                Family::Llama => Activation::Silu,
-                Family::BitNet => Activation::Relu2,
+            // llama.cpp permutes Q/K of llama models for its pairwise RoPE; no BitNet converter
+            // (upstream or bitnet.cpp) does, and their graphs use NeoX RoPE.
+            rope_style: match family {
+                Family::Llama => RopeStyle::Interleaved,
+                Family::BitNet => RopeStyle::NeoX,
+            },
+            // Upstream llama.cpp's `bitnet` graph (1bitLLM models) gates with SiLU; bitnet.cpp's
+            // `bitnet-b1.58` and `bitnet-25` (2B-4T) use squared ReLU.
+            activation: match arch {
+                "bitnet-b1.58" | "bitnet-25" => Activation::Relu2,
+                _ => Activation::Silu,
             },
             tied_embeddings: h.tensor("output.weight").is_none(),
         };

@@ -116,11 +116,10 @@ fn every_bitlinear_matches_transformers() {
                                 "{name}-{form} {module} [{r},{o}]: {a} vs {b}"
                             );
                         } else {
-                            let w = &lin.weights;
                             let mag: f32 = (0..cols)
                                 .map(|c| {
                                     (f32::from(xq[c]) / xs).abs()
-                                        * (f32::from(w.codes[o * cols + c]) * w.scales[0]).abs()
+                                        * (f32::from(lin.code(o, c)) * lin.scales[0]).abs()
                                 })
                                 .sum();
                             let tol = 4.0 * f32::EPSILON * mag + f32::MIN_POSITIVE;

@@ -372,12 +372,13 @@ impl GgufHeader {
     }
 }
 
-/// bitnet.cpp reuses ids 36-38 that upstream ggml once gave to (now removed) repacked types.
+/// bitnet.cpp reuses ids 36-39 that upstream ggml gives (or once gave) to other types.
 /// A file is read in bitnet.cpp's dialect when its architecture is one bitnet.cpp writes, or
 /// when every tensor of id 36 has exactly the I2_S size (n/4 + 32 bytes) in the space before the
 /// next tensor.
 fn detect_dialect(raw: &[(String, Vec<u64>, u32, u64)], arch: &str) -> Dialect {
     let suspects: Vec<_> = raw.iter().filter(|t| (36..=38).contains(&t.2)).collect();
+    // 39 is upstream MXFP4 and bitnet.cpp TL2: only the architecture can tell those apart.
     if suspects.is_empty() {
         return Dialect::Upstream;
     }

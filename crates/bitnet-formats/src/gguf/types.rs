@@ -41,7 +41,9 @@ pub enum GgmlType {
     TQ2_0,
     /// bitnet.cpp's 2-bit ternary type (id 36 in its ggml fork).
     I2_S,
-    /// bitnet.cpp lookup-table layouts (ids 37, 38), tied to the kernel build that made them.
+    /// bitnet.cpp's int8 activation type (id 37), not used for weights in files.
+    I8_S,
+    /// bitnet.cpp lookup-table layouts (ids 38, 39), tied to the kernel build that made them.
     TL1,
     TL2,
     MXFP4,
@@ -55,7 +57,7 @@ pub enum Dialect {
     /// Upstream ggml / llama.cpp ids.
     #[default]
     Upstream,
-    /// bitnet.cpp's fork: ids 36-38 are I2_S, TL1, TL2.
+    /// bitnet.cpp's fork: ids 36-39 are I2_S, I8_S, TL1, TL2.
     BitnetCpp,
 }
 
@@ -63,7 +65,7 @@ impl std::fmt::Display for Dialect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Dialect::Upstream => "llama.cpp (upstream ggml type ids)",
-            Dialect::BitnetCpp => "bitnet.cpp (type 36 = I2_S)",
+            Dialect::BitnetCpp => "bitnet.cpp (types 36-39 = I2_S, I8_S, TL1, TL2)",
         })
     }
 }
@@ -105,8 +107,9 @@ const TABLE: &[(GgmlType, u32, &str, usize, usize)] = &[
     (TQ2_0, 35, "TQ2_0", 256, 66),
     // I2_S is sized per tensor (n/4 + 32 bytes): see `GgmlType::nbytes`.
     (I2_S, 36, "I2_S", 4, 1),
-    (TL1, 37, "TL1", 0, 0),
-    (TL2, 38, "TL2", 0, 0),
+    (I8_S, 37, "I8_S", 1, 1),
+    (TL1, 38, "TL1", 0, 0),
+    (TL2, 39, "TL2", 0, 0),
     (MXFP4, 39, "MXFP4", 32, 17),
     (NVFP4, 40, "NVFP4", 64, 36),
     (Q1_0, 41, "Q1_0", 128, 18),
@@ -122,10 +125,18 @@ impl GgmlType {
 
     /// The type for an id under a dialect; `None` for ids neither dialect defines.
     pub fn from_id(id: u32, dialect: Dialect) -> Option<Self> {
-        let t = TABLE.iter().find(|r| r.1 == id)?.0;
-        match (t, dialect) {
-            (I2_S | TL1 | TL2, Dialect::Upstream) => None,
-            _ => Some(t),
+        let bitnet_only = |t: GgmlType| matches!(t, I2_S | I8_S | TL1 | TL2);
+        let mut rows = TABLE.iter().filter(|r| r.1 == id).map(|r| r.0);
+        match dialect {
+            // bitnet.cpp's meaning wins where the ids collide (39: TL2, not MXFP4).
+            Dialect::BitnetCpp => {
+                let all: Vec<GgmlType> = rows.collect();
+                all.iter()
+                    .copied()
+                    .find(|&t| bitnet_only(t))
+                    .or_else(|| all.first().copied())
+            }
+            Dialect::Upstream => rows.find(|&t| !bitnet_only(t)),
         }
     }
 
@@ -177,6 +188,7 @@ impl GgmlType {
         match self {
             I2_S => 2.0,
             TL1 | TL2 => f64::NAN,
+            I8_S => 8.0,
             _ => self.block_bytes() as f64 * 8.0 / self.block_size() as f64,
         }
     }
@@ -200,7 +212,7 @@ mod tests {
     #[test]
     fn ids_roundtrip() {
         for r in TABLE {
-            let d = if matches!(r.0, I2_S | TL1 | TL2) {
+            let d = if matches!(r.0, I2_S | I8_S | TL1 | TL2) {
                 Dialect::BitnetCpp
             } else {
                 Dialect::Upstream
@@ -209,6 +221,9 @@ mod tests {
             assert_eq!(GgmlType::from_name(r.2), Some(r.0));
         }
         assert_eq!(GgmlType::from_id(36, Dialect::Upstream), None);
+        assert_eq!(GgmlType::from_id(39, Dialect::Upstream), Some(MXFP4));
+        assert_eq!(GgmlType::from_id(39, Dialect::BitnetCpp), Some(TL2));
+        assert_eq!(GgmlType::from_id(35, Dialect::BitnetCpp), Some(TQ2_0));
         assert_eq!(GgmlType::from_id(4, Dialect::Upstream), None);
     }
 

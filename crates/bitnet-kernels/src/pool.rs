@@ -1,0 +1,318 @@
+//! A persistent thread pool for per-token work: workers stay alive between matrix products and
+//! wait by spinning briefly, then sleeping, so handing out a product costs microseconds rather
+//! than a thread spawn (fork/join per matmul would cost more than the matmul).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+type Job = dyn Fn(usize, usize) + Sync;
+
+struct Shared {
+    epoch: AtomicU64,
+    pending: AtomicUsize,
+    shutdown: AtomicBool,
+    /// The current job, lifetime-erased; valid while `pending > 0` (see `run`).
+    job: Mutex<Option<*const Job>>,
+    sleep: Mutex<()>,
+    wake: Condvar,
+}
+
+// SAFETY: the raw job pointer is only dereferenced between `run` publishing it and `run`
+// observing `pending == 0`, during which the pointee (borrowed by `run`) is alive; the pointee
+// is `Sync`, so calling it from several threads is allowed.
+#[allow(unsafe_code)]
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for Shared {}
+
+/// A fixed set of worker threads; the calling thread works too.
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    run_lock: Mutex<()>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for ThreadPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ThreadPool({} threads)", self.threads)
+    }
+}
+
+const SPIN: u32 = 20_000;
+
+impl ThreadPool {
+    /// A pool running jobs on `threads` threads in all (the caller plus `threads - 1` workers).
+    pub fn new(threads: usize) -> Self {
+        let threads = threads.max(1);
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            job: Mutex::new(None),
+            sleep: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let workers = (1..threads)
+            .map(|idx| {
+                let s = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("bitnet-{idx}"))
+                    .spawn(move || worker(&s, idx, threads))
+                    .expect("spawn worker thread")
+            })
+            .collect();
+        Self {
+            shared,
+            workers,
+            run_lock: Mutex::new(()),
+            threads,
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Run `f(thread_index, thread_count)` on every thread of the pool and wait for all.
+    pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
+        if self.threads == 1 {
+            f(0, 1);
+            return;
+        }
+        let _one_at_a_time = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &self.shared;
+        #[allow(unsafe_code)]
+        // SAFETY: erasing the lifetime is sound because this function does not return until
+        // every worker has finished with the job (`pending == 0` below) and then clears it.
+        let erased: *const Job =
+            unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), &'static Job>(f) };
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(erased);
+        s.pending.store(self.threads - 1, Ordering::Release);
+        {
+            let _g = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
+            s.epoch.fetch_add(1, Ordering::AcqRel);
+            s.wake.notify_all();
+        }
+        f(0, self.threads);
+        let mut spins = 0u32;
+        while s.pending.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+fn worker(s: &Shared, idx: usize, threads: usize) {
+    let mut seen = 0u64;
+    loop {
+        let mut spins = 0u32;
+        while s.epoch.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
+            spins += 1;
+            if spins < SPIN {
+                std::hint::spin_loop();
+            } else {
+                let g = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
+                let _g = s
+                    .wake
+                    .wait_while(g, |_| {
+                        s.epoch.load(Ordering::Acquire) == seen
+                            && !s.shutdown.load(Ordering::Acquire)
+                    })
+                    .unwrap_or_else(|e| e.into_inner());
+                break;
+            }
+        }
+        if s.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        seen = s.epoch.load(Ordering::Acquire);
+        let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(job) = job {
+            #[allow(unsafe_code)]
+            // SAFETY: `run` keeps the job alive until `pending` reaches zero, which happens only
+            // after this call returns.
+            let f = unsafe { &*job };
+            f(idx, threads);
+        }
+        s.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        {
+            let _g = self.shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.shutdown.store(true, Ordering::Release);
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+static GLOBAL: OnceLock<ThreadPool> = OnceLock::new();
+
+/// Threads the global pool uses unless told otherwise: `BITNET_THREADS`, else every CPU the
+/// process may run on.
+pub fn default_threads() -> usize {
+    std::env::var("BITNET_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+/// Size the global pool; only the first call (or first use) decides. Returns the size in force.
+pub fn init_global(threads: usize) -> usize {
+    GLOBAL.get_or_init(|| ThreadPool::new(threads)).threads()
+}
+
+/// The process-wide pool.
+pub fn global() -> &'static ThreadPool {
+    GLOBAL.get_or_init(|| ThreadPool::new(default_threads()))
+}
+
+/// The contiguous share `[start, end)` of `n` items that thread `i` of `t` handles.
+pub fn share(n: usize, i: usize, t: usize) -> std::ops::Range<usize> {
+    (n * i / t)..(n * (i + 1) / t)
+}
+
+/// Disjoint writes into an `[n_tokens, stride]` output from several threads: each thread gets a
+/// writer limited to its own column range, so no two threads touch the same element.
+#[derive(Debug)]
+pub struct ColumnWriter<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    stride: usize,
+    cols: std::ops::Range<usize>,
+    _life: std::marker::PhantomData<&'a mut [T]>,
+}
+
+impl<T: Copy> ColumnWriter<'_, T> {
+    /// Write element `(t, c)`; `c` must lie in this writer's columns.
+    #[inline]
+    pub fn set(&self, t: usize, c: usize, v: T) {
+        assert!(
+            self.cols.contains(&c),
+            "column {c} outside this writer's {:?}",
+            self.cols
+        );
+        let i = t * self.stride + c;
+        assert!(i < self.len, "element {i} past the output of {}", self.len);
+        #[allow(unsafe_code)]
+        // SAFETY: `i` is in bounds (checked above) and column `c` belongs to this writer alone
+        // (`par_columns` hands out disjoint ranges), so no other thread writes this element.
+        unsafe {
+            *self.ptr.add(i) = v;
+        }
+    }
+}
+
+/// Split columns `0..cols` of `out` (`[n, stride]`) into per-thread ranges aligned to `align`,
+/// and run `f(columns, writer)` for each on the pool.
+pub fn par_columns<T: Copy + Send>(
+    pool: &ThreadPool,
+    out: &mut [T],
+    stride: usize,
+    cols: usize,
+    align: usize,
+    f: &(dyn Fn(std::ops::Range<usize>, &ColumnWriter<'_, T>) + Sync),
+) {
+    let units = cols.div_ceil(align.max(1));
+    let threads = pool.threads().min(units).max(1);
+    let ptr = SendPtr(out.as_mut_ptr());
+    let len = out.len();
+    pool.run(&|i, _| {
+        if i >= threads {
+            return;
+        }
+        let u = share(units, i, threads);
+        let c = (u.start * align).min(cols)..(u.end * align).min(cols);
+        if c.is_empty() {
+            return;
+        }
+        let w = ColumnWriter {
+            ptr: ptr.get(),
+            len,
+            stride,
+            cols: c.clone(),
+            _life: std::marker::PhantomData,
+        };
+        f(c, &w);
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+// SAFETY: the pointer is only used through `ColumnWriter`, whose writes are disjoint per thread.
+#[allow(unsafe_code)]
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn runs_on_every_thread_many_times() {
+        let pool = ThreadPool::new(3);
+        for round in 0..2000 {
+            let hits = AtomicUsize::new(0);
+            let mask = AtomicUsize::new(0);
+            pool.run(&|i, n| {
+                assert_eq!(n, 3);
+                hits.fetch_add(1, Ordering::Relaxed);
+                mask.fetch_or(1 << i, Ordering::Relaxed);
+            });
+            assert_eq!(hits.load(Ordering::Relaxed), 3, "round {round}");
+            assert_eq!(mask.load(Ordering::Relaxed), 0b111);
+        }
+    }
+
+    #[test]
+    fn columns_are_written_once() {
+        let pool = ThreadPool::new(2);
+        let (n, stride, cols) = (3, 10, 9);
+        let mut out = vec![0u32; n * stride];
+        par_columns(&pool, &mut out, stride, cols, 4, &|c, w| {
+            for t in 0..n {
+                for col in c.clone() {
+                    w.set(t, col, (t * 100 + col) as u32 + 1);
+                }
+            }
+        });
+        for t in 0..n {
+            for col in 0..stride {
+                assert_eq!(
+                    out[t * stride + col],
+                    if col < cols {
+                        (t * 100 + col) as u32 + 1
+                    } else {
+                        0
+                    }
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! Ternary × int8 matrix products: weights repacked once into a kernel layout, dispatched to the
+//! best tier, every tier equal to the scalar reference (`==`, integer results).
+//!
+//! Layout ("R4B256"): rows are grouped by 4; the row length is padded to a multiple of 256; for
+//! each group and each 256-weight block, the 4 rows' blocks are stored one after another, 64
+//! bytes each. Byte `j` of a block holds the codes (`w + 1`, 0..=2) of weights `j`, `j + 64`,
+//! `j + 128`, `j + 192` at bits `1:0`, `3:2`, `5:4`, `7:6`. Shifting a 64-byte (or 32-byte)
+//! load by 0, 2, 4, 6 and masking gives codes that line up with contiguous 64-byte (32-byte)
+//! runs of the activations, which is what `vpdpbusd` / `vpmaddubsw` want. The weight stream of
+//! a row group is read strictly front to back.
+//!
+//! With codes `c = w + 1`, `sum(w * x) = sum(c * x) - sum(x)`: the kernels compute the unsigned
+//! × signed product the instructions offer and subtract the activation sum once.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+use crate::cpu::Tier;
+
+/// Weights per block.
+pub const BLOCK: usize = 256;
+/// Bytes per block of one row.
+pub const BLOCK_BYTES: usize = 64;
+/// Rows interleaved per group.
+pub const ROWS: usize = 4;
+
+/// A ternary matrix in the kernel layout.
+#[derive(Debug, Clone)]
+pub struct PackedTernary {
+    rows: usize,
+    cols: usize,
+    blocks: usize,
+    data: Vec<u8>,
+}
+
+impl PackedTernary {
+    /// Repack row-major codes in {-1, 0, 1}. Panics on other values: callers validate codes
+    /// (`bitnet_core::quant::TernaryMatrix::new` does).
+    pub fn from_codes(codes: &[i8], rows: usize, cols: usize) -> Self {
+        assert_eq!(codes.len(), rows * cols, "codes for a {rows}x{cols} matrix");
+        let blocks = cols.div_ceil(BLOCK);
+        let groups = rows.div_ceil(ROWS);
+        let mut data = vec![0u8; groups * blocks * ROWS * BLOCK_BYTES];
+        for r in 0..rows {
+            let (g, ri) = (r / ROWS, r % ROWS);
+            for (c, &w) in codes[r * cols..(r + 1) * cols].iter().enumerate() {
+                assert!((-1..=1).contains(&w), "ternary code {w}");
+                let (b, k) = (c / BLOCK, c % BLOCK);
+                let at = ((g * blocks + b) * ROWS + ri) * BLOCK_BYTES + k % 64;
+                data[at] |= ((w + 1) as u8) << (2 * (k / 64));
+            }
+        }
+        Self {
+            rows,
+            cols,
+            blocks,
+            data,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Activation length the kernels read (the row length padded to whole blocks).
+    pub fn padded_cols(&self) -> usize {
+        self.blocks * BLOCK
+    }
+
+    /// Bytes of packed weights (what a GEMV streams from memory).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Code of weight `(r, c)`, decoded from the packed bytes.
+    pub fn code(&self, r: usize, c: usize) -> i8 {
+        let (g, ri, b, k) = (r / ROWS, r % ROWS, c / BLOCK, c % BLOCK);
+        let at = ((g * self.blocks + b) * ROWS + ri) * BLOCK_BYTES + k % 64;
+        ((self.data[at] >> (2 * (k / 64))) & 3) as i8 - 1
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        let len = self.blocks * ROWS * BLOCK_BYTES;
+        &self.data[g * len..(g + 1) * len]
+    }
+
+    /// Number of 4-row groups (the unit of parallel work).
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(ROWS)
+    }
+}
+
+/// Int8 activations for `n` tokens, each padded with zeros to the matrix's padded length, plus
+/// each token's sum (for the `c = w + 1` correction).
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedBatch {
+    pub n: usize,
+    pub stride: usize,
+    pub values: Vec<i8>,
+    pub sums: Vec<i32>,
+}
+
+impl QuantizedBatch {
+    /// Room for `n` tokens of `stride` values (a multiple of [`BLOCK`]), zeroed.
+    pub fn reset(&mut self, n: usize, stride: usize) {
+        debug_assert_eq!(stride % BLOCK, 0);
+        self.n = n;
+        self.stride = stride;
+        self.values.clear();
+        self.values.resize(n * stride, 0);
+        self.sums.clear();
+        self.sums.resize(n, 0);
+    }
+
+    /// Token `t`'s values, to be filled by the caller (then call [`QuantizedBatch::finish`]).
+    pub fn token_mut(&mut self, t: usize) -> &mut [i8] {
+        &mut self.values[t * self.stride..(t + 1) * self.stride]
+    }
+
+    /// Compute the per-token sums after the values are written.
+    pub fn finish(&mut self) {
+        for t in 0..self.n {
+            self.sums[t] = self.values[t * self.stride..(t + 1) * self.stride]
+                .iter()
+                .map(|&v| i32::from(v))
+                .sum();
+        }
+    }
+}
+
+/// `out[t * out_stride + r] = sum_c w[r, c] * x[t, c]` for the rows of groups `groups` and every
+/// token of `x`, on `tier`. Exact in i32.
+pub fn gemm(
+    tier: Tier,
+    w: &PackedTernary,
+    x: &QuantizedBatch,
+    groups: std::ops::Range<usize>,
+    out: &mut [i32],
+    out_stride: usize,
+) {
+    assert!(
+        out.len() >= x.n.saturating_sub(1) * out_stride + w.rows.min(groups.end * ROWS),
+        "output buffer too small"
+    );
+    gemm_into(tier, w, x, groups, &mut |t, r, v| {
+        out[t * out_stride + r] = v
+    });
+}
+
+/// [`gemm`] over all rows, split between the threads of `pool` by row groups.
+pub fn gemm_par(
+    pool: &crate::pool::ThreadPool,
+    tier: Tier,
+    w: &PackedTernary,
+    x: &QuantizedBatch,
+    out: &mut [i32],
+    out_stride: usize,
+) {
+    assert!(
+        out_stride >= w.rows && out.len() >= x.n * out_stride,
+        "output buffer too small"
+    );
+    crate::pool::par_columns(pool, out, out_stride, w.rows, ROWS, &|cols, writer| {
+        let groups = cols.start / ROWS..cols.end.div_ceil(ROWS);
+        gemm_into(tier, w, x, groups, &mut |t, r, v| writer.set(t, r, v));
+    });
+}
+
+fn gemm_into(
+    tier: Tier,
+    w: &PackedTernary,
+    x: &QuantizedBatch,
+    groups: std::ops::Range<usize>,
+    sink: &mut dyn FnMut(usize, usize, i32),
+) {
+    assert_eq!(
+        x.stride,
+        w.padded_cols(),
+        "activations padded to the matrix's blocks"
+    );
+    assert!(groups.end <= w.groups());
+    for g in groups {
+        let rows = (w.rows - g * ROWS).min(ROWS);
+        let mut t = 0;
+        while t < x.n {
+            let nt = (x.n - t).min(4);
+            let mut dots = [[0i32; ROWS]; 4];
+            kernel(
+                tier,
+                w.group(g),
+                w.blocks,
+                &x.values[t * x.stride..],
+                x.stride,
+                nt,
+                &mut dots,
+            );
+            for (j, d) in dots.iter().enumerate().take(nt) {
+                for (r, &v) in d.iter().enumerate().take(rows) {
+                    sink(t + j, g * ROWS + r, v - x.sums[t + j]);
+                }
+            }
+            t += nt;
+        }
+    }
+}
+
+/// Sum of `c * x` for one row group and up to 4 tokens.
+fn kernel(
+    tier: Tier,
+    w: &[u8],
+    blocks: usize,
+    x: &[i8],
+    stride: usize,
+    nt: usize,
+    out: &mut [[i32; ROWS]; 4],
+) {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx512 if crate::cpu::features().avx512vnni => {
+            avx512::group_dot(w, blocks, x, stride, nt, out)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2 | Tier::Avx512 if crate::cpu::features().avx2 => {
+            avx2::group_dot(w, blocks, x, stride, nt, out)
+        }
+        _ => scalar::group_dot(w, blocks, x, stride, nt, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    /// Every tier equals the plain definition, on shapes that are not multiples of the block or
+    /// the row group, and on extreme activations.
+    #[test]
+    fn every_tier_equals_the_reference() {
+        let mut seed = 1u64;
+        for &(rows, cols, n) in &[
+            (1, 1, 1),
+            (3, 7, 2),
+            (4, 256, 1),
+            (5, 300, 3),
+            (17, 513, 5),
+            (8, 1024, 4),
+            (33, 2560, 9),
+            (6, 6912, 2),
+        ] {
+            let codes: Vec<i8> = (0..rows * cols)
+                .map(|_| (lcg(&mut seed) % 3) as i8 - 1)
+                .collect();
+            let w = PackedTernary::from_codes(&codes, rows, cols);
+            for (r, c) in [(0, 0), (rows - 1, cols - 1), (rows / 2, cols / 2)] {
+                assert_eq!(w.code(r, c), codes[r * cols + c]);
+            }
+            let mut x = QuantizedBatch::default();
+            x.reset(n, w.padded_cols());
+            let mut xs = vec![0i8; n * cols];
+            for t in 0..n {
+                for c in 0..cols {
+                    let v = match lcg(&mut seed) % 7 {
+                        0 => -128,
+                        1 => 127,
+                        _ => lcg(&mut seed) as u8 as i8,
+                    };
+                    xs[t * cols + c] = v;
+                    x.token_mut(t)[c] = v;
+                }
+            }
+            x.finish();
+            let want: Vec<i32> = (0..n)
+                .flat_map(|t| {
+                    let (codes, xs) = (&codes, &xs);
+                    (0..rows).map(move |r| {
+                        (0..cols)
+                            .map(|c| i32::from(codes[r * cols + c]) * i32::from(xs[t * cols + c]))
+                            .sum()
+                    })
+                })
+                .collect();
+            let pool = crate::pool::ThreadPool::new(2);
+            for tier in crate::cpu::available_tiers() {
+                let mut out = vec![0i32; n * rows];
+                gemm(tier, &w, &x, 0..w.groups(), &mut out, rows);
+                assert_eq!(out, want, "{tier} on {rows}x{cols} with {n} tokens");
+                let mut par = vec![0i32; n * rows];
+                gemm_par(&pool, tier, &w, &x, &mut par, rows);
+                assert_eq!(
+                    par, want,
+                    "{tier} on 2 threads, {rows}x{cols} with {n} tokens"
+                );
+            }
+        }
+    }
+}
