@@ -19,6 +19,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Generate text from a prompt, streaming it as it comes.
     Run(cmd::run::Args),
+    /// Benchmark prompt processing and generation (like llama-bench), against measured bandwidth.
+    Bench(cmd::bench::Args),
     /// Chat with a model in the terminal, using its chat template.
     Chat(cmd::chat::Args),
     /// Convert a Hugging Face BitNet directory to a ternary GGUF (TQ2_0, TQ1_0, I2_S).
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Logits(args) => cmd::logits::run(args),

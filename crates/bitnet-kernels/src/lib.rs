@@ -17,7 +17,9 @@
 //! assert_eq!(out, [3 - 5, 5]);
 //! ```
 
+pub mod bandwidth;
 pub mod cpu;
+pub mod dense;
 pub mod mmap;
 pub mod pool;
 pub mod ternary;

@@ -3,7 +3,7 @@
 //! than a thread spawn (fork/join per matmul would cost more than the matmul).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 type Job = dyn Fn(usize, usize) + Sync;
@@ -159,10 +159,10 @@ impl Drop for ThreadPool {
     }
 }
 
-static GLOBAL: OnceLock<ThreadPool> = OnceLock::new();
+static CURRENT: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
 
-/// Threads the global pool uses unless told otherwise: `BITNET_THREADS`, else every CPU the
-/// process may run on.
+/// Threads the pool uses unless told otherwise: `BITNET_THREADS`, else every CPU the process may
+/// run on.
 pub fn default_threads() -> usize {
     std::env::var("BITNET_THREADS")
         .ok()
@@ -175,14 +175,19 @@ pub fn default_threads() -> usize {
         })
 }
 
-/// Size the global pool; only the first call (or first use) decides. Returns the size in force.
-pub fn init_global(threads: usize) -> usize {
-    GLOBAL.get_or_init(|| ThreadPool::new(threads)).threads()
+/// Use a pool of `threads` threads for the kernels from now on (`--threads`). Products already
+/// running finish on the pool they started with.
+pub fn set_threads(threads: usize) {
+    let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    if cur.as_ref().is_none_or(|p| p.threads() != threads.max(1)) {
+        *cur = Some(Arc::new(ThreadPool::new(threads)));
+    }
 }
 
-/// The process-wide pool.
-pub fn global() -> &'static ThreadPool {
-    GLOBAL.get_or_init(|| ThreadPool::new(default_threads()))
+/// The pool the kernels run on (created with [`default_threads`] on first use).
+pub fn current() -> Arc<ThreadPool> {
+    let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    Arc::clone(cur.get_or_insert_with(|| Arc::new(ThreadPool::new(default_threads()))))
 }
 
 /// The contiguous share `[start, end)` of `n` items that thread `i` of `t` handles.

@@ -26,6 +26,7 @@ pub mod model;
 pub mod ops;
 pub mod sampling;
 pub mod spec;
+pub mod synthetic;
 
 pub use error::{ModelError, Result};
 pub use load::{LoadedModel, load};

@@ -7,8 +7,9 @@
 use crate::error::{ModelError, Result};
 use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, quantize_row_i8};
 use bitnet_formats::gguf::{GgmlType, dequantize_into};
+pub use bitnet_kernels::dense::dot_f32;
 use bitnet_kernels::ternary::{PackedTernary, QuantizedBatch, gemm_par};
-use bitnet_kernels::{cpu, pool};
+use bitnet_kernels::{cpu, dense, pool};
 use std::sync::Arc;
 
 /// Bytes that live either in a shared read-only mapping or in memory we own.
@@ -106,41 +107,42 @@ impl DenseMatrix {
         dequantize_into("row", self.ty, raw, out).expect("row size validated at construction");
     }
 
-    /// `out[t, r] = x[t, :] . W[r, :]` for `t` in `0..n`.
+    /// `out[t, r] = x[t, :] . W[r, :]` for `t` in `0..n`, rows split between the pool's threads.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);
         debug_assert_eq!(out.len(), n * self.rows);
-        let mut row = vec![0.0f32; self.cols];
-        for r in 0..self.rows {
-            self.row_into(r, &mut row);
-            for t in 0..n {
-                out[t * self.rows + r] = dot_f32(&row, &x[t * self.cols..(t + 1) * self.cols]);
+        let pool = pool::current();
+        let cols = self.cols;
+        pool::par_columns(&pool, out, self.rows, self.rows, 16, &|rows, w| {
+            let mut buf = vec![0.0f32; cols];
+            for r in rows {
+                let raw = &self.bytes.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes];
+                let f32_row: Option<&[f32]> = if self.ty == GgmlType::F32 {
+                    bytemuck::try_cast_slice(raw).ok()
+                } else {
+                    None
+                };
+                for t in 0..n {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    let v = match (self.ty, f32_row) {
+                        (GgmlType::F16, _) => dense::dot_f16(raw, xt),
+                        (_, Some(row)) => dense::dot_f32(row, xt),
+                        _ => {
+                            if t == 0 {
+                                self.row_into(r, &mut buf);
+                            }
+                            dense::dot_f32(&buf, xt)
+                        }
+                    };
+                    w.set(t, r, v);
+                }
             }
-        }
+        });
     }
 
     pub fn bytes(&self) -> usize {
         self.bytes.as_slice().len()
     }
-}
-
-/// f32 dot product with 8 independent partial sums (vectorises, and is more accurate than one
-/// running sum).
-#[inline]
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = 0.0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + s
 }
 
 /// Exact int8 × ternary dot product.
@@ -197,6 +199,19 @@ impl TernaryLinear {
             convention,
             row_scales,
             grouped,
+        }
+    }
+
+    /// From weights already in the kernel layout, with one scale for the whole matrix.
+    pub fn from_packed(packed: PackedTernary, scale: f32, convention: ScaleConvention) -> Self {
+        let rows = packed.rows();
+        Self {
+            packed,
+            granularity: Granularity::PerTensor,
+            scales: vec![scale],
+            convention,
+            row_scales: vec![scale; rows],
+            grouped: None,
         }
     }
 
@@ -261,7 +276,7 @@ impl TernaryLinear {
         }
         let mut dots = vec![0i32; batch.n * rows];
         gemm_par(
-            pool::global(),
+            &pool::current(),
             cpu::tier(),
             &self.packed,
             batch,

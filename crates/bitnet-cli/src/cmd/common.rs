@@ -15,10 +15,14 @@ pub struct ModelArgs {
     /// Context length to allow (default: the model's own).
     #[arg(long)]
     pub ctx: Option<usize>,
+    /// Threads for the kernels (default: every CPU this process may use, or BITNET_THREADS).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
+        set_threads(self.threads)?;
         let mut m = bitnet_model::load(&self.model)
             .with_context(|| format!("cannot load model {}", self.model.display()))?;
         if let Some(c) = self.ctx {
@@ -119,4 +123,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Apply `--threads` (the kernels' pool is process-wide).
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        bitnet_kernels::pool::set_threads(t);
+    }
+    Ok(())
 }

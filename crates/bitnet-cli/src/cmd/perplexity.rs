@@ -25,6 +25,9 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Threads for the kernels.
+    #[arg(short, long)]
+    pub threads: Option<usize>,
 }
 
 /// Result of a perplexity run.
@@ -116,6 +119,7 @@ pub fn run(args: Args) -> Result<()> {
     let m = ModelArgs {
         model: args.model.clone(),
         ctx: None,
+        threads: args.threads,
     }
     .load()?;
     let text = std::fs::read_to_string(&args.file)

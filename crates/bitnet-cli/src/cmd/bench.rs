@@ -1,0 +1,234 @@
+//! `bitnet bench`: prompt processing and generation speed, shaped like llama-bench, with the
+//! memory bandwidth measured in the same run and the fraction of the bandwidth bound reached.
+
+use super::common::{ModelArgs, peak_rss_bytes, set_threads};
+use anyhow::{Result, bail};
+use bitnet_formats::gguf::GgmlType;
+use bitnet_kernels::{bandwidth, cpu, pool};
+use bitnet_model::{Model, Step};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model to benchmark (GGUF file or Hugging Face directory).
+    #[arg(short, long, conflicts_with = "synthetic")]
+    pub model: Option<std::path::PathBuf>,
+    /// Build a model with real shapes and random weights instead: `2b4t` (BitNet b1.58 2B-4T).
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// Type of the synthetic model's embedding / lm_head: f16 (as bitnet.cpp and llama.cpp keep it) or f32.
+    #[arg(long, default_value = "f16")]
+    pub head: String,
+    /// Prompt length to process (0 to skip).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pub prompt: usize,
+    /// Tokens to generate (0 to skip).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Thread counts to test, comma-separated.
+    #[arg(
+        short = 't',
+        long = "threads",
+        default_value = "1,2",
+        value_delimiter = ','
+    )]
+    pub threads: Vec<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    samples: Vec<f64>,
+}
+
+impl Stat {
+    fn of(mut v: Vec<f64>) -> Self {
+        let samples = v.clone();
+        v.sort_by(f64::total_cmp);
+        Stat {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+            samples,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    threads: usize,
+    test: String,
+    tokens_per_sec: Stat,
+    /// Measured read bandwidth with this many threads, bytes/s.
+    bandwidth_bytes_per_sec: f64,
+    /// For generation: weight bytes per token × tokens/s ÷ bandwidth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bandwidth_fraction: Option<f64>,
+}
+
+fn prefill(m: &Model, n: usize) -> Result<f64> {
+    let steps: Vec<Step> = (0..n)
+        .map(|i| Step {
+            seq: 0,
+            token: (i * 7919 % m.spec.vocab) as u32,
+            logits: i + 1 == n,
+        })
+        .collect();
+    let mut cache = m.new_cache();
+    let t0 = Instant::now();
+    m.forward(&steps, std::slice::from_mut(&mut cache))?;
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn generate(m: &Model, n: usize) -> Result<f64> {
+    let mut cache = m.new_cache();
+    let mut token = 1u32;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let logits = m.forward(
+            &[Step {
+                seq: 0,
+                token,
+                logits: true,
+            }],
+            std::slice::from_mut(&mut cache),
+        )?;
+        token = bitnet_model::sampling::argmax(&logits[0]) as u32;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (model, name) = match (&args.model, args.synthetic.as_deref()) {
+        (Some(p), None) => {
+            let m = ModelArgs {
+                model: p.clone(),
+                ctx: None,
+                threads: None,
+            }
+            .load()?;
+            (m.model, p.display().to_string())
+        }
+        (None, Some("2b4t")) => {
+            let head = match args.head.as_str() {
+                "f16" => GgmlType::F16,
+                "f32" => GgmlType::F32,
+                other => bail!("--head {other:?}: choose f16 or f32"),
+            };
+            eprintln!(
+                "building a synthetic BitNet b1.58 2B-4T-shaped model (random ternary weights, {head} head)..."
+            );
+            (
+                bitnet_model::synthetic::random_model(
+                    bitnet_model::synthetic::spec_2b4t(),
+                    head,
+                    42,
+                )?,
+                format!("synthetic 2b4t ({head} head)"),
+            )
+        }
+        (None, Some(other)) => bail!("--synthetic {other:?}: the only synthetic model is 2b4t"),
+        _ => bail!("give --model PATH or --synthetic 2b4t"),
+    };
+    if args.prompt + args.n_gen > model.spec.context {
+        bail!(
+            "-p {} + -n {} exceeds the model's context of {}",
+            args.prompt,
+            args.n_gen,
+            model.spec.context
+        );
+    }
+    if args.threads.is_empty() || args.reps == 0 {
+        bail!("need at least one thread count and one repetition");
+    }
+    let bytes_per_token = model.weight_bytes_per_token() as f64;
+    let mut rows = Vec::new();
+    for &t in &args.threads {
+        set_threads(Some(t))?;
+        let bw = bandwidth::read_bandwidth(&pool::current(), 1 << 30, 3);
+        let mut tests: Vec<(String, usize, fn(&Model, usize) -> Result<f64>)> = Vec::new();
+        if args.prompt > 0 {
+            tests.push((format!("pp{}", args.prompt), args.prompt, prefill));
+        }
+        if args.n_gen > 0 {
+            tests.push((format!("tg{}", args.n_gen), args.n_gen, generate));
+        }
+        for (test, n, f) in tests {
+            f(&model, n.min(16))?; // warm up: page in the weights, spin up the pool
+            let samples = (0..args.reps)
+                .map(|_| f(&model, n))
+                .collect::<Result<Vec<f64>>>()?;
+            let stat = Stat::of(samples);
+            let frac = test
+                .starts_with("tg")
+                .then(|| bytes_per_token * stat.median / bw);
+            if !args.json {
+                eprintln!(
+                    "{test:>6} t={t}: {:8.2} tok/s (min {:.2}, max {:.2}){}",
+                    stat.median,
+                    stat.min,
+                    stat.max,
+                    frac.map(|f| format!(
+                        ", {:.1}% of the {:.1} GB/s bandwidth bound",
+                        100.0 * f,
+                        bw / 1e9
+                    ))
+                    .unwrap_or_default()
+                );
+            }
+            rows.push(Row {
+                threads: t,
+                test,
+                tokens_per_sec: stat,
+                bandwidth_bytes_per_sec: bw,
+                bandwidth_fraction: frac,
+            });
+        }
+    }
+    let report = serde_json::json!({
+        "model": name,
+        "tier": cpu::tier().name(),
+        "features": format!("{:?}", cpu::features()),
+        "weight_bytes_per_token": bytes_per_token,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "results": rows,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "model: {name}\nkernel tier: {} | weights read per token: {:.3} GB | peak RSS: {:.0} MiB",
+            cpu::tier(),
+            bytes_per_token / 1e9,
+            peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
+        );
+        println!(
+            "| threads | test | tok/s (median) | min | max | bandwidth GB/s | fraction of bound |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        for r in &rows {
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+                r.threads,
+                r.test,
+                r.tokens_per_sec.median,
+                r.tokens_per_sec.min,
+                r.tokens_per_sec.max,
+                r.bandwidth_bytes_per_sec / 1e9,
+                r.bandwidth_fraction
+                    .map(|f| format!("{:.1}%", 100.0 * f))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    Ok(())
+}
