@@ -223,6 +223,26 @@ impl TernaryLinear {
         self.packed.cols()
     }
 
+    /// One layer computing several layers that read the same input (Q, K, V; gate and up): their
+    /// outputs side by side. The activations are quantized once either way, so every output is
+    /// the same bit for bit; the weights stream as one longer matrix. `None` when the parts
+    /// cannot be stacked (per-group scales, different conventions or row lengths).
+    pub fn fuse(parts: &[&TernaryLinear]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.grouped.is_some() || p.convention != first.convention) {
+            return None;
+        }
+        let packed = PackedTernary::concat_rows(&parts.iter().map(|p| &p.packed).collect::<Vec<_>>())?;
+        Some(Self {
+            packed,
+            granularity: Granularity::PerChannel,
+            scales: parts.iter().flat_map(|p| p.row_scales.iter().copied()).collect(),
+            convention: first.convention,
+            row_scales: parts.iter().flat_map(|p| p.row_scales.iter().copied()).collect(),
+            grouped: None,
+        })
+    }
+
     /// Weight `(r, c)` as a code in {-1, 0, 1}.
     pub fn code(&self, r: usize, c: usize) -> i8 {
         self.packed.code(r, c)

@@ -3,7 +3,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
-use crate::linear::{DenseMatrix, Linear, dot_f32};
+use crate::linear::{DenseMatrix, Linear, TernaryLinear, dot_f32};
 use crate::ops::{Rope, gated_activation, rms_norm_rows, softmax};
 use crate::spec::{Family, ModelSpec};
 
@@ -25,6 +25,34 @@ pub struct Layer {
     pub ffn_sub_norm: Option<Vec<f32>>,
 }
 
+/// Q, K, V (and gate, up) stacked into one matrix each when they are ternary: same outputs,
+/// fewer and longer weight streams.
+#[derive(Debug, Clone)]
+struct Fused {
+    qkv: Option<TernaryLinear>,
+    gate_up: Option<TernaryLinear>,
+}
+
+impl Fused {
+    fn of(l: &Layer) -> Self {
+        fn t(x: &Linear) -> Option<&TernaryLinear> {
+            match x {
+                Linear::Ternary(t) => Some(t),
+                Linear::Dense(_) => None,
+            }
+        }
+        let qkv = match (t(&l.q), t(&l.k), t(&l.v)) {
+            (Some(q), Some(k), Some(v)) => TernaryLinear::fuse(&[q, k, v]),
+            _ => None,
+        };
+        let gate_up = match (t(&l.gate), t(&l.up)) {
+            (Some(g), Some(u)) => TernaryLinear::fuse(&[g, u]),
+            _ => None,
+        };
+        Self { qkv, gate_up }
+    }
+}
+
 /// A loaded model.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -36,6 +64,7 @@ pub struct Model {
     /// `[vocab, hidden]`; the embedding matrix itself when tied.
     pub lm_head: Linear,
     rope: Rope,
+    fused: Vec<Fused>,
 }
 
 /// One token of one sequence to run.
@@ -138,6 +167,7 @@ impl Model {
             ));
         }
         let rope = Rope::new(s.head_dim, s.rope_theta, s.rope_style);
+        let fused = layers.iter().map(Fused::of).collect();
         Ok(Self {
             spec,
             embed,
@@ -145,6 +175,7 @@ impl Model {
             norm,
             lm_head,
             rope,
+            fused,
         })
     }
 
@@ -250,12 +281,27 @@ impl Model {
         let group = s.n_heads / s.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut scores = Vec::new();
+        let mut qkv = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             buf.copy_from_slice(&x);
             rms_norm_rows(&mut buf, &layer.attn_norm, s.rms_eps);
-            layer.q.matmul(&buf, n, &mut q);
-            layer.k.matmul(&buf, n, &mut k);
-            layer.v.matmul(&buf, n, &mut v);
+            match &self.fused[li].qkv {
+                Some(f) => {
+                    qkv.resize(n * (qd + 2 * kvd), 0.0);
+                    f.matmul(&buf, n, &mut qkv);
+                    for t in 0..n {
+                        let row = &qkv[t * (qd + 2 * kvd)..(t + 1) * (qd + 2 * kvd)];
+                        q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
+                        k[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+                        v[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+                    }
+                }
+                None => {
+                    layer.q.matmul(&buf, n, &mut q);
+                    layer.k.matmul(&buf, n, &mut k);
+                    layer.v.matmul(&buf, n, &mut v);
+                }
+            }
             for t in 0..n {
                 self.rope.apply(&mut q[t * qd..(t + 1) * qd], pos[t], hd);
                 self.rope.apply(&mut k[t * kvd..(t + 1) * kvd], pos[t], hd);
@@ -295,8 +341,21 @@ impl Model {
             }
             buf.copy_from_slice(&x);
             rms_norm_rows(&mut buf, &layer.ffn_norm, s.rms_eps);
-            layer.gate.matmul(&buf, n, &mut gate);
-            layer.up.matmul(&buf, n, &mut up);
+            match &self.fused[li].gate_up {
+                Some(f) => {
+                    let inter = s.intermediate;
+                    qkv.resize(n * 2 * inter, 0.0);
+                    f.matmul(&buf, n, &mut qkv);
+                    for t in 0..n {
+                        gate[t * inter..(t + 1) * inter].copy_from_slice(&qkv[t * 2 * inter..t * 2 * inter + inter]);
+                        up[t * inter..(t + 1) * inter].copy_from_slice(&qkv[t * 2 * inter + inter..(t + 1) * 2 * inter]);
+                    }
+                }
+                None => {
+                    layer.gate.matmul(&buf, n, &mut gate);
+                    layer.up.matmul(&buf, n, &mut up);
+                }
+            }
             gated_activation(s.activation, &mut gate, &up);
             if let Some(w) = &layer.ffn_sub_norm {
                 rms_norm_rows(&mut gate, w, s.rms_eps);

@@ -4,6 +4,9 @@
 use super::{BLOCK, BLOCK_BYTES, ROWS};
 use std::arch::x86_64::*;
 
+/// How far ahead of the current block the kernel prefetches weights into L2.
+const PREFETCH: usize = 8192;
+
 pub(super) fn group_dot(
     w: &[u8],
     blocks: usize,
@@ -42,6 +45,9 @@ unsafe fn dot1(w: *const u8, blocks: usize, x: *const i8, out: &mut [i32; ROWS])
         for b in 0..blocks {
             let xb = x.add(b * BLOCK);
             let wb = w.add(b * ROWS * BLOCK_BYTES);
+            for r in 0..ROWS {
+                _mm_prefetch::<_MM_HINT_T1>(wb.wrapping_add(PREFETCH + r * BLOCK_BYTES) as *const i8);
+            }
             for half in 0..2 {
                 let xv = [
                     _mm256_loadu_si256(xb.add(32 * half) as *const _),

@@ -1,17 +1,18 @@
-//! AVX-512 BW + VNNI: `vpdpbusd` multiplies 64 unsigned codes by 64 signed activations and adds
+//! AVX-512 BW + VNNI: `vpdpbusd` multiplies 64 unsigned bytes by 64 signed activations and adds
 //! groups of four into 16 i32 lanes, so one instruction does 64 ternary MACs.
+//!
+//! The four 2-bit fields of a weight byte are isolated with an AND only, never shifted: field
+//! `g` then reads as `c * 4^g` (at most 128, still an unsigned byte), so its products land in
+//! their own accumulator scaled by `4^g`, and each accumulator is shifted back, exactly, once at
+//! the end. That leaves one AND and one `vpdpbusd` per 64 weights.
 
 use super::{BLOCK, BLOCK_BYTES, ROWS};
 use std::arch::x86_64::*;
 
-pub(super) fn group_dot(
-    w: &[u8],
-    blocks: usize,
-    x: &[i8],
-    stride: usize,
-    nt: usize,
-    out: &mut [[i32; ROWS]; 4],
-) {
+/// How far ahead of the current block the decode kernel prefetches weights.
+const PREFETCH: usize = 8192;
+
+pub(super) fn group_dot(w: &[u8], blocks: usize, x: &[i8], stride: usize, nt: usize, out: &mut [[i32; ROWS]; 4]) {
     assert!(w.len() >= blocks * ROWS * BLOCK_BYTES);
     assert!(x.len() >= (nt - 1) * stride + blocks * BLOCK && nt <= 4);
     #[allow(unsafe_code)]
@@ -28,15 +29,27 @@ pub(super) fn group_dot(
     }
 }
 
+/// The four fields of 64 weight bytes, each still scaled by `4^g`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn codes(v: __m512i, mask: __m512i) -> [__m512i; 4] {
+fn fields(v: __m512i) -> [__m512i; 4] {
     [
-        _mm512_and_si512(v, mask),
-        _mm512_and_si512(_mm512_srli_epi16(v, 2), mask),
-        _mm512_and_si512(_mm512_srli_epi16(v, 4), mask),
-        _mm512_and_si512(_mm512_srli_epi16(v, 6), mask),
+        _mm512_and_si512(v, _mm512_set1_epi8(0x03)),
+        _mm512_and_si512(v, _mm512_set1_epi8(0x0C)),
+        _mm512_and_si512(v, _mm512_set1_epi8(0x30)),
+        _mm512_and_si512(v, _mm512_set1_epi8(0xC0u8 as i8)),
     ]
+}
+
+/// Undo the `4^g` scaling (exact: every lane is a sum of multiples of `4^g`) and add up.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn combine(acc: &[__m512i; 4]) -> i32 {
+    let v = _mm512_add_epi32(
+        _mm512_add_epi32(acc[0], _mm512_srai_epi32(acc[1], 2)),
+        _mm512_add_epi32(_mm512_srai_epi32(acc[2], 4), _mm512_srai_epi32(acc[3], 6)),
+    );
+    _mm512_reduce_add_epi32(v)
 }
 
 /// One token (decode): the four 64-byte activation runs of a block are loaded once and shared
@@ -44,11 +57,10 @@ fn codes(v: __m512i, mask: __m512i) -> [__m512i; 4] {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(unsafe_code)]
 unsafe fn dot1(w: *const u8, blocks: usize, x: *const i8, out: &mut [[i32; ROWS]; 4]) {
-    // SAFETY: `group_dot` checked that every pointer offset below stays inside `w` and `x`,
-    // and dispatches here only when the CPU has the enabled features.
+    let mut acc = [[_mm512_setzero_si512(); 4]; ROWS];
+    // SAFETY: `group_dot` checked that every pointer offset below stays inside `w` and `x`;
+    // prefetches of addresses past the end never fault.
     unsafe {
-        let mask = _mm512_set1_epi8(3);
-        let mut acc = [_mm512_setzero_si512(); ROWS];
         for b in 0..blocks {
             let xb = x.add(b * BLOCK);
             let xv = [
@@ -58,61 +70,43 @@ unsafe fn dot1(w: *const u8, blocks: usize, x: *const i8, out: &mut [[i32; ROWS]
                 _mm512_loadu_si512(xb.add(192) as *const _),
             ];
             let wb = w.add(b * ROWS * BLOCK_BYTES);
-            for (r, a) in acc.iter_mut().enumerate() {
-                let c = codes(
-                    _mm512_loadu_si512(wb.add(r * BLOCK_BYTES) as *const _),
-                    mask,
-                );
-                *a = _mm512_dpbusd_epi32(*a, c[0], xv[0]);
-                *a = _mm512_dpbusd_epi32(*a, c[1], xv[1]);
-                *a = _mm512_dpbusd_epi32(*a, c[2], xv[2]);
-                *a = _mm512_dpbusd_epi32(*a, c[3], xv[3]);
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            out[0][r] = _mm512_reduce_add_epi32(*a);
-        }
-    }
-}
-
-/// Several tokens (prefill): each row's codes are unpacked once per block and applied to every
-/// token.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(unsafe_code)]
-unsafe fn dotn<const NT: usize>(
-    w: *const u8,
-    blocks: usize,
-    x: *const i8,
-    stride: usize,
-    out: &mut [[i32; ROWS]; 4],
-) {
-    // SAFETY: `group_dot` checked that every pointer offset below stays inside `w` and `x`,
-    // and dispatches here only when the CPU has the enabled features.
-    unsafe {
-        let mask = _mm512_set1_epi8(3);
-        let mut acc = [[_mm512_setzero_si512(); ROWS]; NT];
-        for b in 0..blocks {
-            let wb = w.add(b * ROWS * BLOCK_BYTES);
             for r in 0..ROWS {
-                let c = codes(
-                    _mm512_loadu_si512(wb.add(r * BLOCK_BYTES) as *const _),
-                    mask,
-                );
-                for (t, at) in acc.iter_mut().enumerate() {
-                    let xb = x.add(t * stride + b * BLOCK);
-                    let mut a = at[r];
-                    a = _mm512_dpbusd_epi32(a, c[0], _mm512_loadu_si512(xb as *const _));
-                    a = _mm512_dpbusd_epi32(a, c[1], _mm512_loadu_si512(xb.add(64) as *const _));
-                    a = _mm512_dpbusd_epi32(a, c[2], _mm512_loadu_si512(xb.add(128) as *const _));
-                    a = _mm512_dpbusd_epi32(a, c[3], _mm512_loadu_si512(xb.add(192) as *const _));
-                    at[r] = a;
+                _mm_prefetch::<_MM_HINT_T1>(wb.wrapping_add(PREFETCH + r * BLOCK_BYTES) as *const i8);
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let c = fields(_mm512_loadu_si512(wb.add(r * BLOCK_BYTES) as *const _));
+                for g in 0..4 {
+                    a[g] = _mm512_dpbusd_epi32(a[g], c[g], xv[g]);
                 }
             }
         }
-        for (t, at) in acc.iter().enumerate() {
-            for (r, a) in at.iter().enumerate() {
-                out[t][r] = _mm512_reduce_add_epi32(*a);
+    }
+    for (r, a) in acc.iter().enumerate() {
+        out[0][r] = combine(a);
+    }
+}
+
+/// Several tokens (prefill): each row's fields are isolated once per block and applied to every
+/// token.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(unsafe_code)]
+unsafe fn dotn<const NT: usize>(w: *const u8, blocks: usize, x: *const i8, stride: usize, out: &mut [[i32; ROWS]; 4]) {
+    for r in 0..ROWS {
+        let mut acc = [[_mm512_setzero_si512(); 4]; NT];
+        // SAFETY: `group_dot` checked that every pointer offset below stays inside `w` and `x`.
+        unsafe {
+            for b in 0..blocks {
+                let c = fields(_mm512_loadu_si512(w.add((b * ROWS + r) * BLOCK_BYTES) as *const _));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let xb = x.add(t * stride + b * BLOCK);
+                    for g in 0..4 {
+                        a[g] = _mm512_dpbusd_epi32(a[g], c[g], _mm512_loadu_si512(xb.add(64 * g) as *const _));
+                    }
+                }
             }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            out[t][r] = combine(a);
         }
     }
 }

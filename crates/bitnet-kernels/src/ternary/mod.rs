@@ -105,6 +105,27 @@ impl PackedTernary {
         self.rows
     }
 
+    /// Stack matrices with the same row length into one (rows of the first, then the second...),
+    /// so products sharing an input stream through one longer matrix. Every part but the last
+    /// needs a multiple of 4 rows; `None` otherwise.
+    pub fn concat_rows(parts: &[&PackedTernary]) -> Option<Self> {
+        let first = parts.first()?;
+        let ok = parts.iter().all(|p| p.cols == first.cols) && parts[..parts.len() - 1].iter().all(|p| p.rows % ROWS == 0);
+        if !ok {
+            return None;
+        }
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Some(Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            blocks: first.blocks,
+            data,
+        })
+    }
+
     pub fn cols(&self) -> usize {
         self.cols
     }
