@@ -18,6 +18,7 @@
 //! ```
 
 pub mod bandwidth;
+pub mod buffer;
 pub mod cpu;
 pub mod dense;
 pub mod mmap;

@@ -34,11 +34,16 @@ impl WeightBytes {
         Self { owner, range }
     }
 
-    /// Bytes we own (converted or repacked at load).
+    /// Bytes we own (converted or repacked at load), in an aligned, huge-page-advised buffer.
     pub fn owned(bytes: Vec<u8>) -> Self {
-        let len = bytes.len();
+        Self::aligned(bitnet_kernels::buffer::AlignedBuf::from_slice(&bytes))
+    }
+
+    /// Bytes already in an aligned buffer.
+    pub fn aligned(buf: bitnet_kernels::buffer::AlignedBuf) -> Self {
+        let len = buf.len();
         Self {
-            owner: Arc::new(bytes),
+            owner: Arc::new(buf),
             range: 0..len,
         }
     }
@@ -229,18 +234,36 @@ impl TernaryLinear {
     /// cannot be stacked (per-group scales, different conventions or row lengths).
     pub fn fuse(parts: &[&TernaryLinear]) -> Option<Self> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.grouped.is_some() || p.convention != first.convention) {
+        if parts
+            .iter()
+            .any(|p| p.grouped.is_some() || p.convention != first.convention)
+        {
             return None;
         }
-        let packed = PackedTernary::concat_rows(&parts.iter().map(|p| &p.packed).collect::<Vec<_>>())?;
+        let packed =
+            PackedTernary::concat_rows(&parts.iter().map(|p| &p.packed).collect::<Vec<_>>())?;
         Some(Self {
             packed,
             granularity: Granularity::PerChannel,
-            scales: parts.iter().flat_map(|p| p.row_scales.iter().copied()).collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.row_scales.iter().copied())
+                .collect(),
             convention: first.convention,
-            row_scales: parts.iter().flat_map(|p| p.row_scales.iter().copied()).collect(),
+            row_scales: parts
+                .iter()
+                .flat_map(|p| p.row_scales.iter().copied())
+                .collect(),
             grouped: None,
         })
+    }
+
+    /// Point this layer's weights at rows `first..` of `stacked` (which holds the same codes,
+    /// see [`TernaryLinear::fuse`]), so the two share one copy in memory.
+    pub fn share_rows_of(&mut self, stacked: &TernaryLinear, first: usize) {
+        if let Some(v) = stacked.packed.view_rows(first, self.rows()) {
+            self.packed = v;
+        }
     }
 
     /// Weight `(r, c)` as a code in {-1, 0, 1}.

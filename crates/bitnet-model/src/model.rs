@@ -34,7 +34,9 @@ struct Fused {
 }
 
 impl Fused {
-    fn of(l: &Layer) -> Self {
+    /// Stack the layer's Q/K/V and gate/up, then point the separate layers into the stacks so
+    /// the weights are held once.
+    fn of(l: &mut Layer) -> Self {
         fn t(x: &Linear) -> Option<&TernaryLinear> {
             match x {
                 Linear::Ternary(t) => Some(t),
@@ -49,6 +51,21 @@ impl Fused {
             (Some(g), Some(u)) => TernaryLinear::fuse(&[g, u]),
             _ => None,
         };
+        if let (Some(f), Linear::Ternary(q), Linear::Ternary(k), Linear::Ternary(v)) =
+            (&qkv, &mut l.q, &mut l.k, &mut l.v)
+        {
+            let (qr, kr) = (q.rows(), k.rows());
+            q.share_rows_of(f, 0);
+            k.share_rows_of(f, qr);
+            v.share_rows_of(f, qr + kr);
+        }
+        if let (Some(f), Linear::Ternary(g), Linear::Ternary(u)) =
+            (&gate_up, &mut l.gate, &mut l.up)
+        {
+            let gr = g.rows();
+            g.share_rows_of(f, 0);
+            u.share_rows_of(f, gr);
+        }
         Self { qkv, gate_up }
     }
 }
@@ -167,7 +184,8 @@ impl Model {
             ));
         }
         let rope = Rope::new(s.head_dim, s.rope_theta, s.rope_style);
-        let fused = layers.iter().map(Fused::of).collect();
+        let mut layers = layers;
+        let fused = layers.iter_mut().map(Fused::of).collect();
         Ok(Self {
             spec,
             embed,
@@ -347,8 +365,10 @@ impl Model {
                     qkv.resize(n * 2 * inter, 0.0);
                     f.matmul(&buf, n, &mut qkv);
                     for t in 0..n {
-                        gate[t * inter..(t + 1) * inter].copy_from_slice(&qkv[t * 2 * inter..t * 2 * inter + inter]);
-                        up[t * inter..(t + 1) * inter].copy_from_slice(&qkv[t * 2 * inter + inter..(t + 1) * 2 * inter]);
+                        gate[t * inter..(t + 1) * inter]
+                            .copy_from_slice(&qkv[t * 2 * inter..t * 2 * inter + inter]);
+                        up[t * inter..(t + 1) * inter]
+                            .copy_from_slice(&qkv[t * 2 * inter + inter..(t + 1) * 2 * inter]);
                     }
                 }
                 None => {

@@ -75,6 +75,9 @@ struct Row {
     bandwidth_fraction: Option<f64>,
 }
 
+/// A timed test: tokens per second for `n` tokens.
+type SpeedTest = fn(&Model, usize) -> Result<f64>;
+
 fn prefill(m: &Model, n: usize) -> Result<f64> {
     let steps: Vec<Step> = (0..n)
         .map(|i| Step {
@@ -108,6 +111,16 @@ fn generate(m: &Model, n: usize) -> Result<f64> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.threads.is_empty() || args.reps == 0 {
+        bail!("need at least one thread count and one repetition");
+    }
+    // Bandwidth first, before the model occupies memory (its 1 GiB buffer would otherwise
+    // count in the model's peak RSS).
+    let mut bandwidths = Vec::new();
+    for &t in &args.threads {
+        set_threads(Some(t))?;
+        bandwidths.push(bandwidth::read_bandwidth(&pool::current(), 1 << 30, 5));
+    }
     let (model, name) = match (&args.model, args.synthetic.as_deref()) {
         (Some(p), None) => {
             let m = ModelArgs {
@@ -147,15 +160,11 @@ pub fn run(args: Args) -> Result<()> {
             model.spec.context
         );
     }
-    if args.threads.is_empty() || args.reps == 0 {
-        bail!("need at least one thread count and one repetition");
-    }
     let bytes_per_token = model.weight_bytes_per_token() as f64;
     let mut rows = Vec::new();
-    for &t in &args.threads {
+    for (&t, &bw) in args.threads.iter().zip(&bandwidths) {
         set_threads(Some(t))?;
-        let bw = bandwidth::read_bandwidth(&pool::current(), 1 << 30, 3);
-        let mut tests: Vec<(String, usize, fn(&Model, usize) -> Result<f64>)> = Vec::new();
+        let mut tests: Vec<(String, usize, SpeedTest)> = Vec::new();
         if args.prompt > 0 {
             tests.push((format!("pp{}", args.prompt), args.prompt, prefill));
         }

@@ -46,7 +46,9 @@ unsafe fn dot1(w: *const u8, blocks: usize, x: *const i8, out: &mut [i32; ROWS])
             let xb = x.add(b * BLOCK);
             let wb = w.add(b * ROWS * BLOCK_BYTES);
             for r in 0..ROWS {
-                _mm_prefetch::<_MM_HINT_T1>(wb.wrapping_add(PREFETCH + r * BLOCK_BYTES) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(
+                    wb.wrapping_add(PREFETCH + r * BLOCK_BYTES) as *const i8
+                );
             }
             for half in 0..2 {
                 let xv = [

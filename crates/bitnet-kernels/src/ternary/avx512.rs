@@ -12,7 +12,14 @@ use std::arch::x86_64::*;
 /// How far ahead of the current block the decode kernel prefetches weights.
 const PREFETCH: usize = 8192;
 
-pub(super) fn group_dot(w: &[u8], blocks: usize, x: &[i8], stride: usize, nt: usize, out: &mut [[i32; ROWS]; 4]) {
+pub(super) fn group_dot(
+    w: &[u8],
+    blocks: usize,
+    x: &[i8],
+    stride: usize,
+    nt: usize,
+    out: &mut [[i32; ROWS]; 4],
+) {
     assert!(w.len() >= blocks * ROWS * BLOCK_BYTES);
     assert!(x.len() >= (nt - 1) * stride + blocks * BLOCK && nt <= 4);
     #[allow(unsafe_code)]
@@ -52,10 +59,28 @@ fn combine(acc: &[__m512i; 4]) -> i32 {
     _mm512_reduce_add_epi32(v)
 }
 
+/// Decode over a run of row groups at once: `w` holds `out.len() / 4` consecutive groups.
+pub(super) fn gemv_groups(w: &[u8], blocks: usize, x: &[i8], out: &mut [i32]) {
+    let groups = out.len() / ROWS;
+    assert!(w.len() >= groups * blocks * ROWS * BLOCK_BYTES && x.len() >= blocks * BLOCK);
+    let stride = blocks * ROWS * BLOCK_BYTES;
+    for (g, o) in out.chunks_exact_mut(ROWS).enumerate() {
+        let mut d = [[0i32; ROWS]; 4];
+        #[allow(unsafe_code)]
+        // SAFETY: dispatched only with `avx512bw` + `avx512vnni`; group `g` lies inside `w`
+        // (asserted above) and the token inside `x`.
+        unsafe {
+            dot1(w.as_ptr().add(g * stride), blocks, x.as_ptr(), &mut d);
+        }
+        o.copy_from_slice(&d[0]);
+    }
+}
+
 /// One token (decode): the four 64-byte activation runs of a block are loaded once and shared
 /// by the group's four rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(unsafe_code)]
+#[inline]
 unsafe fn dot1(w: *const u8, blocks: usize, x: *const i8, out: &mut [[i32; ROWS]; 4]) {
     let mut acc = [[_mm512_setzero_si512(); 4]; ROWS];
     // SAFETY: `group_dot` checked that every pointer offset below stays inside `w` and `x`;
@@ -71,7 +96,9 @@ unsafe fn dot1(w: *const u8, blocks: usize, x: *const i8, out: &mut [[i32; ROWS]
             ];
             let wb = w.add(b * ROWS * BLOCK_BYTES);
             for r in 0..ROWS {
-                _mm_prefetch::<_MM_HINT_T1>(wb.wrapping_add(PREFETCH + r * BLOCK_BYTES) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(
+                    wb.wrapping_add(PREFETCH + r * BLOCK_BYTES) as *const i8
+                );
             }
             for (r, a) in acc.iter_mut().enumerate() {
                 let c = fields(_mm512_loadu_si512(wb.add(r * BLOCK_BYTES) as *const _));
@@ -90,17 +117,30 @@ unsafe fn dot1(w: *const u8, blocks: usize, x: *const i8, out: &mut [[i32; ROWS]
 /// token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(unsafe_code)]
-unsafe fn dotn<const NT: usize>(w: *const u8, blocks: usize, x: *const i8, stride: usize, out: &mut [[i32; ROWS]; 4]) {
+#[allow(clippy::needless_range_loop)] // `r` indexes the weight stream and the output alike
+unsafe fn dotn<const NT: usize>(
+    w: *const u8,
+    blocks: usize,
+    x: *const i8,
+    stride: usize,
+    out: &mut [[i32; ROWS]; 4],
+) {
     for r in 0..ROWS {
         let mut acc = [[_mm512_setzero_si512(); 4]; NT];
         // SAFETY: `group_dot` checked that every pointer offset below stays inside `w` and `x`.
         unsafe {
             for b in 0..blocks {
-                let c = fields(_mm512_loadu_si512(w.add((b * ROWS + r) * BLOCK_BYTES) as *const _));
+                let c = fields(_mm512_loadu_si512(
+                    w.add((b * ROWS + r) * BLOCK_BYTES) as *const _
+                ));
                 for (t, a) in acc.iter_mut().enumerate() {
                     let xb = x.add(t * stride + b * BLOCK);
                     for g in 0..4 {
-                        a[g] = _mm512_dpbusd_epi32(a[g], c[g], _mm512_loadu_si512(xb.add(64 * g) as *const _));
+                        a[g] = _mm512_dpbusd_epi32(
+                            a[g],
+                            c[g],
+                            _mm512_loadu_si512(xb.add(64 * g) as *const _),
+                        );
                     }
                 }
             }

@@ -18,7 +18,9 @@ mod avx2;
 mod avx512;
 mod scalar;
 
+use crate::buffer::AlignedBuf;
 use crate::cpu::Tier;
+use std::sync::Arc;
 
 /// Weights per block.
 pub const BLOCK: usize = 256;
@@ -33,7 +35,10 @@ pub struct PackedTernary {
     rows: usize,
     cols: usize,
     blocks: usize,
-    data: Vec<u8>,
+    /// Shared so that a stacked matrix and views of its parts hold one copy.
+    data: Arc<AlignedBuf>,
+    /// Byte offset of this matrix's first group in `data`.
+    start: usize,
 }
 
 impl PackedTernary {
@@ -43,7 +48,7 @@ impl PackedTernary {
         assert_eq!(codes.len(), rows * cols, "codes for a {rows}x{cols} matrix");
         let blocks = cols.div_ceil(BLOCK);
         let groups = rows.div_ceil(ROWS);
-        let mut data = vec![0u8; groups * blocks * ROWS * BLOCK_BYTES];
+        let mut data = AlignedBuf::zeroed(groups * blocks * ROWS * BLOCK_BYTES);
         for r in 0..rows {
             let (g, ri) = (r / ROWS, r % ROWS);
             for (c, &w) in codes[r * cols..(r + 1) * cols].iter().enumerate() {
@@ -57,7 +62,8 @@ impl PackedTernary {
             rows,
             cols,
             blocks,
-            data,
+            data: Arc::new(data),
+            start: 0,
         }
     }
 
@@ -67,9 +73,9 @@ impl PackedTernary {
         let mut p = Self::from_codes(&[], 0, cols);
         p.rows = rows;
         let groups = rows.div_ceil(ROWS);
-        p.data = vec![0u8; groups * p.blocks * ROWS * BLOCK_BYTES];
+        let mut data = AlignedBuf::zeroed(groups * p.blocks * ROWS * BLOCK_BYTES);
         let mut s = seed | 1;
-        for chunk in p.data.chunks_mut(8) {
+        for chunk in data.chunks_mut(8) {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
@@ -93,11 +99,12 @@ impl PackedTernary {
                     if r >= rows || c >= cols {
                         let (g, ri, b, k) = (r / ROWS, r % ROWS, c / BLOCK, c % BLOCK);
                         let at = ((g * p.blocks + b) * ROWS + ri) * BLOCK_BYTES + k % 64;
-                        p.data[at] &= !(3 << (2 * (k / 64)));
+                        data[at] &= !(3 << (2 * (k / 64)));
                     }
                 }
             }
         }
+        p.data = Arc::new(data);
         p
     }
 
@@ -110,20 +117,48 @@ impl PackedTernary {
     /// needs a multiple of 4 rows; `None` otherwise.
     pub fn concat_rows(parts: &[&PackedTernary]) -> Option<Self> {
         let first = parts.first()?;
-        let ok = parts.iter().all(|p| p.cols == first.cols) && parts[..parts.len() - 1].iter().all(|p| p.rows % ROWS == 0);
+        let ok = parts.iter().all(|p| p.cols == first.cols)
+            && parts[..parts.len() - 1].iter().all(|p| p.rows % ROWS == 0);
         if !ok {
             return None;
         }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        let mut data = AlignedBuf::zeroed(parts.iter().map(|p| p.bytes()).sum());
+        let mut at = 0;
         for p in parts {
-            data.extend_from_slice(&p.data);
+            data[at..at + p.bytes()].copy_from_slice(p.raw());
+            at += p.bytes();
         }
         Some(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             blocks: first.blocks,
-            data,
+            data: Arc::new(data),
+            start: 0,
         })
+    }
+
+    /// Rows `first..first + rows` as a matrix of their own, sharing this one's storage.
+    /// `first` must start a row group; `None` otherwise or when out of range.
+    pub fn view_rows(&self, first: usize, rows: usize) -> Option<Self> {
+        if first % ROWS != 0 || first + rows > self.rows {
+            return None;
+        }
+        Some(Self {
+            rows,
+            cols: self.cols,
+            blocks: self.blocks,
+            data: Arc::clone(&self.data),
+            start: self.start + first / ROWS * self.group_bytes(),
+        })
+    }
+
+    fn group_bytes(&self) -> usize {
+        self.blocks * ROWS * BLOCK_BYTES
+    }
+
+    /// This matrix's packed bytes.
+    fn raw(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.bytes()]
     }
 
     pub fn cols(&self) -> usize {
@@ -137,19 +172,19 @@ impl PackedTernary {
 
     /// Bytes of packed weights (what a GEMV streams from memory).
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.groups() * self.group_bytes()
     }
 
     /// Code of weight `(r, c)`, decoded from the packed bytes.
     pub fn code(&self, r: usize, c: usize) -> i8 {
         let (g, ri, b, k) = (r / ROWS, r % ROWS, c / BLOCK, c % BLOCK);
         let at = ((g * self.blocks + b) * ROWS + ri) * BLOCK_BYTES + k % 64;
-        ((self.data[at] >> (2 * (k / 64))) & 3) as i8 - 1
+        ((self.raw()[at] >> (2 * (k / 64))) & 3) as i8 - 1
     }
 
     fn group(&self, g: usize) -> &[u8] {
         let len = self.blocks * ROWS * BLOCK_BYTES;
-        &self.data[g * len..(g + 1) * len]
+        &self.raw()[g * len..(g + 1) * len]
     }
 
     /// Number of 4-row groups (the unit of parallel work).
@@ -247,6 +282,25 @@ fn gemm_into(
         "activations padded to the matrix's blocks"
     );
     assert!(groups.end <= w.groups());
+    #[cfg(target_arch = "x86_64")]
+    if x.n == 1 && tier == Tier::Avx512 && crate::cpu::features().avx512vnni {
+        // Decode: one call over the whole run of groups, results gathered then handed out.
+        let len = w.blocks * ROWS * BLOCK_BYTES;
+        let mut dots = vec![0i32; groups.len() * ROWS];
+        avx512::gemv_groups(
+            &w.raw()[groups.start * len..groups.end * len],
+            w.blocks,
+            &x.values,
+            &mut dots,
+        );
+        for (i, &v) in dots.iter().enumerate() {
+            let r = groups.start * ROWS + i;
+            if r < w.rows {
+                sink(0, r, v - x.sums[0]);
+            }
+        }
+        return;
+    }
     for g in groups {
         let rows = (w.rows - g * ROWS).min(ROWS);
         let mut t = 0;
