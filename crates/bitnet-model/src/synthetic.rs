@@ -91,7 +91,7 @@ pub fn random_model(spec: ModelSpec, head_type: GgmlType, seed: u64) -> Result<M
         s.vocab,
         s.hidden,
         head_type,
-        WeightBytes::owned(bytes),
+        bytes,
     )?;
     let lm_head = Linear::Dense(embed.clone());
     let norm = vec![1.0; s.hidden];
