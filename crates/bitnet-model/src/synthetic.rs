@@ -86,13 +86,7 @@ pub fn random_model(spec: ModelSpec, head_type: GgmlType, seed: u64) -> Result<M
         }
     }
     let bytes = WeightBytes::aligned(buf);
-    let embed = DenseMatrix::new(
-        "token_embd",
-        s.vocab,
-        s.hidden,
-        head_type,
-        bytes,
-    )?;
+    let embed = DenseMatrix::new("token_embd", s.vocab, s.hidden, head_type, bytes)?;
     let lm_head = Linear::Dense(embed.clone());
     let norm = vec![1.0; s.hidden];
     Model::new(spec, embed, layers, norm, lm_head)
