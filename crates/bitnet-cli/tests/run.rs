@@ -268,3 +268,98 @@ fn perplexity_matches_transformers() {
         "perplexity {p} vs transformers {q}"
     );
 }
+
+fn read_npy_f32(path: &std::path::Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap();
+    let hl = u16::from_le_bytes([b[8], b[9]]) as usize;
+    b[10 + hl..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// The tiny BitNet goldens hold under every kernel tier this CPU has: the ternary products are
+/// exact on every tier (the kernels' own tests prove `==`), the float parts may sum in another
+/// order, so logits are compared with transformers' within the golden test's tolerance.
+#[test]
+fn model_outputs_hold_under_every_kernel_tier() {
+    use bitnet_formats::safetensors_dir::SafetensorsSet;
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["tiny-bitnet-a-packed", "tiny-bitnet-b-packed"] {
+        let g = SafetensorsSet::open(&[
+            root().join(format!("testdata/golden/models/{name}.safetensors"))
+        ])
+        .unwrap();
+        let ids: Vec<String> = g
+            .bytes(g.get("ids").unwrap())
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()).to_string())
+            .collect();
+        let want = g.to_f32("logits").unwrap();
+        let mut per_tier = Vec::new();
+        for tier in bitnet_kernels::cpu::available_tiers() {
+            let out = dir.path().join(format!("{name}-{tier}.npy"));
+            let st = bitnet()
+                .env("BITNET_CPU_TIER", tier.name())
+                .args([
+                    "logits",
+                    "-m",
+                    root().join("testdata/models").join(name).to_str().unwrap(),
+                    "--tokens",
+                    &ids.join(","),
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                st.status.success(),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+            let got = read_npy_f32(&out);
+            let max = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            // Same bound as bitnet-model's golden test: transformers' float/packed spread, floor 1e-4.
+            let tol = if name.contains("-a-") { 1e-4 } else { 0.122 };
+            assert!(
+                max <= tol,
+                "{name} on {tier}: logits differ from transformers by {max}"
+            );
+            per_tier.push((tier, max));
+        }
+        eprintln!("{name}: max |logits - transformers| per tier: {per_tier:?}");
+        assert!(per_tier.len() >= 2, "only one kernel tier on this CPU");
+    }
+}
+
+#[test]
+fn stop_strings_end_the_generation() {
+    let Some(m) = smollm2() else { return };
+    let out = bitnet()
+        .args([
+            "run",
+            "-m",
+            m.to_str().unwrap(),
+            "-p",
+            "The capital of France is",
+            "-n",
+            "24",
+            "--stop",
+            ".",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["finish_reason"], "stop");
+    assert_eq!(v["text"], " Paris");
+}

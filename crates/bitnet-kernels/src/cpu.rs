@@ -1,6 +1,6 @@
 //! CPU feature detection, once per process, with an environment override.
 //!
-//! `BITNET_CPU_TIER=scalar|avx2|avx512` forces a tier no higher than what the CPU has, so one
+//! `BITNET_CPU_TIER=scalar|avx2|avx512|amx` forces a tier no higher than what the CPU has, so one
 //! machine can exercise every kernel against the scalar reference.
 
 use std::sync::OnceLock;
@@ -14,6 +14,8 @@ pub enum Tier {
     Avx2,
     /// AVX-512 BW + VNNI (`vpdpbusd` on 512-bit registers).
     Avx512,
+    /// AVX-512 VNNI for decode plus AMX-INT8 tiles (`tdpbusd`) for prefill.
+    Amx,
 }
 
 impl Tier {
@@ -22,6 +24,7 @@ impl Tier {
             Tier::Scalar => "scalar",
             Tier::Avx2 => "avx2",
             Tier::Avx512 => "avx512",
+            Tier::Amx => "amx",
         }
     }
 
@@ -30,6 +33,7 @@ impl Tier {
             "scalar" => Some(Tier::Scalar),
             "avx2" => Some(Tier::Avx2),
             "avx512" | "avx512vnni" | "vnni" => Some(Tier::Avx512),
+            "amx" => Some(Tier::Amx),
             _ => None,
         }
     }
@@ -51,8 +55,10 @@ pub struct Features {
     pub avx512bw: bool,
     pub avx512vnni: bool,
     pub avx512fp16: bool,
-    /// AMX-INT8 tiles in the CPU (reported; the AMX prefill kernel is not written yet).
+    /// AMX-INT8 tiles in the CPU.
     pub amx_int8: bool,
+    /// The Linux kernel granted this process the AMX tile data state.
+    pub amx_usable: bool,
 }
 
 impl Features {
@@ -68,6 +74,7 @@ impl Features {
                 avx512vnni: std::arch::is_x86_feature_detected!("avx512vnni"),
                 avx512fp16: std::arch::is_x86_feature_detected!("avx512fp16"),
                 amx_int8: amx_cpuid(),
+                amx_usable: amx_cpuid() && crate::ternary::amx_permission(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -76,7 +83,9 @@ impl Features {
 
     /// The best tier these features allow.
     pub fn best_tier(&self) -> Tier {
-        if self.avx512bw && self.avx512vnni {
+        if self.avx512bw && self.avx512vnni && self.amx_usable {
+            Tier::Amx
+        } else if self.avx512bw && self.avx512vnni {
             Tier::Avx512
         } else if self.avx2 && self.fma && self.f16c {
             Tier::Avx2
@@ -119,7 +128,7 @@ pub fn tier() -> Tier {
 /// Every tier this CPU can run, lowest first (for tests that compare tiers).
 pub fn available_tiers() -> Vec<Tier> {
     let best = features().best_tier();
-    [Tier::Scalar, Tier::Avx2, Tier::Avx512]
+    [Tier::Scalar, Tier::Avx2, Tier::Avx512, Tier::Amx]
         .into_iter()
         .filter(|t| *t <= best)
         .collect()

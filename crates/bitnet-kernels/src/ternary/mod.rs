@@ -13,6 +13,8 @@
 //! × signed product the instructions offer and subtract the activation sum once.
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -21,6 +23,17 @@ mod scalar;
 use crate::buffer::AlignedBuf;
 use crate::cpu::Tier;
 use std::sync::Arc;
+
+/// Prompts of at least this many tokens use the AMX tiles on the `amx` tier.
+pub const AMX_MIN_TOKENS: usize = 16;
+
+/// Whether this process may use AMX tiles (asks the kernel once).
+pub(crate) fn amx_permission() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return amx::request_permission();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// Weights per block.
 pub const BLOCK: usize = 256;
@@ -140,7 +153,7 @@ impl PackedTernary {
     /// Rows `first..first + rows` as a matrix of their own, sharing this one's storage.
     /// `first` must start a row group; `None` otherwise or when out of range.
     pub fn view_rows(&self, first: usize, rows: usize) -> Option<Self> {
-        if first % ROWS != 0 || first + rows > self.rows {
+        if !first.is_multiple_of(ROWS) || first + rows > self.rows {
             return None;
         }
         Some(Self {
@@ -245,9 +258,25 @@ pub fn gemm(
         out.len() >= x.n.saturating_sub(1) * out_stride + w.rows.min(groups.end * ROWS),
         "output buffer too small"
     );
-    gemm_into(tier, w, x, groups, &mut |t, r, v| {
+    let acts = amx_acts(tier, x);
+    gemm_into(tier, w, x, acts.as_ref(), groups, &mut |t, r, v| {
         out[t * out_stride + r] = v
     });
+}
+
+#[cfg(target_arch = "x86_64")]
+type Acts = amx::PackedActs;
+#[cfg(not(target_arch = "x86_64"))]
+type Acts = ();
+
+/// Activations prepacked for the AMX tiles, when this product runs on them.
+fn amx_acts(tier: Tier, x: &QuantizedBatch) -> Option<Acts> {
+    #[cfg(target_arch = "x86_64")]
+    if tier == Tier::Amx && x.n >= AMX_MIN_TOKENS && crate::cpu::features().amx_usable {
+        return Some(amx::PackedActs::new(x));
+    }
+    let _ = (tier, x);
+    None
 }
 
 /// [`gemm`] over all rows, split between the threads of `pool` by row groups.
@@ -263,9 +292,14 @@ pub fn gemm_par(
         out_stride >= w.rows && out.len() >= x.n * out_stride,
         "output buffer too small"
     );
-    crate::pool::par_columns(pool, out, out_stride, w.rows, ROWS, &|cols, writer| {
+    let acts = amx_acts(tier, x);
+    // AMX works on pairs of 16-row tiles: hand each thread whole pairs.
+    let align = if acts.is_some() { 32 } else { ROWS };
+    crate::pool::par_columns(pool, out, out_stride, w.rows, align, &|cols, writer| {
         let groups = cols.start / ROWS..cols.end.div_ceil(ROWS);
-        gemm_into(tier, w, x, groups, &mut |t, r, v| writer.set(t, r, v));
+        gemm_into(tier, w, x, acts.as_ref(), groups, &mut |t, r, v| {
+            writer.set(t, r, v)
+        });
     });
 }
 
@@ -273,6 +307,7 @@ fn gemm_into(
     tier: Tier,
     w: &PackedTernary,
     x: &QuantizedBatch,
+    acts: Option<&Acts>,
     groups: std::ops::Range<usize>,
     sink: &mut dyn FnMut(usize, usize, i32),
 ) {
@@ -283,7 +318,14 @@ fn gemm_into(
     );
     assert!(groups.end <= w.groups());
     #[cfg(target_arch = "x86_64")]
-    if x.n == 1 && tier == Tier::Avx512 && crate::cpu::features().avx512vnni {
+    if let Some(acts) = acts {
+        amx::gemm_groups(w, x, acts, groups, sink);
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = acts;
+    #[cfg(target_arch = "x86_64")]
+    if x.n == 1 && matches!(tier, Tier::Avx512 | Tier::Amx) && crate::cpu::features().avx512vnni {
         // Decode: one call over the whole run of groups, results gathered then handed out.
         let len = w.blocks * ROWS * BLOCK_BYTES;
         let mut dots = vec![0i32; groups.len() * ROWS];
@@ -338,11 +380,11 @@ fn kernel(
 ) {
     match tier {
         #[cfg(target_arch = "x86_64")]
-        Tier::Avx512 if crate::cpu::features().avx512vnni => {
+        Tier::Avx512 | Tier::Amx if crate::cpu::features().avx512vnni => {
             avx512::group_dot(w, blocks, x, stride, nt, out)
         }
         #[cfg(target_arch = "x86_64")]
-        Tier::Avx2 | Tier::Avx512 if crate::cpu::features().avx2 => {
+        Tier::Avx2 | Tier::Avx512 | Tier::Amx if crate::cpu::features().avx2 => {
             avx2::group_dot(w, blocks, x, stride, nt, out)
         }
         _ => scalar::group_dot(w, blocks, x, stride, nt, out),
@@ -374,6 +416,9 @@ mod tests {
             (8, 1024, 4),
             (33, 2560, 9),
             (6, 6912, 2),
+            (70, 600, 37),
+            (64, 256, 16),
+            (100, 2560, 33),
         ] {
             let codes: Vec<i8> = (0..rows * cols)
                 .map(|_| (lcg(&mut seed) % 3) as i8 - 1)
