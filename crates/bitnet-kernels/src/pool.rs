@@ -207,6 +207,30 @@ pub struct ColumnWriter<'a, T> {
 }
 
 impl<T: Copy> ColumnWriter<'_, T> {
+    /// Write `values` to columns `c..c + values.len()` of token `t` (all in this writer's range).
+    #[inline]
+    pub fn set_run(&self, t: usize, c: usize, values: &[T]) {
+        let end = c + values.len();
+        assert!(
+            self.cols.start <= c && end <= self.cols.end,
+            "columns {c}..{end} outside this writer's {:?}",
+            self.cols
+        );
+        let i = t * self.stride + c;
+        assert!(
+            i + values.len() <= self.len,
+            "run past the output of {}",
+            self.len
+        );
+        #[allow(unsafe_code)]
+        // SAFETY: the run is in bounds (checked above) and its columns belong to this writer
+        // alone, so no other thread writes these elements; `values` cannot alias the output
+        // (the output is only reachable through writers).
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(i), values.len());
+        }
+    }
+
     /// Write element `(t, c)`; `c` must lie in this writer's columns.
     #[inline]
     pub fn set(&self, t: usize, c: usize, v: T) {

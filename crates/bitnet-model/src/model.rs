@@ -361,22 +361,21 @@ impl Model {
             rms_norm_rows(&mut buf, &layer.ffn_norm, s.rms_eps);
             match &self.fused[li].gate_up {
                 Some(f) => {
+                    // One product for gate and up, activated straight out of its rows.
                     let inter = s.intermediate;
                     qkv.resize(n * 2 * inter, 0.0);
                     f.matmul(&buf, n, &mut qkv);
-                    for t in 0..n {
-                        gate[t * inter..(t + 1) * inter]
-                            .copy_from_slice(&qkv[t * 2 * inter..t * 2 * inter + inter]);
-                        up[t * inter..(t + 1) * inter]
-                            .copy_from_slice(&qkv[t * 2 * inter + inter..(t + 1) * 2 * inter]);
+                    for (g, gu) in gate.chunks_mut(inter).zip(qkv.chunks(2 * inter)) {
+                        g.copy_from_slice(&gu[..inter]);
+                        gated_activation(s.activation, g, &gu[inter..]);
                     }
                 }
                 None => {
                     layer.gate.matmul(&buf, n, &mut gate);
                     layer.up.matmul(&buf, n, &mut up);
+                    gated_activation(s.activation, &mut gate, &up);
                 }
             }
-            gated_activation(s.activation, &mut gate, &up);
             if let Some(w) = &layer.ffn_sub_norm {
                 rms_norm_rows(&mut gate, w, s.rms_eps);
             }

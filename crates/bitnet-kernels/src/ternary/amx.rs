@@ -65,7 +65,7 @@ pub(super) fn gemm_groups(
     x: &QuantizedBatch,
     acts: &PackedActs,
     groups: std::ops::Range<usize>,
-    sink: &mut dyn FnMut(usize, usize, i32),
+    sink: &mut dyn FnMut(usize, usize, &[i32]),
 ) {
     let k = w.padded_cols();
     assert_eq!(acts.ksteps * TK, k);
@@ -133,19 +133,22 @@ pub(super) fn gemm_groups(
                 );
             }
             // c[mi * 2 + ni][r * 16 + n]: rows g*4 + mi*16 + r, tokens (tp + ni) * 16 + n.
+            // Hand out each token's run of (up to) 16 consecutive rows.
+            let row_end = w.rows().min((g + ng) * ROWS);
             for (ti, acc) in c.iter().enumerate() {
                 let (mi, ni) = (ti / 2, ti % 2);
-                for r in 0..TM {
-                    let row = g * ROWS + mi * TM + r;
-                    if row >= w.rows() || row >= (g + ng) * ROWS {
-                        continue;
+                let first = g * ROWS + mi * TM;
+                if first >= row_end {
+                    continue;
+                }
+                let rows = (row_end - first).min(TM);
+                for n in 0..TN {
+                    let t = (tp + ni) * TN + n;
+                    if t >= x.n {
+                        break;
                     }
-                    for n in 0..TN {
-                        let t = (tp + ni) * TN + n;
-                        if t < x.n {
-                            sink(t, row, acc[r * TN + n] - x.sums[t]);
-                        }
-                    }
+                    let run: [i32; TM] = std::array::from_fn(|r| acc[r * TN + n] - x.sums[t]);
+                    sink(t, first, &run[..rows]);
                 }
             }
         }
@@ -162,21 +165,48 @@ pub(super) fn gemm_groups(
 /// missing rows stay zero.
 fn unpack_codes(w: &PackedTernary, g: usize, ng: usize, out: &mut [u8]) {
     let k = w.padded_cols();
-    out.fill(0);
+    if ng * ROWS < 2 * TM {
+        out[ng * ROWS * k..].fill(0);
+    }
     for gi in 0..ng {
         let data = w.group(g + gi);
         for b in 0..w.blocks {
             for ri in 0..ROWS {
                 let src = &data[(b * ROWS + ri) * BLOCK_BYTES..(b * ROWS + ri + 1) * BLOCK_BYTES];
                 let dst = &mut out[(gi * ROWS + ri) * k + b * BLOCK..][..BLOCK];
-                for (j, &byte) in src.iter().enumerate() {
-                    dst[j] = byte & 3;
-                    dst[64 + j] = (byte >> 2) & 3;
-                    dst[128 + j] = (byte >> 4) & 3;
-                    dst[192 + j] = byte >> 6;
+                #[allow(unsafe_code)]
+                // SAFETY: AMX implies AVX-512 (checked with the tier); `src` is 64 bytes and
+                // `dst` 256, the exact extents the loads and stores below touch.
+                unsafe {
+                    split_fields(src.as_ptr(), dst.as_mut_ptr());
                 }
             }
         }
+    }
+}
+
+/// The four 2-bit fields of 64 bytes, as four runs of 64 codes.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(unsafe_code)]
+unsafe fn split_fields(src: *const u8, dst: *mut u8) {
+    use std::arch::x86_64::*;
+    let m = _mm512_set1_epi8(3);
+    // SAFETY: see `unpack_codes`.
+    unsafe {
+        let v = _mm512_loadu_si512(src as *const _);
+        _mm512_storeu_si512(dst as *mut _, _mm512_and_si512(v, m));
+        _mm512_storeu_si512(
+            dst.add(64) as *mut _,
+            _mm512_and_si512(_mm512_srli_epi16(v, 2), m),
+        );
+        _mm512_storeu_si512(
+            dst.add(128) as *mut _,
+            _mm512_and_si512(_mm512_srli_epi16(v, 4), m),
+        );
+        _mm512_storeu_si512(
+            dst.add(192) as *mut _,
+            _mm512_and_si512(_mm512_srli_epi16(v, 6), m),
+        );
     }
 }
 

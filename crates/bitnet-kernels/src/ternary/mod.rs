@@ -260,7 +260,7 @@ pub fn gemm(
     );
     let acts = amx_acts(tier, x);
     gemm_into(tier, w, x, acts.as_ref(), groups, &mut |t, r, v| {
-        out[t * out_stride + r] = v
+        out[t * out_stride + r..t * out_stride + r + v.len()].copy_from_slice(v)
     });
 }
 
@@ -298,7 +298,7 @@ pub fn gemm_par(
     crate::pool::par_columns(pool, out, out_stride, w.rows, align, &|cols, writer| {
         let groups = cols.start / ROWS..cols.end.div_ceil(ROWS);
         gemm_into(tier, w, x, acts.as_ref(), groups, &mut |t, r, v| {
-            writer.set(t, r, v)
+            writer.set_run(t, r, v)
         });
     });
 }
@@ -309,7 +309,7 @@ fn gemm_into(
     x: &QuantizedBatch,
     acts: Option<&Acts>,
     groups: std::ops::Range<usize>,
-    sink: &mut dyn FnMut(usize, usize, i32),
+    sink: &mut dyn FnMut(usize, usize, &[i32]),
 ) {
     assert_eq!(
         x.stride,
@@ -335,12 +335,11 @@ fn gemm_into(
             &x.values,
             &mut dots,
         );
-        for (i, &v) in dots.iter().enumerate() {
-            let r = groups.start * ROWS + i;
-            if r < w.rows {
-                sink(0, r, v - x.sums[0]);
-            }
-        }
+        let first = groups.start * ROWS;
+        let valid = w.rows.saturating_sub(first).min(dots.len());
+        dots.truncate(valid);
+        dots.iter_mut().for_each(|d| *d -= x.sums[0]);
+        sink(0, first, &dots);
         return;
     }
     for g in groups {
@@ -359,9 +358,8 @@ fn gemm_into(
                 &mut dots,
             );
             for (j, d) in dots.iter().enumerate().take(nt) {
-                for (r, &v) in d.iter().enumerate().take(rows) {
-                    sink(t + j, g * ROWS + r, v - x.sums[t + j]);
-                }
+                let run: [i32; ROWS] = std::array::from_fn(|r| d[r] - x.sums[t + j]);
+                sink(t + j, g * ROWS, &run[..rows]);
             }
             t += nt;
         }
