@@ -227,7 +227,21 @@ impl<T: Copy> ColumnWriter<'_, T> {
         // alone, so no other thread writes these elements; `values` cannot alias the output
         // (the output is only reachable through writers).
         unsafe {
-            std::ptr::copy_nonoverlapping(values.as_ptr(), self.ptr.add(i), values.len());
+            // Fixed-size chunk writes, not a loop LLVM would turn back into a `memcpy` call:
+            // runs are short (4 to 16 values) and a libc call per run costs more than the copy.
+            let dst = self.ptr.add(i);
+            let mut chunks = values.chunks_exact(4);
+            let mut k = 0;
+            for c in &mut chunks {
+                dst.add(k)
+                    .cast::<[T; 4]>()
+                    .write_unaligned([c[0], c[1], c[2], c[3]]);
+                k += 4;
+            }
+            for &v in chunks.remainder() {
+                dst.add(k).write(v);
+                k += 1;
+            }
         }
     }
 
