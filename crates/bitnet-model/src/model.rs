@@ -238,6 +238,20 @@ impl Model {
         layers + self.lm_head.weight_bytes()
     }
 
+    /// Logits of every position of `tokens`, run as one fresh sequence in one batched pass.
+    pub fn logits_all(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let steps: Vec<Step> = tokens
+            .iter()
+            .map(|&token| Step {
+                seq: 0,
+                token,
+                logits: true,
+            })
+            .collect();
+        let mut cache = self.new_cache();
+        self.forward(&steps, std::slice::from_mut(&mut cache))
+    }
+
     /// Run `steps` (tokens appended to their sequences' caches, in order) and return the logits
     /// of the steps that asked for them, in order.
     pub fn forward(&self, steps: &[Step], caches: &mut [KvCache]) -> Result<Vec<Vec<f32>>> {

@@ -9,7 +9,7 @@ use common::repo_root as root;
 use bitnet_formats::gguf::{GgmlType, GgufFile};
 use bitnet_model::convert::{ConvertOptions, convert_hf_to_gguf};
 use bitnet_model::generate::{GenerateOptions, generate};
-use bitnet_model::{Step, load};
+use bitnet_model::load;
 
 fn greedy(path: &std::path::Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     let m = load(path).unwrap();
@@ -19,20 +19,7 @@ fn greedy(path: &std::path::Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f3
         ..Default::default()
     };
     let g = generate(&m.model, None, prompt, &opts, &mut c, &mut |_| {}).unwrap();
-    let mut c = m.model.new_cache();
-    let steps: Vec<Step> = prompt
-        .iter()
-        .map(|&token| Step {
-            seq: 0,
-            token,
-            logits: true,
-        })
-        .collect();
-    let logits = m
-        .model
-        .forward(&steps, std::slice::from_mut(&mut c))
-        .unwrap()
-        .concat();
+    let logits = m.model.logits_all(prompt).unwrap().concat();
     (g.tokens, logits)
 }
 

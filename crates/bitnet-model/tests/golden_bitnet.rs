@@ -163,19 +163,7 @@ fn logits_and_greedy_tokens_match_transformers() {
             let vocab = m.model.spec.vocab;
             // Teacher-forced: the prompt and transformers' greedy tokens in one batched pass.
             let all: Vec<u32> = ids.iter().chain(&greedy).copied().collect();
-            let steps: Vec<Step> = all
-                .iter()
-                .map(|&token| Step {
-                    seq: 0,
-                    token,
-                    logits: true,
-                })
-                .collect();
-            let mut cache = m.model.new_cache();
-            let logits = m
-                .model
-                .forward(&steps, std::slice::from_mut(&mut cache))
-                .unwrap();
+            let logits = m.model.logits_all(&all).unwrap();
             let want = g.f32("logits");
             let mut max_diff = 0.0f32;
             for (t, row) in logits.iter().take(ids.len()).enumerate() {

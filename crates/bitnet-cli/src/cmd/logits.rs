@@ -2,7 +2,6 @@
 
 use super::common::{ModelArgs, prompt_ids};
 use anyhow::{Context, Result};
-use bitnet_model::Step;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -24,16 +23,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let m = args.model.load()?;
     let ids = prompt_ids(&m, args.tokens.as_deref(), args.prompt.as_deref())?;
-    let steps: Vec<Step> = ids
-        .iter()
-        .map(|&token| Step {
-            seq: 0,
-            token,
-            logits: true,
-        })
-        .collect();
-    let mut cache = m.model.new_cache();
-    let logits = m.model.forward(&steps, std::slice::from_mut(&mut cache))?;
+    let logits = m.model.logits_all(&ids)?;
     let vocab = m.model.spec.vocab;
     bitnet_formats::atomic::write_atomic(&args.out, |w| {
         write_npy_f32(w, &[ids.len(), vocab], logits.iter().flatten().copied()).map_err(|e| {
