@@ -21,6 +21,7 @@ pub mod bandwidth;
 pub mod buffer;
 pub mod cpu;
 pub mod dense;
+pub mod int8;
 pub mod mmap;
 pub mod pool;
 pub mod ternary;

@@ -8,6 +8,7 @@ use crate::error::{ModelError, Result};
 use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, quantize_row_i8};
 use bitnet_formats::gguf::{GgmlType, dequantize_into};
 pub use bitnet_kernels::dense::dot_f32;
+use bitnet_kernels::int8::Int8Rows;
 use bitnet_kernels::ternary::{PackedTernary, QuantizedBatch, gemm_par};
 use bitnet_kernels::{cpu, dense, pool};
 use std::sync::Arc;
@@ -350,11 +351,51 @@ impl TernaryLinear {
     }
 }
 
+/// Int8 weights with a scale per row (the compact lm_head), times per-token int8 activations.
+pub fn int8_matmul(w: &Int8Rows, x: &[f32], n: usize, out: &mut [f32]) {
+    let cols = w.cols();
+    let mut xq = vec![0i8; n * cols];
+    let mut xs = Vec::with_capacity(n);
+    for t in 0..n {
+        xs.push(
+            quantize_row_i8(
+                &x[t * cols..(t + 1) * cols],
+                &mut xq[t * cols..(t + 1) * cols],
+            )
+            .expect("row length matches"),
+        );
+    }
+    let xu: Vec<u8> = xq.iter().map(|&v| (v as u8) ^ 0x80).collect();
+    let tier = cpu::tier();
+    pool::par_columns(
+        &pool::current(),
+        out,
+        w.rows(),
+        w.rows(),
+        16,
+        &|rows, wr| {
+            for r in rows {
+                for t in 0..n {
+                    let d = w.dot(
+                        tier,
+                        r,
+                        &xq[t * cols..(t + 1) * cols],
+                        &xu[t * cols..(t + 1) * cols],
+                    );
+                    wr.set(t, r, d as f32 * w.scales[r] / xs[t]);
+                }
+            }
+        },
+    );
+}
+
 /// Any linear layer of a model.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Ternary(TernaryLinear),
     Dense(DenseMatrix),
+    /// Int8 rows with per-row scales (`--int8-head`).
+    Int8(Int8Rows),
 }
 
 impl Linear {
@@ -362,6 +403,7 @@ impl Linear {
         match self {
             Linear::Ternary(t) => t.rows(),
             Linear::Dense(d) => d.rows,
+            Linear::Int8(q) => q.rows(),
         }
     }
 
@@ -369,6 +411,7 @@ impl Linear {
         match self {
             Linear::Ternary(t) => t.cols(),
             Linear::Dense(d) => d.cols,
+            Linear::Int8(q) => q.cols(),
         }
     }
 
@@ -377,6 +420,7 @@ impl Linear {
         match self {
             Linear::Ternary(t) => t.matmul(x, n, out),
             Linear::Dense(d) => d.matmul(x, n, out),
+            Linear::Int8(q) => int8_matmul(q, x, n, out),
         }
     }
 
@@ -385,6 +429,7 @@ impl Linear {
         match self {
             Linear::Ternary(t) => t.packed_bytes(),
             Linear::Dense(d) => d.bytes(),
+            Linear::Int8(q) => q.bytes(),
         }
     }
 
@@ -394,6 +439,7 @@ impl Linear {
                 format!("ternary ({}, {:?})", t.granularity, t.convention)
             }
             Linear::Dense(d) => d.ty.to_string(),
+            Linear::Int8(_) => "int8 (per-row scale)".to_string(),
         }
     }
 }

@@ -17,7 +17,8 @@ pub struct Args {
     /// Build a model with real shapes and random weights instead: `2b4t` (BitNet b1.58 2B-4T).
     #[arg(long)]
     pub synthetic: Option<String>,
-    /// Type of the synthetic model's embedding / lm_head: f16 (as bitnet.cpp and llama.cpp keep it) or f32.
+    /// The synthetic model's lm_head: f16 (as bitnet.cpp and llama.cpp keep it), f32, or int8
+    /// (f16 embeddings, int8 rows with per-row scales for the head: fewer bytes per token).
     #[arg(long, default_value = "f16")]
     pub head: String,
     /// Prompt length to process (0 to skip).
@@ -127,27 +128,35 @@ pub fn run(args: Args) -> Result<()> {
                 model: p.clone(),
                 ctx: None,
                 threads: None,
+                int8_head: args.head == "int8",
             }
             .load()?;
             (m.model, p.display().to_string())
         }
         (None, Some("2b4t")) => {
-            let head = match args.head.as_str() {
-                "f16" => GgmlType::F16,
-                "f32" => GgmlType::F32,
-                other => bail!("--head {other:?}: choose f16 or f32"),
+            let (head, int8) = match args.head.as_str() {
+                "f16" => (GgmlType::F16, false),
+                "f32" => (GgmlType::F32, false),
+                "int8" => (GgmlType::F16, true),
+                other => bail!("--head {other:?}: choose f16, f32 or int8"),
+            };
+            let label = if int8 {
+                "int8".to_string()
+            } else {
+                head.to_string()
             };
             eprintln!(
-                "building a synthetic BitNet b1.58 2B-4T-shaped model (random ternary weights, {head} head)..."
+                "building a synthetic BitNet b1.58 2B-4T-shaped model (random ternary weights, {label} head)..."
             );
-            (
-                bitnet_model::synthetic::random_model(
-                    bitnet_model::synthetic::spec_2b4t(),
-                    head,
-                    42,
-                )?,
-                format!("synthetic 2b4t ({head} head)"),
-            )
+            let mut m = bitnet_model::synthetic::random_model(
+                bitnet_model::synthetic::spec_2b4t(),
+                head,
+                42,
+            )?;
+            if int8 {
+                m.quantize_head_int8();
+            }
+            (m, format!("synthetic 2b4t ({label} head)"))
         }
         (None, Some(other)) => bail!("--synthetic {other:?}: the only synthetic model is 2b4t"),
         _ => bail!("give --model PATH or --synthetic 2b4t"),

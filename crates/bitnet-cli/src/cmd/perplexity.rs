@@ -28,6 +28,9 @@ pub struct Args {
     /// Threads for the kernels.
     #[arg(short, long)]
     pub threads: Option<usize>,
+    /// Quantize the lm_head to int8 rows first (to measure what that costs).
+    #[arg(long)]
+    pub int8_head: bool,
 }
 
 /// Result of a perplexity run.
@@ -120,6 +123,7 @@ pub fn run(args: Args) -> Result<()> {
         model: args.model.clone(),
         ctx: None,
         threads: args.threads,
+        int8_head: args.int8_head,
     }
     .load()?;
     let text = std::fs::read_to_string(&args.file)

@@ -1,0 +1,148 @@
+//! Int8 matrices with one f32 scale per row: the compact lm_head (half the bytes of f16).
+//!
+//! Rows are quantized symmetrically (`q = round(w * 127 / max|w|)`); the activations are the
+//! same per-token int8 the ternary layers use. AVX-512 VNNI multiplies unsigned by signed bytes,
+//! so the activations are offset by 128 and the kernel subtracts `128 * sum(q)` per row, kept
+//! from load time.
+
+use crate::buffer::AlignedBuf;
+use crate::cpu::{Tier, features};
+
+/// A `[rows, cols]` int8 matrix with per-row scales.
+#[derive(Debug, Clone)]
+pub struct Int8Rows {
+    rows: usize,
+    cols: usize,
+    data: AlignedBuf,
+    /// `max|w| / 127` per row: `w ≈ q * scale`.
+    pub scales: Vec<f32>,
+    sums: Vec<i32>,
+}
+
+impl Int8Rows {
+    /// Quantize rows produced by `row(r, &mut buf)` (f32 values, `cols` long).
+    pub fn quantize(rows: usize, cols: usize, mut row: impl FnMut(usize, &mut [f32])) -> Self {
+        let mut data = AlignedBuf::zeroed(rows * cols);
+        let (mut scales, mut sums) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let mut buf = vec![0.0f32; cols];
+        for r in 0..rows {
+            row(r, &mut buf);
+            let amax = buf.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let dst = &mut data[r * cols..(r + 1) * cols];
+            let mut sum = 0i32;
+            for (d, &v) in dst.iter_mut().zip(&buf) {
+                let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                sum += i32::from(q);
+                *d = q as u8;
+            }
+            scales.push(scale);
+            sums.push(sum);
+        }
+        Self {
+            rows,
+            cols,
+            data,
+            scales,
+            sums,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Row `r` as int8 values.
+    pub fn row(&self, r: usize) -> &[i8] {
+        bytemuck::cast_slice(&self.data[r * self.cols..(r + 1) * self.cols])
+    }
+
+    /// `sum_c q[r, c] * x[c]` for one row; `x_u8` is the activations offset by 128 (`x ^ 0x80`),
+    /// `x` the plain ones (for the portable path).
+    pub fn dot(&self, tier: Tier, r: usize, x: &[i8], x_u8: &[u8]) -> i32 {
+        let w = &self.data[r * self.cols..(r + 1) * self.cols];
+        #[cfg(target_arch = "x86_64")]
+        if tier >= Tier::Avx512 && features().avx512vnni && self.cols.is_multiple_of(64) {
+            #[allow(unsafe_code)]
+            // SAFETY: AVX-512 VNNI detected; `w` and `x_u8` hold `cols` bytes, a multiple of 64.
+            return unsafe { dot_vnni(w, x_u8) } - 128 * self.sums[r];
+        }
+        let _ = (tier, x_u8);
+        w.iter()
+            .zip(x)
+            .map(|(&a, &b)| i32::from(a as i8) * i32::from(b))
+            .sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(unsafe_code)]
+unsafe fn dot_vnni(w: &[u8], x: &[u8]) -> i32 {
+    use std::arch::x86_64::*;
+    let n = w.len();
+    let mut acc = [_mm512_setzero_si512(); 4];
+    let mut i = 0;
+    // SAFETY: every load reads 64 bytes at `i + 64 <= n` of slices of length `n`; prefetches of
+    // addresses past the end never fault.
+    unsafe {
+        while i + 256 <= n {
+            _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().wrapping_add(i + 8192) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().wrapping_add(i + 8192 + 128) as *const i8);
+            for (k, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_loadu_si512(w.as_ptr().add(i + 64 * k) as *const _);
+                let xv = _mm512_loadu_si512(x.as_ptr().add(i + 64 * k) as *const _);
+                *a = _mm512_dpbusd_epi32(*a, xv, wv);
+            }
+            i += 256;
+        }
+        while i + 64 <= n {
+            let wv = _mm512_loadu_si512(w.as_ptr().add(i) as *const _);
+            let xv = _mm512_loadu_si512(x.as_ptr().add(i) as *const _);
+            acc[0] = _mm512_dpbusd_epi32(acc[0], xv, wv);
+            i += 64;
+        }
+    }
+    let v = _mm512_add_epi32(
+        _mm512_add_epi32(acc[0], acc[1]),
+        _mm512_add_epi32(acc[2], acc[3]),
+    );
+    _mm512_reduce_add_epi32(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_agree_and_values_are_close() {
+        let (rows, cols) = (7, 320);
+        let m = Int8Rows::quantize(rows, cols, |r, buf| {
+            for (c, v) in buf.iter_mut().enumerate() {
+                *v = ((r * 31 + c * 17) % 41) as f32 / 20.0 - 1.0;
+            }
+        });
+        let x: Vec<i8> = (0..cols).map(|c| ((c * 29) % 255) as u8 as i8).collect();
+        let xu: Vec<u8> = x.iter().map(|&v| (v as u8) ^ 0x80).collect();
+        for r in 0..rows {
+            let reference: i32 = m
+                .row(r)
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum();
+            for tier in crate::cpu::available_tiers() {
+                assert_eq!(m.dot(tier, r, &x, &xu), reference, "{tier} row {r}");
+            }
+        }
+    }
+}
