@@ -92,3 +92,22 @@ fn f16_gemv_lm_head(b: Bencher) {
         black_box(&o);
     });
 }
+
+#[divan::bench(args = tiers())]
+fn int8_gemv_lm_head(b: Bencher, tier: Tier) {
+    let (rows, cols) = (128256usize, 2560usize);
+    let m = bitnet_kernels::int8::Int8Rows::quantize(rows, cols, |r, buf| {
+        for (c, v) in buf.iter_mut().enumerate() {
+            *v = ((r * 31 + c * 17) % 41) as f32 - 20.0;
+        }
+    });
+    let x: Vec<i8> = (0..cols).map(|i| (i % 251) as u8 as i8).collect();
+    let xu: Vec<u8> = x.iter().map(|&v| (v as u8) ^ 0x80).collect();
+    let mut o = vec![0i32; rows];
+    b.counter(BytesCount::new(m.bytes())).bench_local(|| {
+        for (r, v) in o.iter_mut().enumerate() {
+            *v = m.dot(tier, r, &x, &xu);
+        }
+        black_box(&o);
+    });
+}
