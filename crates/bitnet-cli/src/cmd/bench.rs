@@ -122,6 +122,9 @@ pub fn run(args: Args) -> Result<()> {
         set_threads(Some(t))?;
         bandwidths.push(bandwidth::read_bandwidth(&pool::current(), 1 << 30, 5));
     }
+    // Reset the peak-RSS mark (Linux: "5" to clear_refs) so the figure reported is the model's,
+    // not the bandwidth buffer's. Best effort: elsewhere the peak includes the buffer.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let (model, name) = match (&args.model, args.synthetic.as_deref()) {
         (Some(p), None) => {
             let m = ModelArgs {
