@@ -51,6 +51,32 @@ pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     s
 }
 
+/// `sum w[i] * x[i]` for a row of Q8_0 blocks (f16 `d`, 32 x i8; `w = d * q`), on AVX-512;
+/// `None` on other tiers (callers dequantize the row instead).
+pub fn dot_q8_0(row: &[u8], x: &[f32]) -> Option<f32> {
+    assert_eq!(row.len() / 34 * 32, x.len());
+    #[cfg(target_arch = "x86_64")]
+    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 detected; `row` holds `x.len() / 32` blocks of 34 bytes (asserted).
+        return Some(unsafe { x86::dot_q8_0(row, x) });
+    }
+    None
+}
+
+/// `sum w[i] * x[i]` for a row of Q4_1 blocks (f16 `d`, f16 `m`, 16 bytes of nibbles;
+/// `w = d * q + m`, the dequantized values exactly), on AVX-512; `None` on other tiers.
+pub fn dot_q4_1(row: &[u8], x: &[f32]) -> Option<f32> {
+    assert_eq!(row.len() / 20 * 32, x.len());
+    #[cfg(target_arch = "x86_64")]
+    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 detected; `row` holds `x.len() / 32` blocks of 20 bytes (asserted).
+        return Some(unsafe { x86::dot_q4_1(row, x) });
+    }
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -92,6 +118,57 @@ mod x86 {
             s += a[j] * b[j];
         }
         s
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn half(bits: u16) -> __m512 {
+        _mm512_set1_ps(half::f16::from_bits(bits).to_f32())
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for (b, blk) in row.chunks_exact(34).enumerate() {
+            let d = half(u16::from_le_bytes([blk[0], blk[1]]));
+            // SAFETY: each load reads 16 bytes of the block's 32 quants and 16 floats of the
+            // block's 32 activations, both in bounds.
+            unsafe {
+                for h in 0..2 {
+                    let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.as_ptr().add(2 + 16 * h) as *const __m128i,
+                    )));
+                    let xv = _mm512_loadu_ps(x.as_ptr().add(32 * b + 16 * h));
+                    acc[h] = _mm512_fmadd_ps(_mm512_mul_ps(q, d), xv, acc[h]);
+                }
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_q4_1(row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let low = _mm512_set1_epi32(0xF);
+        for (b, blk) in row.chunks_exact(20).enumerate() {
+            let d = half(u16::from_le_bytes([blk[0], blk[1]]));
+            let m = half(u16::from_le_bytes([blk[2], blk[3]]));
+            // SAFETY: reads the block's 16 nibble bytes and its 32 activations, in bounds.
+            unsafe {
+                let bytes =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i));
+                let qs = [_mm512_and_si512(bytes, low), _mm512_srli_epi32(bytes, 4)];
+                for h in 0..2 {
+                    // d * q + m with two roundings, as the dequantized values are.
+                    let w = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(qs[h]), d), m);
+                    let xv = _mm512_loadu_ps(x.as_ptr().add(32 * b + 16 * h));
+                    acc[h] = _mm512_fmadd_ps(w, xv, acc[h]);
+                }
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
     }
 
     #[target_feature(enable = "avx512f")]
@@ -172,6 +249,59 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantized_row_dots_match_dequantized() {
+        let n = 256;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 13 % 37) as f32 - 18.0) / 7.0)
+            .collect();
+        let mut q8 = Vec::new();
+        let mut q8_vals = Vec::new();
+        let mut q41 = Vec::new();
+        let mut q41_vals = Vec::new();
+        for b in 0..n / 32 {
+            let d = half::f16::from_f32(0.01 * (b + 1) as f32);
+            let m = half::f16::from_f32(-0.05 * b as f32);
+            q8.extend(d.to_le_bytes());
+            q41.extend(d.to_le_bytes());
+            q41.extend(m.to_le_bytes());
+            for j in 0..32 {
+                let q = ((b * 7 + j * 11) % 255) as u8 as i8;
+                q8.push(q as u8);
+                q8_vals.push(d.to_f32() * f32::from(q));
+            }
+            let nib: Vec<u8> = (0..16).map(|j| ((b * 5 + j * 3) % 256) as u8).collect();
+            let mut vals = [0.0f32; 32];
+            for (j, &v) in nib.iter().enumerate() {
+                vals[j] = d.to_f32() * f32::from(v & 0xF) + m.to_f32();
+                vals[j + 16] = d.to_f32() * f32::from(v >> 4) + m.to_f32();
+            }
+            q41.extend(&nib);
+            q41_vals.extend(vals);
+        }
+        for (got, vals) in [
+            (dot_q8_0(&q8, &x), &q8_vals),
+            (dot_q4_1(&q41, &x), &q41_vals),
+        ] {
+            let exact: f64 = vals
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let mag: f64 = vals
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| f64::from((a * b).abs()))
+                .sum();
+            if let Some(g) = got {
+                assert!(
+                    (f64::from(g) - exact).abs() <= 1e-6 * mag + 1e-6,
+                    "{g} vs {exact}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn dots_agree_with_f64() {

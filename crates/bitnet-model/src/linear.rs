@@ -130,9 +130,17 @@ impl DenseMatrix {
                 };
                 for t in 0..n {
                     let xt = &x[t * cols..(t + 1) * cols];
-                    let v = match (self.ty, f32_row) {
-                        (GgmlType::F16, _) => dense::dot_f16(raw, xt),
-                        (_, Some(row)) => dense::dot_f32(row, xt),
+                    // Decode reads each row once: quantized rows are multiplied in their blocks
+                    // directly. A batch dequantizes the row once and reuses it for every token.
+                    let direct = match self.ty {
+                        GgmlType::Q8_0 if n == 1 => dense::dot_q8_0(raw, xt),
+                        GgmlType::Q4_1 if n == 1 => dense::dot_q4_1(raw, xt),
+                        _ => None,
+                    };
+                    let v = match (self.ty, f32_row, direct) {
+                        (_, _, Some(v)) => v,
+                        (GgmlType::F16, _, _) => dense::dot_f16(raw, xt),
+                        (_, Some(row), _) => dense::dot_f32(row, xt),
                         _ => {
                             if t == 0 {
                                 self.row_into(r, &mut buf);
