@@ -128,6 +128,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw")]
     #[allow(unsafe_code)]
+    #[allow(clippy::needless_range_loop)] // `h` selects the half of the block for quants, activations and accumulator alike
     pub(super) unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
         let mut acc = [_mm512_setzero_ps(); 2];
         for (b, blk) in row.chunks_exact(34).enumerate() {
