@@ -13,7 +13,7 @@ use bitnet_core::f16;
 use bitnet_core::packed::{self, Fidelity, TernaryFormat};
 use bitnet_core::quant::ScaleConvention;
 use bitnet_formats::FormatError;
-use bitnet_formats::gguf::{GgmlType, GgufWriter, MetaValue, TensorData, quantize_q8_0};
+use bitnet_formats::gguf::{GgmlType, GgufWriter, TensorData, quantize_q8_0};
 use bitnet_formats::safetensors_dir::HfModelDir;
 use bitnet_formats::tokenizer::TextTokenizer;
 use std::cell::RefCell;
@@ -379,9 +379,4 @@ fn write_floats(out: &mut dyn Write, ty: GgmlType, v: &[f32]) -> Result<(), Form
         GgmlType::Q8_0 => out.write_all(&quantize_q8_0(v)?).map_err(io),
         other => Err(fmt_err(format!("cannot write {other}"))),
     }
-}
-
-/// Metadata value helper for callers that add their own keys.
-pub fn meta(v: impl Into<MetaValue>) -> MetaValue {
-    v.into()
 }
