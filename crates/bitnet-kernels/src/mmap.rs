@@ -37,13 +37,6 @@ impl MappedFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    /// Tell the kernel the mapping will be read front to back (best effort).
-    pub fn advise_sequential(&self) {
-        if let Some(m) = &self.map {
-            let _ = m.advise(memmap2::Advice::Sequential);
-        }
-    }
 }
 
 impl Deref for MappedFile {

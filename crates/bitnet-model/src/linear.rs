@@ -35,11 +35,6 @@ impl WeightBytes {
         Self { owner, range }
     }
 
-    /// Bytes we own (converted or repacked at load), in an aligned, huge-page-advised buffer.
-    pub fn owned(bytes: Vec<u8>) -> Self {
-        Self::aligned(bitnet_kernels::buffer::AlignedBuf::from_slice(&bytes))
-    }
-
     /// Bytes already in an aligned buffer.
     pub fn aligned(buf: bitnet_kernels::buffer::AlignedBuf) -> Self {
         let len = buf.len();
@@ -93,18 +88,6 @@ impl DenseMatrix {
             bytes,
             row_bytes,
         })
-    }
-
-    /// Owned f32 matrix.
-    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Self {
-            rows,
-            cols,
-            ty: GgmlType::F32,
-            bytes: WeightBytes::owned(bytes),
-            row_bytes: cols * 4,
-        }
     }
 
     /// Dequantize row `r` into `out` (`cols` values).

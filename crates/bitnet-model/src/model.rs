@@ -94,13 +94,6 @@ pub struct Step {
     pub logits: bool,
 }
 
-/// Where [`Model::forward_traced`] reports intermediate values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trace {
-    /// Hidden state after decoder layer `n` (`[steps, hidden]`).
-    LayerOutput(usize),
-}
-
 impl Model {
     pub fn new(
         spec: ModelSpec,
@@ -267,16 +260,6 @@ impl Model {
     /// Run `steps` (tokens appended to their sequences' caches, in order) and return the logits
     /// of the steps that asked for them, in order.
     pub fn forward(&self, steps: &[Step], caches: &mut [KvCache]) -> Result<Vec<Vec<f32>>> {
-        self.forward_traced(steps, caches, &mut |_, _| {})
-    }
-
-    /// [`Model::forward`], reporting intermediate values to `trace`.
-    pub fn forward_traced(
-        &self,
-        steps: &[Step],
-        caches: &mut [KvCache],
-        trace: &mut dyn FnMut(Trace, &[f32]),
-    ) -> Result<Vec<Vec<f32>>> {
         let s = &self.spec;
         let n = steps.len();
         // Positions: each sequence continues from its cache length, in step order.
@@ -409,7 +392,6 @@ impl Model {
             for (xv, &b) in x.iter_mut().zip(&buf) {
                 *xv += b;
             }
-            trace(Trace::LayerOutput(li), &x);
         }
         for (c, &len) in caches.iter_mut().zip(&next) {
             c.set_len(len);
