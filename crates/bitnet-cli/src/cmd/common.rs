@@ -106,22 +106,37 @@ pub fn tokenizer(m: &LoadedModel) -> Result<&TextTokenizer> {
         .context("this model ships no tokenizer: pass token ids with --tokens instead of text")
 }
 
-/// Token ids from `--tokens` or by encoding `--prompt`.
-pub fn prompt_ids(m: &LoadedModel, tokens: Option<&str>, prompt: Option<&str>) -> Result<Vec<u32>> {
-    let ids = match (tokens, prompt) {
-        (Some(t), None) => parse_tokens(t)?,
-        (None, Some(p)) => tokenizer(m)?.encode(p, true)?,
-        (Some(_), Some(_)) => bail!("give either --prompt or --tokens, not both"),
-        (None, None) => bail!("give a prompt with --prompt TEXT or token ids with --tokens 1,2,3"),
-    };
-    if ids.is_empty() {
-        bail!("the prompt encodes to no tokens");
+/// The input of the commands that read one prompt: text or token ids.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PromptArgs {
+    /// Prompt text.
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    /// Token ids instead of text, comma-separated.
+    #[arg(long)]
+    pub tokens: Option<String>,
+}
+
+impl PromptArgs {
+    /// Token ids from `--tokens` or by encoding `--prompt`, checked against the vocabulary.
+    pub fn ids(&self, m: &LoadedModel) -> Result<Vec<u32>> {
+        let ids = match (self.tokens.as_deref(), self.prompt.as_deref()) {
+            (Some(t), None) => parse_tokens(t)?,
+            (None, Some(p)) => tokenizer(m)?.encode(p, true)?,
+            (Some(_), Some(_)) => bail!("give either --prompt or --tokens, not both"),
+            (None, None) => {
+                bail!("give a prompt with --prompt TEXT or token ids with --tokens 1,2,3")
+            }
+        };
+        if ids.is_empty() {
+            bail!("the prompt encodes to no tokens");
+        }
+        let vocab = m.model.spec.vocab;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        Ok(ids)
     }
-    let vocab = m.model.spec.vocab;
-    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        bail!("token id {bad} is outside the vocabulary of {vocab}");
-    }
-    Ok(ids)
 }
 
 /// Peak resident set size of this process so far (Linux `VmHWM`), in bytes.

@@ -1,6 +1,6 @@
 //! `bitnet logits`: float32 logits of every position, written as a `.npy` file.
 
-use super::common::{ModelArgs, prompt_ids};
+use super::common::{ModelArgs, PromptArgs};
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,12 +9,8 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text to score.
-    #[arg(short, long)]
-    pub prompt: Option<String>,
-    /// Token ids to score instead of text, comma-separated.
-    #[arg(long)]
-    pub tokens: Option<String>,
+    #[command(flatten)]
+    pub input: PromptArgs,
     /// Output file (`[n_tokens, vocab]` float32, NumPy format).
     #[arg(short, long)]
     pub out: PathBuf,
@@ -22,7 +18,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let m = args.model.load()?;
-    let ids = prompt_ids(&m, args.tokens.as_deref(), args.prompt.as_deref())?;
+    let ids = args.input.ids(&m)?;
     let logits = m.model.logits_all(&ids)?;
     let vocab = m.model.spec.vocab;
     bitnet_formats::atomic::write_atomic(&args.out, |w| {

@@ -1,6 +1,6 @@
 //! `bitnet run`: generate text from a prompt, streaming it, then report speed.
 
-use super::common::{ModelArgs, SamplingArgs, peak_rss_bytes, prompt_ids};
+use super::common::{ModelArgs, PromptArgs, SamplingArgs, peak_rss_bytes};
 use anyhow::{Result, bail};
 use bitnet_model::generate::{FinishReason, GenerateOptions, generate};
 use std::io::Write;
@@ -9,12 +9,8 @@ use std::io::Write;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text to continue.
-    #[arg(short, long)]
-    pub prompt: Option<String>,
-    /// Token ids to continue instead of text, comma-separated.
-    #[arg(long)]
-    pub tokens: Option<String>,
+    #[command(flatten)]
+    pub input: PromptArgs,
     /// Tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
     pub n: usize,
@@ -36,7 +32,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let m = args.model.load()?;
-    let mut prompt = prompt_ids(&m, args.tokens.as_deref(), args.prompt.as_deref())?;
+    let mut prompt = args.input.ids(&m)?;
     let ctx = m.model.spec.context;
     if prompt.len() >= ctx {
         if !args.truncate {
