@@ -1,31 +1,20 @@
 //! `bitnet inspect` on the real SmolLM2 GGUF and on broken inputs.
 
+mod cli;
 #[path = "../../bitnet-formats/tests/common/mod.rs"]
 mod common;
+
+use cli::{bitnet, succeeds};
 
 use common::repo_root as root;
 use common::smollm2;
 
 use serde_json::Value;
-use std::process::Command;
-
-fn bitnet() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bitnet"))
-}
 
 #[test]
 fn lists_every_tensor_and_the_tokenizer() {
     let Some(path) = smollm2() else { return };
-    let out = bitnet()
-        .args(["inspect", "--json"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(bitnet().args(["inspect", "--json"]).arg(&path));
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     let golden: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("testdata/golden/smollm2/tensors.json")).unwrap(),

@@ -1,8 +1,11 @@
 //! `bitnet run`, `chat`, `logits`, `perplexity` end to end, including the inputs that must give a
 //! clear error instead of a panic.
 
+mod cli;
 #[path = "../../bitnet-formats/tests/common/mod.rs"]
 mod common;
+
+use cli::{bitnet, succeeds};
 
 use common::repo_root as root;
 use common::smollm2;
@@ -10,11 +13,7 @@ use common::smollm2;
 use serde_json::Value;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-
-fn bitnet() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bitnet"))
-}
+use std::process::Stdio;
 
 fn tiny() -> PathBuf {
     root().join("testdata/models/tiny-bitnet-a-packed")
@@ -60,25 +59,17 @@ fn run_refuses_bad_inputs_without_panicking() {
         &["run", "-m", t, "--tokens", &long.join(",")],
         "context holds 256",
     );
-    let out = bitnet()
-        .args([
-            "run",
-            "-m",
-            t,
-            "--tokens",
-            &long.join(","),
-            "--truncate",
-            "-n",
-            "4",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(bitnet().args([
+        "run",
+        "-m",
+        t,
+        "--tokens",
+        &long.join(","),
+        "--truncate",
+        "-n",
+        "4",
+        "--json",
+    ]));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["prompt_tokens"].as_array().unwrap().len(), 255);
     assert_eq!(
@@ -108,30 +99,22 @@ fn run_refuses_bad_inputs_without_panicking() {
 fn run_json_is_reproducible_with_a_seed() {
     let t = tiny();
     let run = |seed: &str| -> Value {
-        let out = bitnet()
-            .args([
-                "run",
-                "-m",
-                t.to_str().unwrap(),
-                "--tokens",
-                "5,6,7",
-                "-n",
-                "12",
-                "--temperature",
-                "0.9",
-                "--top-k",
-                "40",
-                "--seed",
-                seed,
-                "--json",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = succeeds(bitnet().args([
+            "run",
+            "-m",
+            t.to_str().unwrap(),
+            "--tokens",
+            "5,6,7",
+            "-n",
+            "12",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "40",
+            "--seed",
+            seed,
+            "--json",
+        ]));
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let (a, b, c) = (run("1"), run("1"), run("2"));
@@ -177,23 +160,15 @@ fn chat_answers_a_scripted_conversation_and_exits_on_eof() {
 fn logits_writes_npy() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("l.npy");
-    let st = bitnet()
-        .args([
-            "logits",
-            "-m",
-            tiny().to_str().unwrap(),
-            "--tokens",
-            "3,4,5",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    succeeds(bitnet().args([
+        "logits",
+        "-m",
+        tiny().to_str().unwrap(),
+        "--tokens",
+        "3,4,5",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     let b = std::fs::read(&out).unwrap();
     assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
     let hl = u16::from_le_bytes([b[8], b[9]]) as usize;
@@ -206,23 +181,18 @@ fn logits_writes_npy() {
 #[test]
 fn perplexity_matches_transformers() {
     let Some(m) = smollm2() else { return };
-    let out = bitnet()
-        .args([
-            "perplexity",
-            "-m",
-            m.to_str().unwrap(),
-            "--ctx",
-            "128",
-            "--json",
-            "-f",
-        ])
-        .arg(root().join("testdata/text/tiny.txt"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeds(
+        bitnet()
+            .args([
+                "perplexity",
+                "-m",
+                m.to_str().unwrap(),
+                "--ctx",
+                "128",
+                "--json",
+                "-f",
+            ])
+            .arg(root().join("testdata/text/tiny.txt")),
     );
     let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
     let golden: Value = serde_json::from_str(
@@ -284,24 +254,15 @@ fn model_outputs_hold_under_every_kernel_tier() {
         let mut per_tier = Vec::new();
         for tier in bitnet_kernels::cpu::available_tiers() {
             let out = dir.path().join(format!("{name}-{tier}.npy"));
-            let st = bitnet()
-                .env("BITNET_CPU_TIER", tier.name())
-                .args([
-                    "logits",
-                    "-m",
-                    root().join("testdata/models").join(name).to_str().unwrap(),
-                    "--tokens",
-                    &ids.join(","),
-                    "--out",
-                    out.to_str().unwrap(),
-                ])
-                .output()
-                .unwrap();
-            assert!(
-                st.status.success(),
-                "{}",
-                String::from_utf8_lossy(&st.stderr)
-            );
+            succeeds(bitnet().env("BITNET_CPU_TIER", tier.name()).args([
+                "logits",
+                "-m",
+                root().join("testdata/models").join(name).to_str().unwrap(),
+                "--tokens",
+                &ids.join(","),
+                "--out",
+                out.to_str().unwrap(),
+            ]));
             let got = read_npy_f32(&out);
             let max = got
                 .iter()
@@ -324,26 +285,18 @@ fn model_outputs_hold_under_every_kernel_tier() {
 #[test]
 fn stop_strings_end_the_generation() {
     let Some(m) = smollm2() else { return };
-    let out = bitnet()
-        .args([
-            "run",
-            "-m",
-            m.to_str().unwrap(),
-            "-p",
-            "The capital of France is",
-            "-n",
-            "24",
-            "--stop",
-            ".",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(bitnet().args([
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "24",
+        "--stop",
+        ".",
+        "--json",
+    ]));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["finish_reason"], "stop");
     assert_eq!(v["text"], " Paris");
@@ -355,26 +308,21 @@ fn stop_strings_end_the_generation() {
 fn int8_head_costs_little_perplexity() {
     let Some(m) = smollm2() else { return };
     let ppl = |extra: &[&str]| -> f64 {
-        let out = bitnet()
-            .args([
-                "perplexity",
-                "-m",
-                m.to_str().unwrap(),
-                "--ctx",
-                "128",
-                "--chunks",
-                "4",
-                "--json",
-                "-f",
-            ])
-            .arg(root().join("testdata/text/tiny.txt"))
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = succeeds(
+            bitnet()
+                .args([
+                    "perplexity",
+                    "-m",
+                    m.to_str().unwrap(),
+                    "--ctx",
+                    "128",
+                    "--chunks",
+                    "4",
+                    "--json",
+                    "-f",
+                ])
+                .arg(root().join("testdata/text/tiny.txt"))
+                .args(extra),
         );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v["ppl"].as_f64().unwrap()
