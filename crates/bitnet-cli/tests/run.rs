@@ -304,8 +304,10 @@ fn stop_strings_end_the_generation() {
 
 /// The int8 lm_head halves the head's bytes per token; its cost in accuracy, measured as
 /// perplexity on SmolLM2 (whose head is Q8_0 in 32-blocks), stays under 1% (measured: +0.37%).
+/// The q4 head (a quarter of the bytes) costs more on this small model: measured +14% on the
+/// whole file, bounded here at 25%.
 #[test]
-fn int8_head_costs_little_perplexity() {
+fn compact_heads_cost_measured_perplexity() {
     let Some(m) = smollm2() else { return };
     let ppl = |extra: &[&str]| -> f64 {
         let out = succeeds(
@@ -327,10 +329,19 @@ fn int8_head_costs_little_perplexity() {
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v["ppl"].as_f64().unwrap()
     };
-    let (base, int8) = (ppl(&[]), ppl(&["--int8-head"]));
-    assert_ne!(base, int8, "the int8 head changed nothing: was it applied?");
+    let base = ppl(&[]);
+    let int8 = ppl(&["--head-quant", "int8"]);
+    let q4 = ppl(&["--head-quant", "q4"]);
+    assert!(
+        base != int8 && base != q4,
+        "a compact head changed nothing: was it applied?"
+    );
     assert!(
         (int8 - base).abs() / base < 0.01,
         "int8 head perplexity {int8} vs {base}"
+    );
+    assert!(
+        (q4 - base).abs() / base < 0.25,
+        "q4 head perplexity {q4} vs {base}"
     );
 }

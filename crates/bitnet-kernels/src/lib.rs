@@ -21,6 +21,7 @@ pub mod bandwidth;
 pub mod buffer;
 pub mod cpu;
 pub mod dense;
+pub mod int4;
 pub mod int8;
 pub mod mmap;
 pub mod pool;

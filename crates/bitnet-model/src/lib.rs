@@ -30,4 +30,4 @@ pub mod synthetic;
 
 pub use error::{ModelError, Result};
 pub use load::{LoadedModel, load};
-pub use model::{Model, Step};
+pub use model::{HeadQuant, Model, Step};

@@ -8,6 +8,7 @@ use crate::error::{ModelError, Result};
 use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, quantize_row_i8};
 use bitnet_formats::gguf::{GgmlType, dequantize_into};
 pub use bitnet_kernels::dense::dot_f32;
+use bitnet_kernels::int4::{Int4Acts, Int4Rows};
 use bitnet_kernels::int8::Int8Rows;
 use bitnet_kernels::ternary::{PackedTernary, QuantizedBatch, gemm_par};
 use bitnet_kernels::{cpu, dense, pool};
@@ -380,13 +381,43 @@ pub fn int8_matmul(w: &Int8Rows, x: &[f32], n: usize, out: &mut [f32]) {
     );
 }
 
+/// 4-bit weights with a scale per 128-weight block (the smallest lm_head), times per-token int8
+/// activations.
+pub fn int4_matmul(w: &Int4Rows, x: &[f32], n: usize, out: &mut [f32]) {
+    let cols = w.cols();
+    let mut acts = Vec::with_capacity(n);
+    let mut xs = Vec::with_capacity(n);
+    let mut xq = vec![0i8; cols];
+    for t in 0..n {
+        xs.push(
+            quantize_row_i8(&x[t * cols..(t + 1) * cols], &mut xq).expect("row length matches"),
+        );
+        acts.push(Int4Acts::new(&xq, w.blocks()));
+    }
+    let tier = cpu::tier();
+    let rows = w.rows();
+    pool::par_columns(&pool::current(), out, rows, rows, 4, &|cols, wr| {
+        for g in cols.start / 4..cols.end.div_ceil(4) {
+            let valid = (rows - 4 * g).min(4);
+            for (t, a) in acts.iter().enumerate() {
+                let mut d = [0.0f32; 4];
+                w.group_dot(tier, g, a, &mut d);
+                let run: [f32; 4] = std::array::from_fn(|i| d[i] / xs[t]);
+                wr.set_run(t, 4 * g, &run[..valid]);
+            }
+        }
+    });
+}
+
 /// Any linear layer of a model.
 #[derive(Debug, Clone)]
 pub enum Linear {
     Ternary(TernaryLinear),
     Dense(DenseMatrix),
-    /// Int8 rows with per-row scales (`--int8-head`).
+    /// Int8 rows with per-row scales (`--head-quant int8`).
     Int8(Int8Rows),
+    /// 4-bit rows with a scale per 128 weights (`--head-quant q4`).
+    Int4(Int4Rows),
 }
 
 impl Linear {
@@ -395,6 +426,7 @@ impl Linear {
             Linear::Ternary(t) => t.rows(),
             Linear::Dense(d) => d.rows,
             Linear::Int8(q) => q.rows(),
+            Linear::Int4(q) => q.rows(),
         }
     }
 
@@ -403,6 +435,7 @@ impl Linear {
             Linear::Ternary(t) => t.cols(),
             Linear::Dense(d) => d.cols,
             Linear::Int8(q) => q.cols(),
+            Linear::Int4(q) => q.cols(),
         }
     }
 
@@ -412,6 +445,7 @@ impl Linear {
             Linear::Ternary(t) => t.matmul(x, n, out),
             Linear::Dense(d) => d.matmul(x, n, out),
             Linear::Int8(q) => int8_matmul(q, x, n, out),
+            Linear::Int4(q) => int4_matmul(q, x, n, out),
         }
     }
 
@@ -421,6 +455,7 @@ impl Linear {
             Linear::Ternary(t) => t.packed_bytes(),
             Linear::Dense(d) => d.bytes(),
             Linear::Int8(q) => q.bytes(),
+            Linear::Int4(q) => q.bytes(),
         }
     }
 
@@ -431,6 +466,7 @@ impl Linear {
             }
             Linear::Dense(d) => d.ty.to_string(),
             Linear::Int8(_) => "int8 (per-row scale)".to_string(),
+            Linear::Int4(_) => "q4 (scale per 128 weights)".to_string(),
         }
     }
 }

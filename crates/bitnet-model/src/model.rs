@@ -40,7 +40,7 @@ impl Fused {
         fn t(x: &Linear) -> Option<&TernaryLinear> {
             match x {
                 Linear::Ternary(t) => Some(t),
-                Linear::Dense(_) | Linear::Int8(_) => None,
+                Linear::Dense(_) | Linear::Int8(_) | Linear::Int4(_) => None,
             }
         }
         let qkv = match (t(&l.q), t(&l.k), t(&l.v)) {
@@ -82,6 +82,28 @@ pub struct Model {
     pub lm_head: Linear,
     rope: Rope,
     fused: Vec<Fused>,
+}
+
+/// A compact integer form for the lm_head (`--head-quant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadQuant {
+    /// Int8 rows with a scale per row: half the bytes of f16.
+    Int8,
+    /// 4-bit weights with a scale per 128: 4.25 bits per weight, about a quarter of f16.
+    Q4,
+}
+
+impl std::str::FromStr for HeadQuant {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "int8" => Ok(Self::Int8),
+            "q4" => Ok(Self::Q4),
+            other => Err(format!(
+                "unknown head quantization {other:?}: choose int8 or q4"
+            )),
+        }
+    }
 }
 
 /// One token of one sequence to run.
@@ -231,15 +253,20 @@ impl Model {
         layers + self.lm_head.weight_bytes()
     }
 
-    /// Replace a float lm_head by int8 rows with a scale per row (half the bytes of f16 per
-    /// decoded token; the cost in accuracy is measured with `bitnet perplexity --int8-head`).
-    /// The embedding lookup keeps the original matrix.
-    pub fn quantize_head_int8(&mut self) {
+    /// Replace a float lm_head by a compact integer form (fewer bytes per decoded token; the
+    /// cost in accuracy is measured with `bitnet perplexity --head-quant`). The embedding
+    /// lookup keeps the original matrix.
+    pub fn quantize_head(&mut self, quant: HeadQuant) {
         if let Linear::Dense(d) = &self.lm_head {
-            let q = bitnet_kernels::int8::Int8Rows::quantize(d.rows, d.cols, |r, buf| {
-                d.row_into(r, buf)
-            });
-            self.lm_head = Linear::Int8(q);
+            let row = |r: usize, buf: &mut [f32]| d.row_into(r, buf);
+            self.lm_head = match quant {
+                HeadQuant::Int8 => Linear::Int8(bitnet_kernels::int8::Int8Rows::quantize(
+                    d.rows, d.cols, row,
+                )),
+                HeadQuant::Q4 => Linear::Int4(bitnet_kernels::int4::Int4Rows::quantize(
+                    d.rows, d.cols, row,
+                )),
+            };
         }
     }
 

@@ -17,10 +17,14 @@ pub struct Args {
     /// Build a model with real shapes and random weights instead: `2b4t` (BitNet b1.58 2B-4T).
     #[arg(long)]
     pub synthetic: Option<String>,
-    /// The synthetic model's lm_head: f16 (as bitnet.cpp and llama.cpp keep it), f32, or int8
-    /// (f16 embeddings, int8 rows with per-row scales for the head: fewer bytes per token).
+    /// The synthetic model's embeddings / lm_head type: f16 (as bitnet.cpp and llama.cpp keep
+    /// it) or f32.
     #[arg(long, default_value = "f16")]
     pub head: String,
+    /// Quantize the lm_head after loading: int8 (a scale per row) or q4 (a scale per 128
+    /// weights); the embeddings keep their type. Fewer bytes per token.
+    #[arg(long, value_name = "int8|q4")]
+    pub head_quant: Option<bitnet_model::HeadQuant>,
     /// Prompt length to process (0 to skip).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
     pub prompt: usize,
@@ -131,22 +135,21 @@ pub fn run(args: Args) -> Result<()> {
                 model: p.clone(),
                 ctx: None,
                 threads: None,
-                int8_head: args.head == "int8",
+                head_quant: args.head_quant,
             }
             .load()?;
             (m.model, p.display().to_string())
         }
         (None, Some("2b4t")) => {
-            let (head, int8) = match args.head.as_str() {
-                "f16" => (GgmlType::F16, false),
-                "f32" => (GgmlType::F32, false),
-                "int8" => (GgmlType::F16, true),
-                other => bail!("--head {other:?}: choose f16, f32 or int8"),
+            let head = match args.head.as_str() {
+                "f16" => GgmlType::F16,
+                "f32" => GgmlType::F32,
+                other => bail!("--head {other:?}: choose f16 or f32 (and --head-quant int8|q4)"),
             };
-            let label = if int8 {
-                "int8".to_string()
-            } else {
-                head.to_string()
+            let label = match args.head_quant {
+                Some(bitnet_model::HeadQuant::Int8) => "int8".to_string(),
+                Some(bitnet_model::HeadQuant::Q4) => "q4".to_string(),
+                None => head.to_string(),
             };
             eprintln!(
                 "building a synthetic BitNet b1.58 2B-4T-shaped model (random ternary weights, {label} head)..."
@@ -156,8 +159,8 @@ pub fn run(args: Args) -> Result<()> {
                 head,
                 42,
             )?;
-            if int8 {
-                m.quantize_head_int8();
+            if let Some(q) = args.head_quant {
+                m.quantize_head(q);
             }
             (m, format!("synthetic 2b4t ({label} head)"))
         }

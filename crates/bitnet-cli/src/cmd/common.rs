@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use bitnet_formats::tokenizer::TextTokenizer;
-use bitnet_model::LoadedModel;
 use bitnet_model::sampling::SamplingParams;
+use bitnet_model::{HeadQuant, LoadedModel};
 use std::path::PathBuf;
 
 /// Which model to load.
@@ -18,10 +18,10 @@ pub struct ModelArgs {
     /// Threads for the kernels (default: every CPU this process may use, or BITNET_THREADS).
     #[arg(short, long)]
     pub threads: Option<usize>,
-    /// Quantize the lm_head to int8 rows (half the bytes of f16 per token; see `perplexity` for
-    /// what it costs).
-    #[arg(long)]
-    pub int8_head: bool,
+    /// Quantize the lm_head: int8 (a scale per row, half the bytes of f16 per token) or q4
+    /// (4 bits, a scale per 128 weights, about a quarter); `perplexity` measures what it costs.
+    #[arg(long, value_name = "int8|q4")]
+    pub head_quant: Option<HeadQuant>,
 }
 
 impl ModelArgs {
@@ -35,8 +35,8 @@ impl ModelArgs {
             }
             m.model.spec.context = c;
         }
-        if self.int8_head {
-            m.model.quantize_head_int8();
+        if let Some(q) = self.head_quant {
+            m.model.quantize_head(q);
         }
         Ok(m)
     }

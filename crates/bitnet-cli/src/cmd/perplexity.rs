@@ -28,9 +28,9 @@ pub struct Args {
     /// Threads for the kernels.
     #[arg(short, long)]
     pub threads: Option<usize>,
-    /// Quantize the lm_head to int8 rows first (to measure what that costs).
-    #[arg(long)]
-    pub int8_head: bool,
+    /// Quantize the lm_head first, to int8 or q4 (to measure what that costs).
+    #[arg(long, value_name = "int8|q4")]
+    pub head_quant: Option<bitnet_model::HeadQuant>,
 }
 
 /// Result of a perplexity run.
@@ -123,7 +123,7 @@ pub fn run(args: Args) -> Result<()> {
         model: args.model.clone(),
         ctx: None,
         threads: args.threads,
-        int8_head: args.int8_head,
+        head_quant: args.head_quant,
     }
     .load()?;
     let text = std::fs::read_to_string(&args.file)
