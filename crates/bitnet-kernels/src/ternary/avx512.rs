@@ -113,11 +113,12 @@ unsafe fn dot1(w: *const u8, blocks: usize, x: *const i8, out: &mut [[i32; ROWS]
     }
 }
 
-/// Several tokens (prefill): each row's fields are isolated once per block and applied to every
-/// token.
+/// Several tokens (prefill): the group's four rows and up to four tokens are blocked in
+/// registers (16 accumulators), so each activation load feeds four rows and each weight field
+/// four tokens. Fields are shifted down to plain codes here (their cost is shared by the
+/// tokens), which lets the four fields of a row and token share one accumulator.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(unsafe_code)]
-#[allow(clippy::needless_range_loop)] // `r` indexes the weight stream and the output alike
 unsafe fn dotn<const NT: usize>(
     w: *const u8,
     blocks: usize,
@@ -125,28 +126,36 @@ unsafe fn dotn<const NT: usize>(
     stride: usize,
     out: &mut [[i32; ROWS]; 4],
 ) {
-    for r in 0..ROWS {
-        let mut acc = [[_mm512_setzero_si512(); 4]; NT];
-        // SAFETY: `group_dot` checked that every pointer offset below stays inside `w` and `x`.
-        unsafe {
-            for b in 0..blocks {
-                let c = fields(_mm512_loadu_si512(
-                    w.add((b * ROWS + r) * BLOCK_BYTES) as *const _
-                ));
+    let mut acc = [[_mm512_setzero_si512(); ROWS]; NT];
+    let mask = _mm512_set1_epi8(0x03);
+    // SAFETY: `group_dot` checked that every pointer offset below stays inside `w` and `x`.
+    unsafe {
+        for b in 0..blocks {
+            let wb = w.add(b * ROWS * BLOCK_BYTES);
+            let raw: [__m512i; ROWS] =
+                std::array::from_fn(|r| _mm512_loadu_si512(wb.add(r * BLOCK_BYTES) as *const _));
+            for g in 0..4 {
+                let f: [__m512i; ROWS] = std::array::from_fn(|r| {
+                    let v = match g {
+                        0 => raw[r],
+                        1 => _mm512_srli_epi16(raw[r], 2),
+                        2 => _mm512_srli_epi16(raw[r], 4),
+                        _ => _mm512_srli_epi16(raw[r], 6),
+                    };
+                    _mm512_and_si512(v, mask)
+                });
                 for (t, a) in acc.iter_mut().enumerate() {
-                    let xb = x.add(t * stride + b * BLOCK);
-                    for g in 0..4 {
-                        a[g] = _mm512_dpbusd_epi32(
-                            a[g],
-                            c[g],
-                            _mm512_loadu_si512(xb.add(64 * g) as *const _),
-                        );
+                    let xv = _mm512_loadu_si512(x.add(t * stride + b * BLOCK + 64 * g) as *const _);
+                    for r in 0..ROWS {
+                        a[r] = _mm512_dpbusd_epi32(a[r], f[r], xv);
                     }
                 }
             }
         }
-        for (t, a) in acc.iter().enumerate() {
-            out[t][r] = combine(a);
+    }
+    for (t, a) in acc.iter().enumerate() {
+        for r in 0..ROWS {
+            out[t][r] = _mm512_reduce_add_epi32(a[r]);
         }
     }
 }
