@@ -184,6 +184,12 @@ pub fn set_threads(threads: usize) {
     }
 }
 
+/// A pool of one thread (the caller): for work too small to hand out.
+pub fn serial() -> Arc<ThreadPool> {
+    static ONE: std::sync::OnceLock<Arc<ThreadPool>> = std::sync::OnceLock::new();
+    Arc::clone(ONE.get_or_init(|| Arc::new(ThreadPool::new(1))))
+}
+
 /// The pool the kernels run on (created with [`default_threads`] on first use).
 pub fn current() -> Arc<ThreadPool> {
     let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());

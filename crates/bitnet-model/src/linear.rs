@@ -10,7 +10,7 @@ use bitnet_formats::gguf::{GgmlType, dequantize_into};
 pub use bitnet_kernels::dense::dot_f32;
 use bitnet_kernels::int4::{Int4Acts, Int4Rows};
 use bitnet_kernels::int8::Int8Rows;
-use bitnet_kernels::ternary::{PackedTernary, QuantizedBatch, gemm_par};
+use bitnet_kernels::ternary::{PackedTernary, QuantizedBatch, gemm_par_map};
 use bitnet_kernels::{cpu, dense, pool};
 use std::sync::Arc;
 
@@ -310,20 +310,15 @@ impl TernaryLinear {
             }
             return;
         }
-        let mut dots = vec![0i32; batch.n * rows];
-        gemm_par(
+        gemm_par_map(
             &pool::current(),
             cpu::tier(),
             &self.packed,
             batch,
-            &mut dots,
+            &mut out[..batch.n * rows],
             rows,
+            &|t, r, dot| self.scale_out(dot, r, xs[t]),
         );
-        for (t, &s) in xs.iter().enumerate() {
-            for r in 0..rows {
-                out[t * rows + r] = self.scale_out(dots[t * rows + r], r, s);
-            }
-        }
     }
 
     /// `n` rows of float activations in, `n` rows out.

@@ -6,6 +6,7 @@ use crate::kv::KvCache;
 use crate::linear::{DenseMatrix, Linear, TernaryLinear, dot_f32};
 use crate::ops::{Rope, gated_activation, rms_norm_rows, softmax};
 use crate::spec::{Family, ModelSpec};
+use bitnet_kernels::pool;
 
 /// One decoder layer's weights.
 #[derive(Debug, Clone)]
@@ -334,8 +335,14 @@ impl Model {
         );
         let group = s.n_heads / s.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut scores = Vec::new();
         let mut qkv = Vec::new();
+        // Attention is split between the threads by heads when there are several tokens; one
+        // token's (decode) stays on this thread.
+        let attn_pool = if n > 1 {
+            pool::current()
+        } else {
+            std::sync::Arc::new(pool::ThreadPool::new(1))
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             buf.copy_from_slice(&x);
             rms_norm_rows(&mut buf, &layer.attn_norm, s.rms_eps);
@@ -365,27 +372,33 @@ impl Model {
                     &v[t * kvd..(t + 1) * kvd],
                 );
             }
-            for t in 0..n {
-                let (kc, vc) = caches[steps[t].seq].layer(li);
-                let len = pos[t] + 1;
-                for head in 0..s.n_heads {
-                    let kvh = head / group;
-                    let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                    scores.clear();
-                    scores.extend((0..len).map(|p| {
-                        dot_f32(qh, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale
-                    }));
-                    softmax(&mut scores);
-                    let out = &mut attn[t * qd + head * hd..t * qd + (head + 1) * hd];
-                    out.fill(0.0);
-                    for (p, &w) in scores.iter().enumerate() {
-                        let vr = &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                        for (o, &vv) in out.iter_mut().zip(vr) {
-                            *o += w * vv;
+            // Attention, split between the threads by heads (columns of `attn`).
+            let kv: Vec<(&[f32], &[f32])> =
+                steps.iter().map(|st| caches[st.seq].layer(li)).collect();
+            pool::par_columns(&attn_pool, &mut attn, qd, qd, hd, &|cols, wr| {
+                let mut scores = Vec::new();
+                let mut out = vec![0.0f32; hd];
+                for (t, &(kc, vc)) in kv.iter().enumerate() {
+                    let len = pos[t] + 1;
+                    for head in cols.start / hd..cols.end / hd {
+                        let kvh = head / group;
+                        let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                        scores.clear();
+                        scores.extend((0..len).map(|p| {
+                            dot_f32(qh, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale
+                        }));
+                        softmax(&mut scores);
+                        out.fill(0.0);
+                        for (p, &w) in scores.iter().enumerate() {
+                            let vr = &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                            for (o, &vv) in out.iter_mut().zip(vr) {
+                                *o += w * vv;
+                            }
                         }
+                        wr.set_run(t, head * hd, &out);
                     }
                 }
-            }
+            });
             if let Some(w) = &layer.attn_sub_norm {
                 rms_norm_rows(&mut attn, w, s.rms_eps);
             }

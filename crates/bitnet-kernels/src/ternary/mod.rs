@@ -303,6 +303,34 @@ pub fn gemm_par(
     });
 }
 
+/// [`gemm_par`] that hands each dot product to `map(token, row, dot)` inside the threads and
+/// writes what it returns: the float scaling of a layer runs in parallel with no i32 buffer.
+pub fn gemm_par_map<T: Copy + Send + Default>(
+    pool: &crate::pool::ThreadPool,
+    tier: Tier,
+    w: &PackedTernary,
+    x: &QuantizedBatch,
+    out: &mut [T],
+    out_stride: usize,
+    map: &(dyn Fn(usize, usize, i32) -> T + Sync),
+) {
+    assert!(
+        out_stride >= w.rows && out.len() >= x.n * out_stride,
+        "output buffer too small"
+    );
+    let acts = amx_acts(tier, x);
+    let align = if acts.is_some() { 32 } else { ROWS };
+    crate::pool::par_columns(pool, out, out_stride, w.rows, align, &|cols, writer| {
+        let groups = cols.start / ROWS..cols.end.div_ceil(ROWS);
+        let mut buf: Vec<T> = Vec::new();
+        gemm_into(tier, w, x, acts.as_ref(), groups, &mut |t, r, v| {
+            buf.clear();
+            buf.extend(v.iter().enumerate().map(|(i, &d)| map(t, r + i, d)));
+            writer.set_run(t, r, &buf)
+        });
+    });
+}
+
 fn gemm_into(
     tier: Tier,
     w: &PackedTernary,
@@ -460,6 +488,19 @@ mod tests {
                 assert_eq!(
                     par, want,
                     "{tier} on 2 threads, {rows}x{cols} with {n} tokens"
+                );
+                let mut mapped = vec![0i64; n * rows];
+                gemm_par_map(&pool, tier, &w, &x, &mut mapped, rows, &|t, r, d| {
+                    i64::from(d) * 1000 + (t * rows + r) as i64
+                });
+                let want_mapped: Vec<i64> = want
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| i64::from(d) * 1000 + i as i64)
+                    .collect();
+                assert_eq!(
+                    mapped, want_mapped,
+                    "{tier} mapped, {rows}x{cols}, {n} tokens"
                 );
             }
         }
