@@ -17,6 +17,11 @@ A. Tiny random BitNet b1.58 models (BitNetForCausalLM, float32), each saved twic
    activation codes, per-token activation scale and output; logits; hidden states; 16 greedy tokens
    with per-step logits and top-2 margins. golden/models/summary.json: float-vs-packed spread and the
    formulas verified.
+C. tiny-bitnet-c: a float-master BitNet with TQ-sized rows (hidden 256, intermediate 256, 1 layer):
+     models/tiny-bitnet-c-float/ and golden/models/tiny-bitnet-c-ternary.npz: for every BitLinear,
+     transformers' ternarized weight as AutoBitLinear computes it (compiled WeightQuant), split into
+     codes (int8) and the one magnitude of its non-zero entries. TQ2_0 / TQ1_0 files converted from
+     the directory are read back with gguf-py (scripts/golden/tq_readback.py) and compared to these.
 B. SmolLM2-135M-Instruct from its Q4_1 GGUF (only with --smollm2):
      golden/smollm2/model_golden.safetensors + model_golden.json: chat prompt ids and logits, 32
      greedy tokens, hidden states, a plain-text prompt's logits, and the llama.cpp-style perplexity of
@@ -608,6 +613,39 @@ PPL_CTX = 128
 TOPK = 8
 
 
+TINY_C = {
+    "name": "tiny-bitnet-c", "seed": 0xB17_0C, "hidden_size": 256, "intermediate_size": 256,
+    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+    "tie_word_embeddings": True, "config_style": "transformers",
+}
+
+
+def gen_tiny_c(out_root: Path) -> Path:
+    """C: the float directory and transformers' ternarized weights of each BitLinear."""
+    spec = TINY_C
+    w = tiny_weights(spec)
+    d = out_root / "models" / f"{spec['name']}-float"
+    write_model_dir(d, tiny_config_dict(spec, "float"), w)
+    saved = safetensors.torch.load_file(str(d / "model.safetensors"))
+    model = load_and_check(spec, "float", d, saved)
+    arrays: dict[str, np.ndarray] = {}
+    for lin in linear_weight_names(spec):
+        mod = model.get_submodule(lin)
+        assert isinstance(mod, AutoBitLinear), lin
+        with torch.no_grad():
+            w_dq = WeightQuant.apply(mod.weight)  # compiled, as AutoBitLinear.forward runs it
+        mags = w_dq.abs()[w_dq != 0].unique()
+        assert mags.numel() == 1, f"{lin}: non-zero entries take {mags.numel()} magnitudes"
+        codes = torch.sign(w_dq).to(torch.int8)
+        assert torch.equal(codes.float() * mags[0], w_dq), lin
+        arrays[lin + ".codes"] = codes.numpy()
+        arrays[lin + ".value"] = mags.numpy().astype(F32)
+    gold = out_root / "golden" / "models" / f"{spec['name']}-ternary.npz"
+    gold.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(gold, **arrays)
+    return gold
+
+
 def llama_cpp_perplexity(model, ids: list[int], n_ctx: int) -> dict:
     """llama.cpp's perplexity tool (tools/perplexity): n_chunk = len(ids) // n_ctx non-overlapping
     chunks, each evaluated from an empty cache (no BOS inserted: add_bos_token is false for this
@@ -820,6 +858,9 @@ def main() -> int:
                   f"online y vs exact dot of dequantized operands: "
                   f"{m['float']['y_vs_exact_dot_of_dequant_operands']}")
         written += sorted((out / "models").rglob("*")) + sorted((out / "golden" / "models").rglob("*"))
+    gold_c = gen_tiny_c(out)
+    print(f"tiny-bitnet-c: {gold_c.relative_to(out)}")
+    written += [gold_c] + sorted((out / "models" / "tiny-bitnet-c-float").glob("*"))
     if args.smollm2 is not None:
         doc = gen_smollm2(out, args.smollm2, args.text)
         print(f"smollm2 greedy: {doc['greedy']['text']!r}")

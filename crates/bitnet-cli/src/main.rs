@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod cmd;
+mod config;
 
 /// bitnet-rust: convert, inspect, run and serve 1.58-bit (ternary) models.
 #[derive(Debug, Parser)]
@@ -23,12 +24,19 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Chat with a model in the terminal, using its chat template.
     Chat(cmd::chat::Args),
-    /// Convert a Hugging Face BitNet directory to a ternary GGUF (TQ2_0, TQ1_0, I2_S).
+    /// Convert a Hugging Face BitNet directory or a BitNet GGUF to a ternary GGUF (TQ2_0, TQ1_0, I2_S).
     Convert(cmd::convert::Args),
+    /// Report what ternarization costs a model: per-tensor error per scale granularity, and
+    /// perplexity before and after conversion.
+    Quantize(cmd::quantize::Args),
     /// Write the logits of every position to a .npy file.
     Logits(cmd::logits::Args),
     /// Perplexity of a text file (llama.cpp's method).
     Perplexity(cmd::perplexity::Args),
+    /// Write the configuration file, asking for each setting (or `--yes` for the defaults).
+    Init(cmd::init::Args),
+    /// Check this machine and configuration, and say what to fix.
+    Doctor(cmd::doctor::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,8 +47,11 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Quantize(args) => cmd::quantize::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Perplexity(args) => cmd::perplexity::run(args),
+        Command::Init(args) => cmd::init::run(args),
+        Command::Doctor(args) => cmd::doctor::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -134,6 +134,14 @@ impl SafetensorsSet {
         self.index.get(name).map(|&i| &self.tensors[i])
     }
 
+    /// Drop this process's mapped pages of a tensor (see [`MappedFile::release`]): streaming
+    /// conversions call it after each tensor so that the resident set stays one tensor deep.
+    pub fn release(&self, name: &str) {
+        if let Some(t) = self.get(name) {
+            self.shards[t.shard].release(t.range.clone());
+        }
+    }
+
     /// The raw little-endian bytes of a tensor, borrowed from the mapping.
     pub fn bytes(&self, t: &StTensorInfo) -> &[u8] {
         &self.shards[t.shard][t.range.clone()]

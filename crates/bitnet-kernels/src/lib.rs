@@ -25,4 +25,5 @@ pub mod int4;
 pub mod int8;
 pub mod mmap;
 pub mod pool;
+pub mod system;
 pub mod ternary;

@@ -33,6 +33,30 @@ impl MappedFile {
         })
     }
 
+    /// Drop this process's pages of `range` (widened to whole pages): they stop counting in its
+    /// resident set, and a later read faults them back in from the page cache with the same
+    /// bytes. Streaming a file larger than memory should hold (conversion) calls this behind
+    /// itself. Best effort: errors (and platforms without `madvise`) are ignored.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        let Some(map) = &self.map else { return };
+        let end = range.end.min(map.len());
+        if range.start >= end {
+            return;
+        }
+        #[cfg(unix)]
+        #[allow(unsafe_code)]
+        // SAFETY: MADV_DONTNEED on a read-only file mapping that is never written only drops
+        // page-table entries; every byte reads back unchanged (from the page cache or the file),
+        // so references into the map stay valid and see the same values.
+        unsafe {
+            let _ = map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                end - range.start,
+            );
+        }
+    }
+
     /// The path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -66,5 +90,11 @@ mod tests {
         let empty = tempfile::NamedTempFile::new().unwrap();
         assert_eq!(MappedFile::open(empty.path()).unwrap().len(), 0);
         assert!(MappedFile::open("/nonexistent/file").is_err());
+        // Released pages read back the same.
+        m.release(0..8);
+        #[allow(clippy::reversed_empty_ranges)] // an empty (backwards) range is a no-op
+        m.release(4..2);
+        m.release(0..1 << 40);
+        assert_eq!(&m[..], b"GGUF1234");
     }
 }

@@ -11,7 +11,7 @@ use crate::load::HfLoader;
 use crate::spec::{Activation, Family, ModelSpec};
 use bitnet_core::f16;
 use bitnet_core::packed::{self, Fidelity, TernaryFormat};
-use bitnet_core::quant::ScaleConvention;
+use bitnet_core::quant::{ScaleConvention, TernaryMatrix};
 use bitnet_formats::FormatError;
 use bitnet_formats::gguf::{GgmlType, GgufWriter, TensorData, quantize_q8_0};
 use bitnet_formats::safetensors_dir::HfModelDir;
@@ -71,13 +71,13 @@ fn fmt_err(e: impl std::fmt::Display) -> FormatError {
     }
 }
 
-/// Convert the Hugging Face directory `src` to a GGUF file `dst`. `progress(done, total)` is
-/// called with tensor counts as each tensor is written.
+/// Convert the Hugging Face directory `src` to a GGUF file `dst`. `progress(done, total, name)`
+/// is called with bytes of tensor data written and in all as each tensor is written.
 pub fn convert_hf_to_gguf(
     src: &Path,
     dst: &Path,
     opts: &ConvertOptions,
-    progress: &mut dyn FnMut(usize, usize, &str),
+    progress: Progress<'_>,
 ) -> Result<ConvertReport> {
     let format = match opts.ternary {
         GgmlType::TQ2_0 => TernaryFormat::Tq2_0,
@@ -107,13 +107,11 @@ pub fn convert_hf_to_gguf(
             s.arch_name
         )));
     }
-    let untied = !s.tied_embeddings && dir.weights.get("lm_head.weight").is_some();
-    let total = 2 + s.n_layers * 11 + usize::from(untied);
     let cx = Ctx {
         loader: &loader,
         report: RefCell::new(ConvertReport::default()),
         done: RefCell::new(0),
-        total,
+        total: RefCell::new(0),
         progress: RefCell::new(progress),
         opts,
         format,
@@ -252,32 +250,44 @@ pub fn convert_hf_to_gguf(
     Ok(r)
 }
 
-/// Called with (tensors done, tensors in all, name of the tensor just written).
-pub type Progress<'p> = &'p mut dyn FnMut(usize, usize, &str);
+/// Called with (bytes of tensor data written, bytes in all, name of the tensor just written).
+pub type Progress<'p> = &'p mut dyn FnMut(u64, u64, &str);
+
+/// Bytes a tensor of `ty` and `shape` (outermost first) takes in a GGUF file.
+fn tensor_bytes(ty: GgmlType, shape: &[usize]) -> u64 {
+    let n: u64 = shape.iter().map(|&d| d as u64).product();
+    ty.nbytes(n, shape.last().copied().unwrap_or(1) as u64)
+        .unwrap_or(0)
+}
 
 /// Shared state of one conversion; each method registers one tensor whose bytes are produced
 /// while the file is written.
 struct Ctx<'a, 'p> {
     loader: &'a HfLoader<'a>,
     report: RefCell<ConvertReport>,
-    done: RefCell<usize>,
-    total: usize,
+    done: RefCell<u64>,
+    total: RefCell<u64>,
     progress: RefCell<Progress<'p>>,
     opts: &'a ConvertOptions,
     format: TernaryFormat,
 }
 
 impl<'a, 'p> Ctx<'a, 'p> {
+    /// Count a tensor that will be written (for the progress total).
+    fn expect(&self, ty: GgmlType, shape: &[usize]) {
+        *self.total.borrow_mut() += tensor_bytes(ty, shape);
+    }
+
     fn finish(&self, name: &str, ty: GgmlType, shape: Vec<usize>, fidelity: Option<Fidelity>) {
+        *self.done.borrow_mut() += tensor_bytes(ty, &shape);
         self.report.borrow_mut().tensors.push(TensorReport {
             name: name.to_string(),
             ty,
             shape,
             fidelity,
         });
-        *self.done.borrow_mut() += 1;
-        let done = *self.done.borrow();
-        (self.progress.borrow_mut())(done, self.total, name);
+        let (done, total) = (*self.done.borrow(), *self.total.borrow());
+        (self.progress.borrow_mut())(done, total, name);
     }
 
     fn float<'w>(
@@ -289,6 +299,7 @@ impl<'a, 'p> Ctx<'a, 'p> {
         cols: usize,
     ) -> Result<()> {
         let ty = self.opts.float_type;
+        self.expect(ty, &[rows, cols]);
         let n = name.to_string();
         w.add_tensor(
             name,
@@ -301,6 +312,7 @@ impl<'a, 'p> Ctx<'a, 'p> {
                     m.row_into(r, &mut row);
                     write_floats(out, ty, &row)?;
                 }
+                self.loader.dir.weights.release(hf);
                 self.finish(&n, ty, vec![rows, cols], None);
                 Ok(())
             })),
@@ -315,6 +327,7 @@ impl<'a, 'p> Ctx<'a, 'p> {
         hf: String,
         len: usize,
     ) -> Result<()> {
+        self.expect(GgmlType::F32, &[len]);
         let n = name.clone();
         w.add_tensor(
             name,
@@ -323,6 +336,7 @@ impl<'a, 'p> Ctx<'a, 'p> {
             TensorData::Stream(Box::new(move |out: &mut dyn Write| {
                 let v = self.loader.vector(&hf, len).map_err(fmt_err)?;
                 write_floats(out, GgmlType::F32, &v)?;
+                self.loader.dir.weights.release(&hf);
                 self.finish(&n, GgmlType::F32, vec![len], None);
                 Ok(())
             })),
@@ -339,6 +353,7 @@ impl<'a, 'p> Ctx<'a, 'p> {
         cols: usize,
     ) -> Result<()> {
         self.format.check_shape(rows, cols)?;
+        self.expect(self.opts.ternary, &[rows, cols]);
         let n = name.clone();
         let format = self.format;
         w.add_tensor(name, self.opts.ternary, &[cols as u64, rows as u64], TensorData::Stream(Box::new(move |out: &mut dyn Write| {
@@ -351,6 +366,9 @@ impl<'a, 'p> Ctx<'a, 'p> {
             }
             let (p, fidelity) = packed::pack(&m, format).map_err(fmt_err)?;
             out.write_all(&p.data).map_err(|e| FormatError::Io { path: "output".into(), source: e })?;
+            for part in ["weight", "weight_scale"] {
+                self.loader.dir.weights.release(&format!("{hf}.{part}"));
+            }
             self.finish(&n, self.opts.ternary, vec![rows, cols], Some(fidelity));
             Ok(())
         })))?;
@@ -379,4 +397,424 @@ fn write_floats(out: &mut dyn Write, ty: GgmlType, v: &[f32]) -> Result<(), Form
         GgmlType::Q8_0 => out.write_all(&quantize_q8_0(v)?).map_err(io),
         other => Err(fmt_err(format!("cannot write {other}"))),
     }
+}
+
+/// The packed layout of a GGUF ternary type.
+fn ternary_format(ty: GgmlType) -> Option<TernaryFormat> {
+    match ty {
+        GgmlType::TQ2_0 => Some(TernaryFormat::Tq2_0),
+        GgmlType::TQ1_0 => Some(TernaryFormat::Tq1_0),
+        GgmlType::I2_S => Some(TernaryFormat::I2S),
+        _ => None,
+    }
+}
+
+/// Whether a GGUF tensor name is one of a BitNet block's BitLinear weights.
+fn is_bitlinear(name: &str) -> bool {
+    name.starts_with("blk.")
+        && [
+            ".attn_q.weight",
+            ".attn_k.weight",
+            ".attn_v.weight",
+            ".attn_output.weight",
+            ".ffn_gate.weight",
+            ".ffn_up.weight",
+            ".ffn_down.weight",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
+/// Convert a BitNet GGUF to another GGUF: ternary tensors are re-packed through their exact
+/// codes (TQ2_0 ↔ TQ1_0 ↔ I2_S; what a target format changes about the scales is reported),
+/// float BitLinear weights are ternarized (absmean per tensor, as BitNet does), the embeddings
+/// and lm_head are re-encoded when `keep_float` is false, and everything else (norms, metadata,
+/// tokenizer, chat template) is copied unchanged.
+pub fn convert_gguf_to_gguf(
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+    keep_float: bool,
+    progress: Progress<'_>,
+) -> Result<ConvertReport> {
+    let format = ternary_format(opts.ternary).ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "ternary target {} (choose TQ2_0, TQ1_0 or I2_S)",
+            opts.ternary
+        ))
+    })?;
+    let file = bitnet_formats::gguf::GgufFile::open(src)?;
+    let h = &file.header;
+    let arch = h.architecture().to_string();
+    if !bitnet_formats::gguf::BITNET_CPP_ARCHS.contains(&arch.as_str()) {
+        return Err(ModelError::Unsupported(format!(
+            "{arch} is not a BitNet architecture: nothing to ternarize"
+        )));
+    }
+    let report = RefCell::new(ConvertReport::default());
+    let done = RefCell::new(0u64);
+    let total = RefCell::new(0u64);
+    let progress = RefCell::new(progress);
+    let finish = |name: &str, ty: GgmlType, shape: Vec<usize>, fidelity: Option<Fidelity>| {
+        *done.borrow_mut() += tensor_bytes(ty, &shape);
+        report.borrow_mut().tensors.push(TensorReport {
+            name: name.to_string(),
+            ty,
+            shape,
+            fidelity,
+        });
+        (progress.borrow_mut())(*done.borrow(), *total.borrow(), name);
+    };
+    let file = &file;
+    let finish = &finish;
+    // Declared after everything its tensor closures borrow, so it is dropped first.
+    let mut w = GgufWriter::new();
+    for (k, v) in &h.metadata {
+        if k != "general.alignment" {
+            w.set(k.clone(), v.clone());
+        }
+    }
+    for t in &h.tensors {
+        let (cols, rows) = (
+            t.row_len() as usize,
+            (t.n_elements() / t.row_len().max(1)) as usize,
+        );
+        let name = t.name.clone();
+        let is_float_io = matches!(name.as_str(), "token_embd.weight" | "output.weight");
+        let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
+        if is_bitlinear(&name) && t.dims.len() == 2 {
+            format.check_shape(rows, cols)?;
+            *total.borrow_mut() += tensor_bytes(opts.ternary, &shape);
+            let src_format = ternary_format(t.ty);
+            if src_format.is_none() && !bitnet_formats::gguf::can_dequantize(t.ty) {
+                return Err(ModelError::Unsupported(format!(
+                    "{name}: cannot read {} weights",
+                    t.ty
+                )));
+            }
+            w.add_tensor(
+                name.clone(),
+                opts.ternary,
+                &t.dims,
+                TensorData::Stream(Box::new(move |out: &mut dyn Write| {
+                    let bytes = file.tensor_bytes(t);
+                    let m = match src_format {
+                        Some(f) => packed::unpack(&packed::PackedTensor {
+                            format: f,
+                            rows,
+                            cols,
+                            data: bytes.to_vec(),
+                            scale: None,
+                        })
+                        .map_err(fmt_err)?,
+                        None => {
+                            let v = bitnet_formats::gguf::dequantize(
+                                &t.name,
+                                t.ty,
+                                bytes,
+                                rows * cols,
+                            )?;
+                            bitnet_core::quant::ternarize(
+                                &v,
+                                rows,
+                                cols,
+                                bitnet_core::quant::Granularity::PerTensor,
+                            )
+                            .map_err(fmt_err)?
+                        }
+                    };
+                    let (p, fidelity) = packed::pack(&m, format).map_err(fmt_err)?;
+                    out.write_all(&p.data).map_err(|e| FormatError::Io {
+                        path: "output".into(),
+                        source: e,
+                    })?;
+                    file.release(t);
+                    finish(
+                        &t.name,
+                        opts_ternary(format),
+                        vec![rows, cols],
+                        Some(fidelity),
+                    );
+                    Ok(())
+                })),
+            )?;
+        } else if is_float_io && !keep_float && t.ty != opts.float_type {
+            let ty = opts.float_type;
+            *total.borrow_mut() += tensor_bytes(ty, &shape);
+            w.add_tensor(
+                name.clone(),
+                ty,
+                &t.dims,
+                TensorData::Stream(Box::new(move |out: &mut dyn Write| {
+                    let bytes = file.tensor_bytes(t);
+                    let row_bytes = bytes.len() / rows.max(1);
+                    for r in 0..rows {
+                        let v = bitnet_formats::gguf::dequantize(
+                            &t.name,
+                            t.ty,
+                            &bytes[r * row_bytes..(r + 1) * row_bytes],
+                            cols,
+                        )?;
+                        write_floats(out, ty, &v)?;
+                    }
+                    file.release(t);
+                    finish(&t.name, ty, vec![rows, cols], None);
+                    Ok(())
+                })),
+            )?;
+        } else {
+            let ty = t.ty;
+            *total.borrow_mut() += tensor_bytes(ty, &shape);
+            w.add_tensor(
+                name.clone(),
+                ty,
+                &t.dims,
+                TensorData::Stream(Box::new(move |out: &mut dyn Write| {
+                    out.write_all(file.tensor_bytes(t))
+                        .map_err(|e| FormatError::Io {
+                            path: "output".into(),
+                            source: e,
+                        })?;
+                    file.release(t);
+                    finish(&t.name, ty, shape, None);
+                    Ok(())
+                })),
+            )?;
+        }
+    }
+    w.write_to_path(dst)?;
+    let mut r = report.into_inner();
+    r.bytes_written = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
+    Ok(r)
+}
+
+fn opts_ternary(f: TernaryFormat) -> GgmlType {
+    match f {
+        TernaryFormat::Tq1_0 => GgmlType::TQ1_0,
+        TernaryFormat::I2S => GgmlType::I2_S,
+        _ => GgmlType::TQ2_0,
+    }
+}
+
+/// What `--verify` found.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub tensors: usize,
+    /// Ternary tensors whose codes were compared.
+    pub ternary: usize,
+    /// Largest relative change of a ternary scale between the source and the output.
+    pub max_rel_scale_change: f64,
+}
+
+/// The Hugging Face tensor a GGUF tensor of a converted BitNet model came from.
+fn hf_source(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj",
+        "attn_k.weight" => "self_attn.k_proj",
+        "attn_v.weight" => "self_attn.v_proj",
+        "attn_output.weight" => "self_attn.o_proj",
+        "attn_sub_norm.weight" => "self_attn.attn_sub_norm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj",
+        "ffn_up.weight" => "mlp.up_proj",
+        "ffn_down.weight" => "mlp.down_proj",
+        "ffn_sub_norm.weight" => "mlp.ffn_sub_norm.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Compare a written ternary tensor with the source's codes and scales: codes must be equal,
+/// and every weight's scale within `tol` (relative) of the source's.
+fn check_ternary(name: &str, want: &TernaryMatrix, got: &TernaryMatrix, tol: f64) -> Result<f64> {
+    if want.codes != got.codes {
+        let i = want
+            .codes
+            .iter()
+            .zip(&got.codes)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        return Err(ModelError::Invalid(format!(
+            "verify: {name}: code {i} is {} in the output but {} in the source",
+            got.codes.get(i).copied().unwrap_or(0),
+            want.codes.get(i).copied().unwrap_or(0)
+        )));
+    }
+    let (gw, gg) = (want.group_len(), got.group_len());
+    let mut worst = 0.0f64;
+    for i in (0..want.codes.len()).step_by(gw.min(gg).max(1)) {
+        let (a, b) = (
+            f64::from(want.scales[i / gw]),
+            f64::from(got.scales[i / gg]),
+        );
+        let rel = if a == b { 0.0 } else { (a - b).abs() / a.abs() };
+        worst = worst.max(rel);
+    }
+    if worst > tol {
+        return Err(ModelError::Invalid(format!(
+            "verify: {name}: a scale changed by {worst:.3e} (relative), more than the format's {tol:.1e}"
+        )));
+    }
+    Ok(worst)
+}
+
+/// Relative rounding a ternary type applies to scales: TQ types store them in f16.
+fn scale_tolerance(ty: GgmlType) -> f64 {
+    match ty {
+        GgmlType::TQ1_0 | GgmlType::TQ2_0 => 2f64.powi(-11),
+        _ => 0.0,
+    }
+}
+
+/// Re-read a converted file and check it against its source (a Hugging Face directory or a
+/// GGUF file): every tensor present, ternary codes identical and scales within the output
+/// format's rounding, float tensors byte-identical to a fresh encoding of the source values,
+/// copied tensors and metadata unchanged.
+pub fn verify(src: &Path, dst: &Path) -> Result<VerifyReport> {
+    use bitnet_formats::gguf::{GgufFile, dequantize};
+    let out = GgufFile::open(dst)?;
+    let mut rep = VerifyReport::default();
+    let unpack_out = |t: &bitnet_formats::gguf::TensorInfo| -> Result<TernaryMatrix> {
+        let (cols, rows) = (
+            t.row_len() as usize,
+            (t.n_elements() / t.row_len()) as usize,
+        );
+        let f = ternary_format(t.ty).expect("ternary type");
+        Ok(packed::unpack(&packed::PackedTensor {
+            format: f,
+            rows,
+            cols,
+            data: out.tensor_bytes(t).to_vec(),
+            scale: None,
+        })?)
+    };
+    let mismatch = |name: &str, what: &str| {
+        ModelError::Invalid(format!("verify: {name}: {what} differs from the source"))
+    };
+    if src.is_dir() {
+        let dir = HfModelDir::open(src)?;
+        let (loader, _) = HfLoader::new(&dir)?;
+        for t in &out.header.tensors {
+            let (cols, rows) = (
+                t.row_len() as usize,
+                (t.n_elements() / t.row_len()) as usize,
+            );
+            let hf = hf_source(&t.name).ok_or_else(|| {
+                ModelError::Invalid(format!("verify: {} has no source tensor", t.name))
+            })?;
+            if ternary_format(t.ty).is_some() {
+                let Some((mut want, conv)) = loader.ternary(&hf, rows, cols)? else {
+                    return Err(mismatch(&t.name, "type (the source is not ternary)"));
+                };
+                if conv == ScaleConvention::Divide {
+                    want.scales.iter_mut().for_each(|s| *s = 1.0 / *s);
+                }
+                let got = unpack_out(t)?;
+                let w = check_ternary(&t.name, &want, &got, scale_tolerance(t.ty))?;
+                rep.max_rel_scale_change = rep.max_rel_scale_change.max(w);
+                rep.ternary += 1;
+                for part in ["weight", "weight_scale"] {
+                    dir.weights.release(&format!("{hf}.{part}"));
+                }
+            } else {
+                let mut want = Vec::with_capacity(out.tensor_bytes(t).len());
+                if t.dims.len() == 1 {
+                    write_floats(&mut want, t.ty, &loader.vector(&hf, cols)?)?;
+                } else {
+                    let m = loader.dense(&hf, rows, cols)?;
+                    let mut row = vec![0.0f32; cols];
+                    for r in 0..rows {
+                        m.row_into(r, &mut row);
+                        write_floats(&mut want, t.ty, &row)?;
+                    }
+                }
+                if want != out.tensor_bytes(t) {
+                    return Err(mismatch(&t.name, "data"));
+                }
+                dir.weights.release(&hf);
+            }
+            out.release(t);
+            rep.tensors += 1;
+        }
+        return Ok(rep);
+    }
+    let inp = GgufFile::open(src)?;
+    for (k, v) in &inp.header.metadata {
+        if k != "general.alignment" && out.header.get(k) != Some(v) {
+            return Err(mismatch(k, "metadata value"));
+        }
+    }
+    if inp.header.tensors.len() != out.header.tensors.len() {
+        return Err(ModelError::Invalid(format!(
+            "verify: the output has {} tensors, the source {}",
+            out.header.tensors.len(),
+            inp.header.tensors.len()
+        )));
+    }
+    for s in &inp.header.tensors {
+        let t = out.tensor(&s.name)?;
+        if t.dims != s.dims {
+            return Err(mismatch(&t.name, "shape"));
+        }
+        let (cols, rows) = (
+            t.row_len() as usize,
+            (t.n_elements() / t.row_len()) as usize,
+        );
+        let src_bytes = inp.tensor_bytes(s);
+        if t.ty == s.ty {
+            if src_bytes != out.tensor_bytes(t) {
+                return Err(mismatch(&t.name, "data"));
+            }
+        } else if ternary_format(t.ty).is_some() {
+            let want = match ternary_format(s.ty) {
+                Some(f) => packed::unpack(&packed::PackedTensor {
+                    format: f,
+                    rows,
+                    cols,
+                    data: src_bytes.to_vec(),
+                    scale: None,
+                })?,
+                None => bitnet_core::quant::ternarize(
+                    &dequantize(&s.name, s.ty, src_bytes, rows * cols)?,
+                    rows,
+                    cols,
+                    bitnet_core::quant::Granularity::PerTensor,
+                )?,
+            };
+            let got = unpack_out(t)?;
+            // Scales may be rounded once by the source format and once by the output's.
+            let tol = scale_tolerance(t.ty) + scale_tolerance(s.ty);
+            let w = check_ternary(&t.name, &want, &got, tol)?;
+            rep.max_rel_scale_change = rep.max_rel_scale_change.max(w);
+            rep.ternary += 1;
+        } else {
+            let row_bytes = src_bytes.len() / rows.max(1);
+            let mut want = Vec::with_capacity(out.tensor_bytes(t).len());
+            for r in 0..rows {
+                let v = dequantize(
+                    &s.name,
+                    s.ty,
+                    &src_bytes[r * row_bytes..(r + 1) * row_bytes],
+                    cols,
+                )?;
+                write_floats(&mut want, t.ty, &v)?;
+            }
+            if want != out.tensor_bytes(t) {
+                return Err(mismatch(&t.name, "data"));
+            }
+        }
+        inp.release(s);
+        out.release(t);
+        rep.tensors += 1;
+    }
+    Ok(rep)
 }

@@ -24,6 +24,7 @@ pub mod linear;
 mod load;
 pub mod model;
 pub mod ops;
+pub mod quantize;
 pub mod sampling;
 pub mod spec;
 pub mod synthetic;

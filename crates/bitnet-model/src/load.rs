@@ -5,7 +5,8 @@ use crate::linear::{DenseMatrix, Linear, TernaryLinear, WeightBytes};
 use crate::model::{Layer, Model};
 use crate::spec::{Family, ModelSpec};
 use bitnet_core::packed::{self, PackedTensor, TernaryFormat};
-use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, ternarize};
+use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, ternarize_with};
+use bitnet_core::reduce::TorchReduce;
 use bitnet_formats::gguf::{GgmlType, GgufFile, TensorInfo};
 use bitnet_formats::safetensors_dir::{Dtype, HfModelDir, StTensorInfo};
 use bitnet_formats::tokenizer::TextTokenizer;
@@ -143,7 +144,16 @@ impl HfLoader<'_> {
                 for r in 0..rows {
                     w.row_into(r, &mut vals[r * cols..(r + 1) * cols]);
                 }
-                let m = ternarize(&vals, rows, cols, Granularity::PerTensor)?;
+                // transformers' AutoBitLinear runs the @torch.compile'd WeightQuant, whose
+                // mean|W| sums in TorchInductor's order (16 lanes on AVX-512 hosts); eager
+                // PyTorch's order can differ by an ulp and flip a code that sits on a tie.
+                let m = ternarize_with(
+                    &vals,
+                    rows,
+                    cols,
+                    Granularity::PerTensor,
+                    TorchReduce::Inductor { lanes: 16 },
+                )?;
                 Ok(Some((m, ScaleConvention::Multiply)))
             }
             HfQuant::Packed(conv) => {

@@ -158,6 +158,7 @@ fn converted_gguf_decodes_like_the_directory() {
                 )
                 .unwrap();
                 assert_eq!(calls, r.tensors.len());
+                assert_eq!(r.bytes_written, std::fs::metadata(&out).unwrap().len());
                 let f = GgufFile::open(&out).unwrap();
                 assert_eq!(f.header.architecture(), "bitnet-25");
                 let linears = f.header.tensors.iter().filter(|t| t.ty == ty).count();
@@ -188,5 +189,135 @@ fn converted_gguf_decodes_like_the_directory() {
                 assert_eq!(got, want, "{name} {ty} {float}: greedy tokens");
             }
         }
+    }
+}
+
+/// Between ternary dialects the codes survive exactly, and the scales change only where a
+/// format rounds them (TQ types store f16): TQ2_0 → I2_S → TQ2_0 and TQ1_0 → TQ2_0 → TQ1_0
+/// give back the same bytes, a directory converted straight to TQ2_0 equals one converted
+/// through I2_S, and `verify` passes on every output and catches a changed byte.
+#[test]
+fn dialects_convert_losslessly_and_verify() {
+    use bitnet_model::convert::{convert_gguf_to_gguf, verify};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("synthetic");
+    std::fs::create_dir(&src).unwrap();
+    synthetic_packed_dir(&src);
+    let p = |n: &str| tmp.path().join(n);
+    let hf = |ty, out: &str| {
+        let o = ConvertOptions {
+            ternary: ty,
+            float_type: GgmlType::F16,
+        };
+        convert_hf_to_gguf(&src, &p(out), &o, &mut |_, _, _| {}).unwrap();
+        let v = verify(&src, &p(out)).unwrap();
+        assert_eq!(v.ternary, 14, "{out}");
+    };
+    let gg = |from: &str, ty, out: &str| {
+        let o = ConvertOptions {
+            ternary: ty,
+            float_type: GgmlType::F16,
+        };
+        let mut last = (0, 0);
+        let r = convert_gguf_to_gguf(&p(from), &p(out), &o, true, &mut |d, t, _| last = (d, t))
+            .unwrap();
+        // Progress counts bytes and ends at the total.
+        assert!(last.0 == last.1 && last.1 > 0, "{last:?}");
+        assert_eq!(
+            r.tensors.len(),
+            GgufFile::open(p(from)).unwrap().header.tensors.len()
+        );
+        verify(&p(from), &p(out)).unwrap();
+    };
+    let bytes = |n: &str| std::fs::read(p(n)).unwrap();
+    hf(GgmlType::TQ2_0, "a.tq2.gguf");
+    hf(GgmlType::I2_S, "a.i2s.gguf");
+    hf(GgmlType::TQ1_0, "a.tq1.gguf");
+    gg("a.tq2.gguf", GgmlType::I2_S, "b.i2s.gguf");
+    gg("b.i2s.gguf", GgmlType::TQ2_0, "b.tq2.gguf");
+    assert!(
+        bytes("b.tq2.gguf") == bytes("a.tq2.gguf"),
+        "TQ2_0 -> I2_S -> TQ2_0"
+    );
+    gg("a.i2s.gguf", GgmlType::TQ2_0, "c.tq2.gguf");
+    assert!(
+        bytes("c.tq2.gguf") == bytes("a.tq2.gguf"),
+        "HF -> I2_S -> TQ2_0"
+    );
+    gg("a.tq1.gguf", GgmlType::TQ2_0, "d.tq2.gguf");
+    gg("d.tq2.gguf", GgmlType::TQ1_0, "d.tq1.gguf");
+    assert!(
+        bytes("d.tq1.gguf") == bytes("a.tq1.gguf"),
+        "TQ1_0 -> TQ2_0 -> TQ1_0"
+    );
+    // Same greedy tokens from every file.
+    let prompt = [5u32, 77, 13, 200];
+    let (want, _) = greedy(&src, &prompt, 8);
+    for f in ["b.i2s.gguf", "c.tq2.gguf", "d.tq1.gguf"] {
+        assert_eq!(greedy(&p(f), &prompt, 8).0, want, "{f}");
+    }
+    // A flipped byte in a ternary tensor's codes is caught.
+    let f = GgufFile::open(p("c.tq2.gguf")).unwrap();
+    let t = f.tensor("blk.1.ffn_up.weight").unwrap();
+    let at = (f.header.data_offset + t.offset) as usize + 3;
+    drop(f);
+    let mut b = bytes("c.tq2.gguf");
+    b[at] ^= 0x01;
+    std::fs::write(p("bad.gguf"), &b).unwrap();
+    let e = verify(&p("a.i2s.gguf"), &p("bad.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("blk.1.ffn_up.weight") && e.contains("code"),
+        "{e}"
+    );
+    let e = verify(&src, &p("bad.gguf")).unwrap_err().to_string();
+    assert!(e.contains("blk.1.ffn_up.weight"), "{e}");
+}
+
+/// TQ2_0 and TQ1_0 files written from a transformers-made float-master directory read back in
+/// the PyPI `gguf` package to transformers' ternarized weights (compiled `WeightQuant`, from
+/// `make_model_golden.py` part C): the same codes, and values within the f16 rounding of the
+/// stored scale. Our engine decodes the same greedy tokens from each file as from the directory.
+#[test]
+fn tq_files_read_back_in_gguf_py_as_transformers_ternarized_them() {
+    let Some(py) = common::python() else { return };
+    let src = root().join("testdata/models/tiny-bitnet-c-float");
+    let gold = root().join("testdata/golden/models/tiny-bitnet-c-ternary.npz");
+    let tmp = tempfile::tempdir().unwrap();
+    let prompt = [3u32, 50, 100, 7, 64];
+    let (want, _) = greedy(&src, &prompt, 10);
+    for ty in [GgmlType::TQ2_0, GgmlType::TQ1_0] {
+        let out = tmp.path().join(format!("c.{ty}.gguf"));
+        let o = ConvertOptions {
+            ternary: ty,
+            float_type: GgmlType::F16,
+        };
+        convert_hf_to_gguf(&src, &out, &o, &mut |_, _, _| {}).unwrap();
+        let run = std::process::Command::new(&py)
+            .arg(root().join("scripts/golden/tq_readback.py"))
+            .arg(&out)
+            .arg(&gold)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let m = v.as_object().unwrap();
+        assert_eq!(m.len(), 7, "{v}");
+        for (name, r) in m {
+            assert_eq!(r["type"], ty.name(), "{name}");
+            assert_eq!(
+                r["codes_equal"], true,
+                "{ty} {name}: codes differ from transformers'"
+            );
+            let rel = r["max_rel"].as_f64().unwrap();
+            assert!(rel <= 2f64.powi(-11), "{ty} {name}: value off by {rel:e}");
+            assert!(r["nonzero"].as_u64().unwrap() > 1000, "{name}");
+        }
+        assert_eq!(greedy(&out, &prompt, 10).0, want, "{ty}: greedy tokens");
     }
 }

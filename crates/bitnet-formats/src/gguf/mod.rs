@@ -57,6 +57,11 @@ impl GgufFile {
         &self.map[self.header.tensor_range(t)]
     }
 
+    /// Drop this process's mapped pages of a tensor (see [`MappedFile::release`]).
+    pub fn release(&self, t: &TensorInfo) {
+        self.map.release(self.header.tensor_range(t));
+    }
+
     /// Look a tensor up by name.
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo> {
         self.header
