@@ -26,5 +26,6 @@ pub use error::{FormatError, Result};
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod onnx;
 pub mod safetensors_dir;
 pub mod tokenizer;

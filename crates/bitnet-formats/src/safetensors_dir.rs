@@ -84,6 +84,33 @@ pub fn parse_header(bytes: &[u8], path: &Path, shard: usize) -> Result<StHeader>
 }
 
 impl SafetensorsSet {
+    /// A set over files already mapped (other containers' weights, e.g. ONNX initializers):
+    /// names must be unique and every range inside its file.
+    pub fn from_parts(shards: Vec<Arc<MappedFile>>, tensors: Vec<StTensorInfo>) -> Result<Self> {
+        let mut index = HashMap::new();
+        for (i, t) in tensors.iter().enumerate() {
+            let len = shards.get(t.shard).map(|s| s.len());
+            if len.is_none_or(|l| t.range.end > l) {
+                return Err(FormatError::BadTensor {
+                    name: t.name.clone(),
+                    reason: format!("bytes {:?} lie outside its file", t.range),
+                });
+            }
+            if index.insert(t.name.clone(), i).is_some() {
+                return Err(FormatError::Duplicate {
+                    what: "tensor",
+                    name: t.name.clone(),
+                });
+            }
+        }
+        Ok(Self {
+            metadata: vec![None; shards.len()],
+            shards,
+            tensors,
+            index,
+        })
+    }
+
     /// Map the given files and index their tensors; a name in two files is an error.
     pub fn open(files: &[PathBuf]) -> Result<Self> {
         let mut set = SafetensorsSet {
@@ -194,8 +221,15 @@ impl HfModelDir {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let config = ModelConfig::from_file(config_path(&dir)?)?;
-        let files = weight_files(&dir)?;
-        let weights = SafetensorsSet::open(&files)?;
+        // An ONNX export (optimum's layout: config.json beside model.onnx) when the directory
+        // has no safetensors.
+        let onnx = dir.join("model.onnx");
+        let weights = match weight_files(&dir) {
+            Err(_) if onnx.is_file() => {
+                crate::onnx::OnnxModel::open(&onnx)?.to_safetensors_set()?
+            }
+            files => SafetensorsSet::open(&files?)?,
+        };
         Ok(Self {
             dir,
             config,

@@ -64,6 +64,21 @@ pub fn dot_q8_0(row: &[u8], x: &[f32]) -> Option<f32> {
     None
 }
 
+/// [`dot_f16`] of four rows at once (the activation loads are shared); each result is bitwise
+/// what `dot_f16` gives for its row (the same accumulators in the same order).
+pub fn dot_f16_x4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+    for r in &w {
+        assert_eq!(r.len(), 2 * x.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512F was detected; every row holds exactly `x.len()` halves (asserted).
+        return unsafe { x86::dot_f16_x4_avx512(w, x) };
+    }
+    w.map(|r| dot_f16(r, x))
+}
+
 /// `sum w[i] * x[i]` for a row of Q4_1 blocks (f16 `d`, f16 `m`, 16 bytes of nibbles;
 /// `w = d * q + m`, the dequantized values exactly), on AVX-512; `None` on other tiers.
 pub fn dot_q4_1(row: &[u8], x: &[f32]) -> Option<f32> {
@@ -210,6 +225,52 @@ mod x86 {
         s
     }
 
+    #[target_feature(enable = "avx512f")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_f16_x4_avx512(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+        let n = x.len();
+        let px = x.as_ptr();
+        let pw = w.map(|r| r.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 0;
+        // SAFETY: loads read 16 halves (32 bytes) at element `i < n - 15` of rows of `2n` bytes
+        // and 16 floats of `x`; prefetches past the end never fault.
+        unsafe {
+            while i + 64 <= n {
+                let xv: [__m512; 4] = std::array::from_fn(|k| _mm512_loadu_ps(px.add(i + 16 * k)));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    _mm_prefetch::<_MM_HINT_T1>(pw[r].wrapping_add(2 * i + PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(
+                        pw[r].wrapping_add(2 * i + PREFETCH + 64) as *const i8
+                    );
+                    for k in 0..4 {
+                        let h = _mm256_loadu_si256(pw[r].add(2 * (i + 16 * k)) as *const __m256i);
+                        a[k] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv[k], a[k]);
+                    }
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                let xv = _mm512_loadu_ps(px.add(i));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let h = _mm256_loadu_si256(pw[r].add(2 * i) as *const __m256i);
+                    a[0] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv, a[0]);
+                }
+                i += 16;
+            }
+        }
+        let mut out = [0.0f32; 4];
+        for (r, a) in acc.iter().enumerate() {
+            let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            let mut s = _mm512_reduce_add_ps(v);
+            for j in i..n {
+                s += half::f16::from_le_bytes([w[r][2 * j], w[r][2 * j + 1]]).to_f32() * x[j];
+            }
+            out[r] = s;
+        }
+        out
+    }
+
     #[target_feature(enable = "avx2,f16c,fma")]
     #[allow(unsafe_code)]
     pub(super) unsafe fn dot_f16_avx2(w: &[u8], x: &[f32]) -> f32 {
@@ -299,6 +360,33 @@ mod tests {
                 assert!(
                     (f64::from(g) - exact).abs() <= 1e-6 * mag + 1e-6,
                     "{g} vs {exact}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn four_row_f16_dots_equal_single_row_dots_bitwise() {
+        for n in [1usize, 15, 16, 63, 64, 65, 130, 576, 2560] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 29 % 97) as f32 - 48.0) / 13.0)
+                .collect();
+            let rows: Vec<Vec<u8>> = (0..4)
+                .map(|r| {
+                    (0..n)
+                        .flat_map(|i| {
+                            half::f16::from_f32(((i * 7 + r * 31) % 53) as f32 / 9.0 - 2.5)
+                                .to_le_bytes()
+                        })
+                        .collect()
+                })
+                .collect();
+            let got = dot_f16_x4([&rows[0], &rows[1], &rows[2], &rows[3]], &x);
+            for r in 0..4 {
+                assert_eq!(
+                    got[r].to_bits(),
+                    dot_f16(&rows[r], &x).to_bits(),
+                    "n={n} row {r}"
                 );
             }
         }

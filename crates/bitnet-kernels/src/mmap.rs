@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 pub struct MappedFile {
     path: PathBuf,
     map: Option<memmap2::Mmap>,
+    /// Bytes held in memory instead of a mapping (derived tensors, e.g. a transposed weight).
+    owned: Option<Vec<u8>>,
 }
 
 impl MappedFile {
@@ -19,7 +21,11 @@ impl MappedFile {
         let file = File::open(&path)?;
         let len = file.metadata()?.len();
         if len == 0 {
-            return Ok(Self { path, map: None });
+            return Ok(Self {
+                path,
+                map: None,
+                owned: None,
+            });
         }
         #[allow(unsafe_code)]
         // SAFETY: the map is read-only and private. The one hazard is another process
@@ -30,7 +36,17 @@ impl MappedFile {
         Ok(Self {
             path,
             map: Some(map),
+            owned: None,
         })
+    }
+
+    /// Bytes in memory behind the same interface (`path` labels them in messages).
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Self {
+        Self {
+            path: path.into(),
+            map: None,
+            owned: Some(bytes),
+        }
     }
 
     /// Drop this process's pages of `range` (widened to whole pages): they stop counting in its
@@ -66,7 +82,11 @@ impl MappedFile {
 impl Deref for MappedFile {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match (&self.map, &self.owned) {
+            (Some(m), _) => m,
+            (None, Some(v)) => v,
+            (None, None) => &[],
+        }
     }
 }
 

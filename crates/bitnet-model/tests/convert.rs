@@ -321,3 +321,37 @@ fn tq_files_read_back_in_gguf_py_as_transformers_ternarized_them() {
         assert_eq!(greedy(&out, &prompt, 10).0, want, "{ty}: greedy tokens");
     }
 }
+
+/// An ONNX export of tiny-bitnet-c (`scripts/golden/make_onnx_model.py`: torch.onnx's TorchScript
+/// exporter, every Linear weight stored transposed under a generated name, all initializers in
+/// an external data file) loads and converts exactly like the safetensors directory it came
+/// from: the same GGUF bytes, the same greedy tokens.
+#[test]
+fn onnx_export_converts_like_its_safetensors() {
+    let onnx = root().join("testdata/models/tiny-bitnet-c-onnx");
+    let st = root().join("testdata/models/tiny-bitnet-c-float");
+    let m = bitnet_formats::onnx::OnnxModel::open(onnx.join("model.onnx")).unwrap();
+    assert!(
+        m.initializers
+            .iter()
+            .any(|t| t.name.starts_with("onnx::MatMul")),
+        "the export should hold transposed MatMul weights"
+    );
+    assert!(m.initializers.iter().all(|t| t.file == 1), "external data");
+    let tmp = tempfile::tempdir().unwrap();
+    for ty in [GgmlType::TQ2_0, GgmlType::I2_S] {
+        let o = ConvertOptions {
+            ternary: ty,
+            float_type: GgmlType::F16,
+        };
+        let (a, b) = (tmp.path().join("a.gguf"), tmp.path().join("b.gguf"));
+        convert_hf_to_gguf(&onnx, &a, &o, &mut |_, _, _| {}).unwrap();
+        convert_hf_to_gguf(&st, &b, &o, &mut |_, _, _| {}).unwrap();
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{ty}: ONNX and safetensors conversions differ"
+        );
+    }
+    let prompt = [3u32, 50, 100, 7];
+    assert_eq!(greedy(&onnx, &prompt, 8).0, greedy(&st, &prompt, 8).0);
+}
