@@ -20,14 +20,17 @@ pub struct ErrorMetrics {
 /// Compare `approx` against `reference` element by element.
 pub fn error_metrics(reference: &[f32], approx: &[f32]) -> Result<ErrorMetrics> {
     check_len("reconstruction", reference.len(), approx.len())?;
-    if reference.is_empty() {
-        return Ok(ErrorMetrics {
-            cosine: 1.0,
-            ..Default::default()
-        });
-    }
+    Ok(error_metrics_iter(
+        reference.iter().copied().zip(approx.iter().copied()),
+    ))
+}
+
+/// [`error_metrics`] over (reference, approx) pairs produced on the fly (no vectors built).
+pub fn error_metrics_iter(pairs: impl Iterator<Item = (f32, f32)>) -> ErrorMetrics {
     let (mut se, mut dot, mut nr, mut na, mut zeros) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0usize);
-    for (&r, &a) in reference.iter().zip(approx) {
+    let mut count = 0usize;
+    for (r, a) in pairs {
+        count += 1;
         let (r, a) = (f64::from(r), f64::from(a));
         se += (r - a) * (r - a);
         dot += r * a;
@@ -35,7 +38,13 @@ pub fn error_metrics(reference: &[f32], approx: &[f32]) -> Result<ErrorMetrics> 
         na += a * a;
         zeros += usize::from(a == 0.0);
     }
-    let n = reference.len() as f64;
+    if count == 0 {
+        return ErrorMetrics {
+            cosine: 1.0,
+            ..Default::default()
+        };
+    }
+    let n = count as f64;
     let cosine = match (nr == 0.0, na == 0.0) {
         (true, true) => 1.0,
         (true, false) | (false, true) => 0.0,
@@ -46,13 +55,13 @@ pub fn error_metrics(reference: &[f32], approx: &[f32]) -> Result<ErrorMetrics> 
     } else {
         10.0 * (nr / se).log10()
     };
-    Ok(ErrorMetrics {
+    ErrorMetrics {
         mse: se / n,
         cosine,
         angular_distance: cosine.acos() / std::f64::consts::PI,
         sqnr_db,
         zero_fraction: zeros as f64 / n,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ pub mod tq1;
 pub mod tq2;
 
 use crate::error::{CoreError, Result};
-use crate::metrics::{ErrorMetrics, error_metrics};
+use crate::metrics::{ErrorMetrics, error_metrics_iter};
 use crate::quant::{Granularity, TernaryMatrix};
 use half::f16;
 
@@ -237,6 +237,46 @@ fn block_scales_f16(m: &TernaryMatrix, qk: usize) -> Result<Vec<f16>> {
         .collect())
 }
 
+/// [`error_metrics_iter`] of `a` against `b` when both have the same codes and constant scales
+/// over every run of `run` weights: each run adds its count of non-zero codes times the
+/// per-weight terms.
+fn scaled_code_metrics(a: &TernaryMatrix, b: &TernaryMatrix, run: usize) -> ErrorMetrics {
+    let (ga, gb) = (a.group_len().max(1), b.group_len().max(1));
+    let n = a.codes.len();
+    if n == 0 {
+        return error_metrics_iter(std::iter::empty());
+    }
+    let (mut se, mut dot, mut nr, mut na, mut zeros) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0usize);
+    for (k, chunk) in a.codes.chunks(run).enumerate() {
+        let i = k * run;
+        let nz = chunk.iter().filter(|&&c| c != 0).count();
+        let (ra, rb) = (f64::from(a.scales[i / ga]), f64::from(b.scales[i / gb]));
+        let w = nz as f64;
+        se += w * (ra - rb) * (ra - rb);
+        dot += w * ra * rb;
+        nr += w * ra * ra;
+        na += w * rb * rb;
+        zeros += chunk.len() - if rb == 0.0 { 0 } else { nz };
+    }
+    let nf = n as f64;
+    let cosine = match (nr == 0.0, na == 0.0) {
+        (true, true) => 1.0,
+        (true, false) | (false, true) => 0.0,
+        (false, false) => (dot / (nr.sqrt() * na.sqrt())).clamp(-1.0, 1.0),
+    };
+    ErrorMetrics {
+        mse: se / nf,
+        cosine,
+        angular_distance: cosine.acos() / std::f64::consts::PI,
+        sqnr_db: if se == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (nr / se).log10()
+        },
+        zero_fraction: zeros as f64 / nf,
+    }
+}
+
 fn compare(a: &TernaryMatrix, b: &TernaryMatrix) -> Result<Fidelity> {
     let (ga, gb) = (a.group_len(), b.group_len());
     let mut max_rel = 0.0f64;
@@ -251,8 +291,18 @@ fn compare(a: &TernaryMatrix, b: &TernaryMatrix) -> Result<Fidelity> {
         max_rel = max_rel.max(rel);
         i += ga.min(gb);
     }
-    let metrics = error_metrics(&a.dequantize(), &b.dequantize())?;
-    let exact = a.codes == b.codes && max_rel == 0.0;
+    let same_codes = a.codes == b.codes;
+    let (lo, hi) = (ga.min(gb).max(1), ga.max(gb).max(1));
+    let metrics = if same_codes && hi % lo == 0 {
+        // Equal codes and nested groups: in each run of `lo` weights both scales are constant,
+        // so the sums need only the run's count of non-zero codes.
+        scaled_code_metrics(a, b, lo)
+    } else {
+        // The same values `dequantize` gives, streamed: no matrix-sized vectors per tensor.
+        let value = |m: &TernaryMatrix, g: usize, i: usize| f32::from(m.codes[i]) * m.scales[i / g];
+        error_metrics_iter((0..a.codes.len()).map(|i| (value(a, ga, i), value(b, gb, i))))
+    };
+    let exact = same_codes && max_rel == 0.0;
     let note = if exact {
         "exact: same codes and scales".to_string()
     } else {

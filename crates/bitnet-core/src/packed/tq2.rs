@@ -26,12 +26,28 @@ const _: () = assert!(std::mem::size_of::<BlockTq2_0>() == BLOCK_BYTES);
 pub fn pack(codes: &[i8], d: &[f16]) -> Result<Vec<u8>> {
     check_len("TQ2_0 block scales", codes.len() / QK, d.len())?;
     check_len("TQ2_0 codes", d.len() * QK, codes.len())?;
+    // Validate in one branch-free pass, then pack without per-weight checks.
+    if codes
+        .iter()
+        .fold(false, |bad, &c| bad | !(-1..=1).contains(&c))
+    {
+        let (i, &c) = codes
+            .iter()
+            .enumerate()
+            .find(|(_, c)| !(-1..=1).contains(*c))
+            .expect("a bad code was seen");
+        encode(c, i)?;
+    }
     let mut out = Vec::with_capacity(d.len() * BLOCK_BYTES);
-    for (b, (block, &scale)) in codes.chunks(QK).zip(d).enumerate() {
+    for (block, &scale) in codes.chunks(QK).zip(d) {
         let mut qs = [0u8; QK / 4];
-        for (i, &c) in block.iter().enumerate() {
-            let (half, l, m) = (i / 128, (i % 128) / 32, i % 32);
-            qs[half * 32 + m] |= encode(c, b * QK + i)? << (2 * l);
+        for half in 0..2 {
+            for l in 0..4 {
+                let run = &block[half * 128 + l * 32..half * 128 + l * 32 + 32];
+                for (q, &c) in qs[half * 32..half * 32 + 32].iter_mut().zip(run) {
+                    *q |= ((c + 1) as u8) << (2 * l);
+                }
+            }
         }
         out.extend_from_slice(bytemuck::bytes_of(&BlockTq2_0 { qs, d: scale }));
     }
@@ -46,12 +62,27 @@ pub fn unpack(data: &[u8]) -> Result<(Vec<i8>, Vec<f16>)> {
         data.len(),
     )?;
     let nb = data.len() / BLOCK_BYTES;
-    let (mut codes, mut d) = (Vec::with_capacity(nb * QK), Vec::with_capacity(nb));
-    for (b, raw) in data.chunks_exact(BLOCK_BYTES).enumerate() {
+    let (mut codes, mut d) = (vec![0i8; nb * QK], Vec::with_capacity(nb));
+    for (b, (raw, out)) in data
+        .chunks_exact(BLOCK_BYTES)
+        .zip(codes.chunks_exact_mut(QK))
+        .enumerate()
+    {
         let blk: BlockTq2_0 = bytemuck::pod_read_unaligned(raw);
-        for i in 0..QK {
-            let (half, l, m) = (i / 128, (i % 128) / 32, i % 32);
-            codes.push(decode((blk.qs[half * 32 + m] >> (2 * l)) & 3, b * QK + i)?);
+        // A field of 3 has both bits set: find it in one pass over the block's bytes.
+        if blk.qs.iter().any(|&q| q & (q >> 1) & 0x55 != 0) {
+            for i in 0..QK {
+                let (half, l, m) = (i / 128, (i % 128) / 32, i % 32);
+                decode((blk.qs[half * 32 + m] >> (2 * l)) & 3, b * QK + i)?;
+            }
+        }
+        for half in 0..2 {
+            for l in 0..4 {
+                let run = &mut out[half * 128 + l * 32..half * 128 + l * 32 + 32];
+                for (c, &q) in run.iter_mut().zip(&blk.qs[half * 32..half * 32 + 32]) {
+                    *c = ((q >> (2 * l)) & 3) as i8 - 1;
+                }
+            }
         }
         d.push(blk.d);
     }
