@@ -31,6 +31,6 @@ drop
 /usr/bin/time -f "%e %M" -o "$out/time.txt" "$bin" convert "$src" -o "$out/model.gguf" --to "$to" 2> /dev/null > /dev/null
 read conv_s rss_kb < "$out/time.txt"
 base_s=$(echo "$t1 - $t0" | bc -l)
-printf 'input %.2f GB, output %.2f GB\n' "$(echo "$in_bytes/1e9" | bc -l)" "$(echo "$out_bytes/1e9" | bc -l)"
+printf 'input %.2f GB, output %.2f GB\n' "$(echo "$in_bytes/1000000000" | bc -l)" "$(echo "$out_bytes/1000000000" | bc -l)"
 printf 'read input + write output bytes: %.1f s\n' "$base_s"
 printf 'bitnet convert --to %s:          %.1f s (%.2fx), peak RSS %.0f MiB\n' "$to" "$conv_s" "$(echo "$conv_s/$base_s" | bc -l)" "$(echo "$rss_kb/1024" | bc -l)"
