@@ -382,17 +382,24 @@ fn write_floats(out: &mut dyn Write, ty: GgmlType, v: &[f32]) -> Result<(), Form
         source: e,
     };
     match ty {
-        GgmlType::F32 => v
-            .iter()
-            .try_for_each(|x| out.write_all(&x.to_le_bytes()))
+        // Each row is encoded into one buffer and written at once (a `write_all` per value
+        // cost more than the conversion).
+        GgmlType::F32 => out
+            .write_all(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
             .map_err(io),
-        GgmlType::F16 => v
-            .iter()
-            .try_for_each(|x| out.write_all(&f16::from_f32(*x).to_le_bytes()))
+        GgmlType::F16 => out
+            .write_all(
+                &v.iter()
+                    .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )
             .map_err(io),
-        GgmlType::BF16 => v
-            .iter()
-            .try_for_each(|x| out.write_all(&half::bf16::from_f32(*x).to_le_bytes()))
+        GgmlType::BF16 => out
+            .write_all(
+                &v.iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )
             .map_err(io),
         GgmlType::Q8_0 => out.write_all(&quantize_q8_0(v)?).map_err(io),
         other => Err(fmt_err(format!("cannot write {other}"))),

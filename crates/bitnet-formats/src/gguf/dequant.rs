@@ -4,7 +4,7 @@
 use super::types::GgmlType;
 use crate::error::{FormatError, Result};
 use bitnet_core::packed::{i2s, tq1, tq2};
-use half::{bf16, f16};
+use half::f16;
 
 #[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -41,8 +41,11 @@ pub fn dequantize_into(name: &str, ty: GgmlType, data: &[u8], out: &mut [f32]) -
             }
         }
         GgmlType::BF16 => {
+            // bf16 is the high half of an f32: a shift, bit for bit what `bf16::to_f32` and
+            // PyTorch's widening give (NaN payloads included), in a loop the compiler
+            // vectorises.
             for (o, c) in out.iter_mut().zip(data.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
             }
         }
         GgmlType::F64 => {
