@@ -288,19 +288,7 @@ pub fn gemm_par(
     out: &mut [i32],
     out_stride: usize,
 ) {
-    assert!(
-        out_stride >= w.rows && out.len() >= x.n * out_stride,
-        "output buffer too small"
-    );
-    let acts = amx_acts(tier, x);
-    // AMX works on pairs of 16-row tiles: hand each thread whole pairs.
-    let align = if acts.is_some() { 32 } else { ROWS };
-    crate::pool::par_columns(pool, out, out_stride, w.rows, align, &|cols, writer| {
-        let groups = cols.start / ROWS..cols.end.div_ceil(ROWS);
-        gemm_into(tier, w, x, acts.as_ref(), groups, &mut |t, r, v| {
-            writer.set_run(t, r, v)
-        });
-    });
+    gemm_par_map(pool, tier, w, x, out, out_stride, &|_, _, d| d);
 }
 
 /// [`gemm_par`] that hands each dot product to `map(token, row, dot)` inside the threads and
@@ -319,6 +307,7 @@ pub fn gemm_par_map<T: Copy + Send + Default>(
         "output buffer too small"
     );
     let acts = amx_acts(tier, x);
+    // AMX works on pairs of 16-row tiles: hand each thread whole pairs.
     let align = if acts.is_some() { 32 } else { ROWS };
     crate::pool::par_columns(pool, out, out_stride, w.rows, align, &|cols, writer| {
         let groups = cols.start / ROWS..cols.end.div_ceil(ROWS);
