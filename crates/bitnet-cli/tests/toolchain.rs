@@ -354,10 +354,18 @@ fn init_yes_then_doctor() {
         assert_eq!(status("database").as_deref(), Some("ok"), "{v}");
         assert_eq!(status("redis").as_deref(), Some("ok"), "{v}");
     }
+    // A config that does not parse is not silently replaced by `init`.
+    std::fs::write(&cfg, "[server\n").unwrap();
+    let mut c = bitnet();
+    env(&mut c);
+    let o = c.args(["init", "--yes"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "[server\n");
     // Nothing listens on port 1: a failure with a fix, and a non-zero exit.
     let mut c = bitnet();
     env(&mut c);
-    succeeds(c.args(["init", "--yes", "--redis", "redis://127.0.0.1:1"]));
+    succeeds(c.args(["init", "--yes", "--force", "--redis", "redis://127.0.0.1:1"]));
     let mut c = bitnet();
     env(&mut c);
     let o = c.args(["doctor"]).output().unwrap();

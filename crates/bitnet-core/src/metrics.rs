@@ -38,29 +38,37 @@ pub fn error_metrics_iter(pairs: impl Iterator<Item = (f32, f32)>) -> ErrorMetri
         na += a * a;
         zeros += usize::from(a == 0.0);
     }
-    if count == 0 {
-        return ErrorMetrics {
-            cosine: 1.0,
-            ..Default::default()
+    ErrorMetrics::from_sums(se, dot, nr, na, zeros, count)
+}
+
+impl ErrorMetrics {
+    /// The metrics from their sums over `n` pairs (reference `r`, approximation `a`):
+    /// `se = Σ(r-a)²`, `dot = Σra`, `nr = Σr²`, `na = Σa²`, `zeros` = how many `a` are 0.
+    pub fn from_sums(se: f64, dot: f64, nr: f64, na: f64, zeros: usize, n: usize) -> Self {
+        if n == 0 {
+            return ErrorMetrics {
+                cosine: 1.0,
+                ..Default::default()
+            };
+        }
+        let nf = n as f64;
+        let cosine = match (nr == 0.0, na == 0.0) {
+            (true, true) => 1.0,
+            (true, false) | (false, true) => 0.0,
+            (false, false) => (dot / (nr.sqrt() * na.sqrt())).clamp(-1.0, 1.0),
         };
-    }
-    let n = count as f64;
-    let cosine = match (nr == 0.0, na == 0.0) {
-        (true, true) => 1.0,
-        (true, false) | (false, true) => 0.0,
-        (false, false) => (dot / (nr.sqrt() * na.sqrt())).clamp(-1.0, 1.0),
-    };
-    let sqnr_db = if se == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (nr / se).log10()
-    };
-    ErrorMetrics {
-        mse: se / n,
-        cosine,
-        angular_distance: cosine.acos() / std::f64::consts::PI,
-        sqnr_db,
-        zero_fraction: zeros as f64 / n,
+        let sqnr_db = if se == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (nr / se).log10()
+        };
+        ErrorMetrics {
+            mse: se / nf,
+            cosine,
+            angular_distance: cosine.acos() / std::f64::consts::PI,
+            sqnr_db,
+            zero_fraction: zeros as f64 / nf,
+        }
     }
 }
 

@@ -79,16 +79,12 @@ pub fn convert_hf_to_gguf(
     opts: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<ConvertReport> {
-    let format = match opts.ternary {
-        GgmlType::TQ2_0 => TernaryFormat::Tq2_0,
-        GgmlType::TQ1_0 => TernaryFormat::Tq1_0,
-        GgmlType::I2_S => TernaryFormat::I2S,
-        other => {
-            return Err(ModelError::Unsupported(format!(
-                "ternary target {other} (choose TQ2_0, TQ1_0 or I2_S)"
-            )));
-        }
-    };
+    let format = ternary_format(opts.ternary).ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "ternary target {} (choose TQ2_0, TQ1_0 or I2_S)",
+            opts.ternary
+        ))
+    })?;
     if !matches!(
         opts.float_type,
         GgmlType::F16 | GgmlType::BF16 | GgmlType::F32 | GgmlType::Q8_0
@@ -416,20 +412,23 @@ fn ternary_format(ty: GgmlType) -> Option<TernaryFormat> {
     }
 }
 
+/// A block's linear layers: GGUF name, Hugging Face module (below `model.layers.N.`).
+pub const LINEARS: [(&str, &str); 7] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// Whether a GGUF tensor name is one of a BitNet block's BitLinear weights.
-fn is_bitlinear(name: &str) -> bool {
+pub fn is_bitlinear(name: &str) -> bool {
     name.starts_with("blk.")
-        && [
-            ".attn_q.weight",
-            ".attn_k.weight",
-            ".attn_v.weight",
-            ".attn_output.weight",
-            ".ffn_gate.weight",
-            ".ffn_up.weight",
-            ".ffn_down.weight",
-        ]
-        .iter()
-        .any(|s| name.ends_with(s))
+        && LINEARS
+            .iter()
+            .any(|(g, _)| name.ends_with(&format!(".{g}.weight")))
 }
 
 /// Convert a BitNet GGUF to another GGUF: ternary tensors are re-packed through their exact
@@ -536,12 +535,7 @@ pub fn convert_gguf_to_gguf(
                         source: e,
                     })?;
                     file.release(t);
-                    finish(
-                        &t.name,
-                        opts_ternary(format),
-                        vec![rows, cols],
-                        Some(fidelity),
-                    );
+                    finish(&t.name, opts.ternary, vec![rows, cols], Some(fidelity));
                     Ok(())
                 })),
             )?;
@@ -595,14 +589,6 @@ pub fn convert_gguf_to_gguf(
     Ok(r)
 }
 
-fn opts_ternary(f: TernaryFormat) -> GgmlType {
-    match f {
-        TernaryFormat::Tq1_0 => GgmlType::TQ1_0,
-        TernaryFormat::I2S => GgmlType::I2_S,
-        _ => GgmlType::TQ2_0,
-    }
-}
-
 /// What `--verify` found.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyReport {
@@ -625,17 +611,13 @@ fn hf_source(gguf: &str) -> Option<String> {
     let (layer, part) = rest.split_once('.')?;
     let hf = match part {
         "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj",
-        "attn_k.weight" => "self_attn.k_proj",
-        "attn_v.weight" => "self_attn.v_proj",
-        "attn_output.weight" => "self_attn.o_proj",
         "attn_sub_norm.weight" => "self_attn.attn_sub_norm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj",
-        "ffn_up.weight" => "mlp.up_proj",
-        "ffn_down.weight" => "mlp.down_proj",
         "ffn_sub_norm.weight" => "mlp.ffn_sub_norm.weight",
-        _ => return None,
+        _ => {
+            let g = part.strip_suffix(".weight")?;
+            LINEARS.iter().find(|(name, _)| *name == g)?.1
+        }
     };
     Some(format!("model.layers.{layer}.{hf}"))
 }

@@ -7,6 +7,7 @@
 //! whose linear weights are in a float or block-quantized type. One tensor is in memory at a
 //! time and its mapped pages are released behind it.
 
+use crate::convert::{LINEARS, is_bitlinear};
 use crate::error::{ModelError, Result};
 use crate::load::HfLoader;
 use bitnet_core::metrics::{ErrorMetrics, error_metrics};
@@ -23,27 +24,6 @@ pub struct TensorQuantReport {
     pub cols: usize,
     pub results: Vec<(Granularity, ErrorMetrics)>,
 }
-
-/// The linear layers' names in a GGUF file.
-const GGUF_LINEARS: [&str; 7] = [
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-];
-/// The same in a Hugging Face checkpoint.
-const HF_LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
 
 fn measure(
     name: String,
@@ -77,9 +57,9 @@ pub fn report(
     if src.is_dir() {
         let dir = HfModelDir::open(src)?;
         let (loader, spec) = HfLoader::new(&dir)?;
-        let total = spec.n_layers * HF_LINEARS.len();
+        let total = spec.n_layers * LINEARS.len();
         for i in 0..spec.n_layers {
-            for (j, lin) in HF_LINEARS.iter().enumerate() {
+            for (j, (_, lin)) in LINEARS.iter().enumerate() {
                 let name = format!("model.layers.{i}.{lin}.weight");
                 let Some(t) = dir.weights.get(&name) else {
                     return Err(ModelError::MissingTensor(name));
@@ -100,7 +80,7 @@ pub fn report(
                 }
                 let rep = measure(name.clone(), &w, rows, cols, granularities)?;
                 dir.weights.release(&name);
-                each(&rep, i * HF_LINEARS.len() + j + 1, total);
+                each(&rep, i * LINEARS.len() + j + 1, total);
                 out.push(rep);
             }
         }
@@ -111,13 +91,7 @@ pub fn report(
         .header
         .tensors
         .iter()
-        .filter(|t| {
-            t.dims.len() == 2
-                && t.name.starts_with("blk.")
-                && GGUF_LINEARS
-                    .iter()
-                    .any(|l| t.name.ends_with(&format!(".{l}.weight")))
-        })
+        .filter(|t| t.dims.len() == 2 && is_bitlinear(&t.name))
         .collect();
     if names.is_empty() {
         return Err(ModelError::Invalid(format!(

@@ -31,7 +31,7 @@ pub struct Args {
     /// Redis URL (optional; "" for none).
     #[arg(long)]
     pub redis: Option<String>,
-    /// Overwrite an existing file without asking.
+    /// Overwrite an existing file without asking (and start from the defaults if it is invalid).
     #[arg(long)]
     pub force: bool,
 }
@@ -49,8 +49,15 @@ fn validate_dir(s: &String) -> Result<(), String> {
 
 pub fn run(args: Args) -> Result<()> {
     let path = config::path(args.config.as_deref());
-    // Start from the existing file, so re-running init edits rather than resets.
-    let mut c = Config::load_or_default(&path).unwrap_or_default();
+    // Start from the existing file, so re-running init edits rather than resets; a file that
+    // does not parse is not silently replaced.
+    let mut c = match Config::load_or_default(&path) {
+        Ok(c) => c,
+        Err(_) if args.force => Config::default(),
+        Err(e) => {
+            return Err(e.context("pass --force to start again from the defaults"));
+        }
+    };
     if let Some(d) = &args.models_dir {
         c.models.dir = d.clone();
     }

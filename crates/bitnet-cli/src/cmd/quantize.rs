@@ -14,7 +14,7 @@ use std::path::PathBuf;
 pub struct Args {
     /// Source with float linear weights: a Hugging Face directory or a GGUF file.
     pub src: PathBuf,
-    /// Print the per-tensor error report (the default when nothing else is asked).
+    /// Measure and print the per-tensor error report (the default unless `--out` is given).
     #[arg(long)]
     pub report: bool,
     /// Scale granularities to compare, comma-separated: tensor (BitNet b1.58), channel, or
@@ -82,15 +82,20 @@ pub fn run(args: Args) -> Result<()> {
         .map(|g| parse_granularity(g))
         .collect::<Result<_>>()?;
     let quiet = args.json;
-    let reps = report(&args.src, &grans, &mut |r, done, total| {
+    let reps = if args.report || args.out.is_none() {
+        let r = report(&args.src, &grans, &mut |r, done, total| {
+            if !quiet {
+                eprint!("\r[{done}/{total}] {:<48}", r.name);
+            }
+        })
+        .with_context(|| format!("cannot measure {}", args.src.display()))?;
         if !quiet {
-            eprint!("\r[{done}/{total}] {:<48}", r.name);
+            eprintln!();
         }
-    })
-    .with_context(|| format!("cannot measure {}", args.src.display()))?;
-    if !quiet {
-        eprintln!();
-    }
+        r
+    } else {
+        Vec::new()
+    };
     let mut ppl = None;
     if let Some(out) = &args.out {
         let ternary = GgmlType::from_name(&args.to)
@@ -155,31 +160,33 @@ pub fn run(args: Args) -> Result<()> {
         );
         return Ok(());
     }
-    print!("{:<44} {:>13}", "tensor", "shape");
-    for g in &grans {
-        print!(" | {:>26}", format!("{} mse / cos / zeros", label(*g)));
-    }
-    println!();
-    for r in &reps {
-        print!("{:<44} {:>13}", r.name, format!("{}x{}", r.rows, r.cols));
-        for (_, m) in &r.results {
-            print!(
-                " | {:>10.3e} {:>7.5} {:>6.1}%",
-                m.mse,
-                m.cosine,
-                100.0 * m.zero_fraction
-            );
+    if !reps.is_empty() {
+        print!("{:<44} {:>13}", "tensor", "shape");
+        for g in &grans {
+            print!(" | {:>26}", format!("{} mse / cos / zeros", label(*g)));
         }
         println!();
-    }
-    println!("\nsummary (weighted by elements):");
-    for (k, g) in grans.iter().enumerate() {
-        let (mse, cos, z) = summary(&reps, k);
-        println!(
-            "  {:<10} mse {mse:.4e}  cosine {cos:.5}  zeros {:.1}%",
-            label(*g),
-            100.0 * z
-        );
+        for r in &reps {
+            print!("{:<44} {:>13}", r.name, format!("{}x{}", r.rows, r.cols));
+            for (_, m) in &r.results {
+                print!(
+                    " | {:>10.3e} {:>7.5} {:>6.1}%",
+                    m.mse,
+                    m.cosine,
+                    100.0 * m.zero_fraction
+                );
+            }
+            println!();
+        }
+        println!("\nsummary (weighted by elements):");
+        for (k, g) in grans.iter().enumerate() {
+            let (mse, cos, z) = summary(&reps, k);
+            println!(
+                "  {:<10} mse {mse:.4e}  cosine {cos:.5}  zeros {:.1}%",
+                label(*g),
+                100.0 * z
+            );
+        }
     }
     if let Some((a, b)) = ppl {
         println!(

@@ -243,9 +243,6 @@ fn block_scales_f16(m: &TernaryMatrix, qk: usize) -> Result<Vec<f16>> {
 fn scaled_code_metrics(a: &TernaryMatrix, b: &TernaryMatrix, run: usize) -> ErrorMetrics {
     let (ga, gb) = (a.group_len().max(1), b.group_len().max(1));
     let n = a.codes.len();
-    if n == 0 {
-        return error_metrics_iter(std::iter::empty());
-    }
     let (mut se, mut dot, mut nr, mut na, mut zeros) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0usize);
     for (k, chunk) in a.codes.chunks(run).enumerate() {
         let i = k * run;
@@ -258,23 +255,7 @@ fn scaled_code_metrics(a: &TernaryMatrix, b: &TernaryMatrix, run: usize) -> Erro
         na += w * rb * rb;
         zeros += chunk.len() - if rb == 0.0 { 0 } else { nz };
     }
-    let nf = n as f64;
-    let cosine = match (nr == 0.0, na == 0.0) {
-        (true, true) => 1.0,
-        (true, false) | (false, true) => 0.0,
-        (false, false) => (dot / (nr.sqrt() * na.sqrt())).clamp(-1.0, 1.0),
-    };
-    ErrorMetrics {
-        mse: se / nf,
-        cosine,
-        angular_distance: cosine.acos() / std::f64::consts::PI,
-        sqnr_db: if se == 0.0 {
-            f64::INFINITY
-        } else {
-            10.0 * (nr / se).log10()
-        },
-        zero_fraction: zeros as f64 / nf,
-    }
+    ErrorMetrics::from_sums(se, dot, nr, na, zeros, n)
 }
 
 fn compare(a: &TernaryMatrix, b: &TernaryMatrix) -> Result<Fidelity> {
