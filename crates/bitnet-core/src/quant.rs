@@ -183,7 +183,11 @@ pub fn ternarize_with(
     for group in w.chunks(g) {
         let mean = reduce.mean_abs(group).max(EPS);
         let s = 1.0 / mean;
-        codes.extend(group.iter().map(|&x| ternary_code(x * s)));
+        let start = codes.len();
+        codes.resize(start + group.len(), 0);
+        for (c, &x) in codes[start..].iter_mut().zip(group) {
+            *c = ternary_code(x * s);
+        }
         scales.push(mean);
     }
     Ok(TernaryMatrix {
@@ -195,15 +199,52 @@ pub fn ternarize_with(
     })
 }
 
+/// [`ternarize_with`] per tensor, over `rows * cols` weights that `read(start, out)` produces a
+/// block at a time (`out.len()` weights from flat index `start`): the same codes and scale,
+/// without a matrix-sized float buffer. The weights are read twice, once for the mean and once
+/// for the codes.
+pub fn ternarize_read(
+    rows: usize,
+    cols: usize,
+    reduce: TorchReduce,
+    read: &mut dyn FnMut(usize, &mut [f32]),
+) -> Result<TernaryMatrix> {
+    const BLOCK: usize = 1 << 16;
+    let n = rows.checked_mul(cols).ok_or(CoreError::Length {
+        what: "weights",
+        expected: usize::MAX,
+        found: 0,
+    })?;
+    if n == 0 {
+        return ternarize_with(&[], rows, cols, Granularity::PerTensor, reduce);
+    }
+    let mean = (reduce.sum_abs_read(n, read) / n as f32).max(EPS);
+    let s = 1.0 / mean;
+    let mut codes = vec![0i8; n];
+    let mut buf = vec![0.0f32; BLOCK.min(n)];
+    for (k, c) in codes.chunks_mut(BLOCK).enumerate() {
+        let b = &mut buf[..c.len()];
+        read(k * BLOCK, b);
+        for (c, &x) in c.iter_mut().zip(b.iter()) {
+            *c = ternary_code(x * s);
+        }
+    }
+    Ok(TernaryMatrix {
+        rows,
+        cols,
+        codes,
+        granularity: Granularity::PerTensor,
+        scales: vec![mean],
+    })
+}
+
 /// `clamp(round_half_even(v), -1, 1)`; NaN maps to 0 as `torch.round(nan).clamp(...)` casts to 0.
 #[inline]
 pub fn ternary_code(v: f32) -> i8 {
-    // Clamping first gives the same result (|v| in (1, 1.5] rounds to 1 either way), and
-    // adding and subtracting 1.5 * 2^23 then rounds half to even exactly as `round_ties_even`,
-    // in a form the compiler vectorises (without SSE4.1 in the baseline target,
-    // `round_ties_even` is a libm call per weight). NaN stays NaN and casts to 0.
-    const MAGIC: f32 = 12_582_912.0;
-    ((v.clamp(-1.0, 1.0) + MAGIC) - MAGIC) as i8
+    // Rounding half to even sends |v| <= 0.5 to 0 (0.5 is a tie that goes to the even 0) and
+    // anything above to ±1 or beyond, which the clamp brings back to ±1: two comparisons say
+    // it, both false for NaN. Branch-free and vectorisable without SSE4.1's `roundps`.
+    i8::from(v > 0.5) - i8::from(v < -0.5)
 }
 
 /// Per-token int8 activations of a `[rows, cols]` matrix: codes and one scale per row.
@@ -329,6 +370,48 @@ pub fn ternary_gemv_ref(w: &TernaryMatrix, x: &[i8], x_scale: f32, out: &mut [f3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_reads_ternarize_alike() {
+        let mut x = 0x9e37_79b9u32;
+        let (rows, cols) = (37, 4096 + 16);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                // Some exact ties at half the mean, and a NaN.
+                if i == 5 {
+                    f32::NAN
+                } else {
+                    (x as f32 / u32::MAX as f32 - 0.5) * 0.04
+                }
+            })
+            .collect();
+        for reduce in [TorchReduce::Inductor { lanes: 16 }, TorchReduce::default()] {
+            let want = ternarize_with(&w, rows, cols, Granularity::PerTensor, reduce).unwrap();
+            let got = ternarize_read(rows, cols, reduce, &mut |s, out| {
+                out.copy_from_slice(&w[s..s + out.len()])
+            })
+            .unwrap();
+            assert_eq!(got, want);
+        }
+        for v in [
+            0.5f32,
+            -0.5,
+            0.500_001,
+            -0.500_001,
+            1.5,
+            -7.0,
+            f32::NAN,
+            0.0,
+            -0.0,
+        ] {
+            let torch = v.round_ties_even().clamp(-1.0, 1.0);
+            let want = if v.is_nan() { 0 } else { torch as i8 };
+            assert_eq!(ternary_code(v), want, "{v}");
+        }
+    }
 
     #[test]
     fn rounds_half_to_even() {

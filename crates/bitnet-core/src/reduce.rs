@@ -63,6 +63,27 @@ impl TorchReduce {
         self.sum_abs(x) / x.len() as f32
     }
 
+    /// [`Self::sum_abs`] of `n` elements that `read(start, out)` fills in a block at a time
+    /// (`out.len()` elements from flat index `start`), so a caller can widen a large tensor
+    /// block by block instead of into one buffer. The Inductor order reads blocks of
+    /// `4096 * lanes` elements; the ATen order reads everything into one buffer first.
+    pub fn sum_abs_read(&self, n: usize, read: &mut dyn FnMut(usize, &mut [f32])) -> f32 {
+        match *self {
+            TorchReduce::Inductor { lanes } => match lanes {
+                4 => inductor_sum_read::<4>(n, f32::abs, read),
+                8 => inductor_sum_read::<8>(n, f32::abs, read),
+                16 => inductor_sum_read::<16>(n, f32::abs, read),
+                32 => inductor_sum_read::<32>(n, f32::abs, read),
+                _ => inductor_sum_read::<1>(n, f32::abs, read),
+            },
+            TorchReduce::Aten { .. } => {
+                let mut all = vec![0.0f32; n];
+                read(0, &mut all);
+                self.sum_abs(&all)
+            }
+        }
+    }
+
     fn sum_map(&self, x: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f32 {
         match *self {
             TorchReduce::Aten { threads } => aten_sum(x, threads, f),
@@ -95,19 +116,42 @@ fn aten_sum(x: &[f32], threads: usize, f: impl Fn(f32) -> f32 + Copy) -> f32 {
 
 /// Inductor's vectorised sum (one thread).
 fn inductor_sum<const L: usize>(x: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f32 {
-    let nv = x.len() / L;
-    let depth = ceil_log2(nv.div_ceil(INDUCTOR_CHUNK)) as usize;
-    let mut stk = vec![[0.0f32; L]; depth.max(1)];
-    let mut num_chunks = 0usize;
-    for chunk in x[..nv * L].chunks(INDUCTOR_CHUNK * L) {
+    let mut sum = InductorSum::<L>::new(x.len());
+    let body = x.len() / L * L;
+    for chunk in x[..body].chunks(INDUCTOR_CHUNK * L) {
+        sum.chunk(chunk, f);
+    }
+    sum.finish(&x[body..], f)
+}
+
+/// Inductor's sum of `n` elements, fed one chunk of `INDUCTOR_CHUNK * L` elements at a time.
+struct InductorSum<const L: usize> {
+    depth: usize,
+    stk: Vec<[f32; L]>,
+    num_chunks: usize,
+}
+
+impl<const L: usize> InductorSum<L> {
+    fn new(n: usize) -> Self {
+        let depth = ceil_log2((n / L).div_ceil(INDUCTOR_CHUNK)) as usize;
+        Self {
+            depth,
+            stk: vec![[0.0f32; L]; depth.max(1)],
+            num_chunks: 0,
+        }
+    }
+
+    /// The next chunk: whole vectors, `INDUCTOR_CHUNK` of them except for the last.
+    fn chunk(&mut self, chunk: &[f32], f: impl Fn(f32) -> f32 + Copy) {
+        let (depth, stk) = (self.depth, &mut self.stk);
         for v in chunk.chunks_exact(L) {
             for (a, &e) in stk[0].iter_mut().zip(v) {
                 *a += f(e);
             }
         }
         if depth > 0 && chunk.len() == INDUCTOR_CHUNK * L {
-            num_chunks += 1;
-            let (mut mask, mut j) = (num_chunks, 1);
+            self.num_chunks += 1;
+            let (mut mask, mut j) = (self.num_chunks, 1);
             while j < depth && mask & 1 == 0 {
                 let lower = std::mem::replace(&mut stk[j - 1], [0.0; L]);
                 for (a, b) in stk[j].iter_mut().zip(lower) {
@@ -118,25 +162,51 @@ fn inductor_sum<const L: usize>(x: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f32
             }
         }
     }
-    let mut acc = stk[0];
-    for level in &stk[1..] {
-        for (a, &b) in acc.iter_mut().zip(level) {
-            *a += b;
+
+    /// Fold the levels, add the `n % L` tail elements into the first lanes and sum the lanes.
+    fn finish(self, tail: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f32 {
+        let mut acc = self.stk[0];
+        for level in &self.stk[1..] {
+            for (a, &b) in acc.iter_mut().zip(level) {
+                *a += b;
+            }
         }
-    }
-    for (a, &e) in acc.iter_mut().zip(&x[nv * L..]) {
-        *a += f(e);
-    }
-    // Butterfly horizontal sum: lane i += lane i ^ d for d = L/2 .. 1.
-    let mut d = L / 2;
-    while d >= 1 {
-        let prev = acc;
-        for (i, a) in acc.iter_mut().enumerate() {
-            *a = prev[i] + prev[i ^ d];
+        for (a, &e) in acc.iter_mut().zip(tail) {
+            *a += f(e);
         }
-        d /= 2;
+        // Butterfly horizontal sum: lane i += lane i ^ d for d = L/2 .. 1.
+        let mut d = L / 2;
+        while d >= 1 {
+            let prev = acc;
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = prev[i] + prev[i ^ d];
+            }
+            d /= 2;
+        }
+        0.0 + acc[0]
     }
-    0.0 + acc[0]
+}
+
+/// [`InductorSum`] over elements produced a chunk at a time by `read(start, out)`.
+fn inductor_sum_read<const L: usize>(
+    n: usize,
+    f: impl Fn(f32) -> f32 + Copy,
+    read: &mut dyn FnMut(usize, &mut [f32]),
+) -> f32 {
+    let mut sum = InductorSum::<L>::new(n);
+    let body = n / L * L;
+    let mut buf = vec![0.0f32; (INDUCTOR_CHUNK * L).min(body)];
+    let mut start = 0;
+    while start < body {
+        let len = (INDUCTOR_CHUNK * L).min(body - start);
+        read(start, &mut buf[..len]);
+        sum.chunk(&buf[..len], f);
+        start += len;
+    }
+    let mut tail = [0.0f32; L];
+    let tail = &mut tail[..n - body];
+    read(body, tail);
+    sum.finish(tail, f)
 }
 
 /// The inner (contiguous) reduction of one range: vectorised when at least one full vector fits.
@@ -265,6 +335,52 @@ fn ceil_log2(n: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_reads_sum_in_the_same_order() {
+        // Lengths around the chunk (65536 at 16 lanes), several cascade levels and tails.
+        let mut x = 0x2545_f491u32;
+        let data: Vec<f32> = (0..300_001)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32 - 0.5) * 0.02
+            })
+            .collect();
+        for lanes in [1, 8, 16] {
+            let r = TorchReduce::Inductor { lanes };
+            for n in [
+                0,
+                5,
+                16,
+                65_535,
+                65_536,
+                65_537,
+                131_072 + 7,
+                262_144,
+                300_001,
+            ] {
+                let v = &data[..n];
+                let mut reads = 0;
+                let got = r.sum_abs_read(n, &mut |s, out| {
+                    reads += 1;
+                    out.copy_from_slice(&v[s..s + out.len()]);
+                });
+                assert_eq!(
+                    got.to_bits(),
+                    r.sum_abs(v).to_bits(),
+                    "lanes {lanes}, n {n}"
+                );
+                assert!(n < 65_536 * lanes || reads > 1);
+            }
+        }
+        let aten = TorchReduce::default();
+        let got = aten.sum_abs_read(1000, &mut |s, out| {
+            out.copy_from_slice(&data[s..s + out.len()])
+        });
+        assert_eq!(got.to_bits(), aten.sum_abs(&data[..1000]).to_bits());
+    }
 
     #[test]
     fn small_sums_are_exact() {

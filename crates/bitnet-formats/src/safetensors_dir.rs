@@ -169,6 +169,17 @@ impl SafetensorsSet {
         }
     }
 
+    /// [`Self::release`] of the bytes of rows `rows` of a tensor of `of` rows (a streaming
+    /// reader of one large tensor releases it behind itself as it goes).
+    pub fn release_rows(&self, name: &str, rows: std::ops::Range<usize>, of: usize) {
+        if let Some(t) = self.get(name) {
+            let row_bytes = t.range.len() / of.max(1);
+            let start = t.range.start + rows.start * row_bytes;
+            let end = (t.range.start + rows.end * row_bytes).min(t.range.end);
+            self.shards[t.shard].release(start..end);
+        }
+    }
+
     /// The raw little-endian bytes of a tensor, borrowed from the mapping.
     pub fn bytes(&self, t: &StTensorInfo) -> &[u8] {
         &self.shards[t.shard][t.range.clone()]

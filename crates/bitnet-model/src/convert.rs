@@ -19,6 +19,7 @@ use bitnet_formats::tokenizer::TextTokenizer;
 use std::cell::RefCell;
 use std::io::Write;
 use std::path::Path;
+use std::sync::mpsc::{SyncSender, sync_channel};
 
 /// What to write.
 #[derive(Debug, Clone)]
@@ -103,14 +104,11 @@ pub fn convert_hf_to_gguf(
             s.arch_name
         )));
     }
-    let cx = Ctx {
+    let mut plan = Plan {
         loader: &loader,
-        report: RefCell::new(ConvertReport::default()),
-        done: RefCell::new(0),
-        total: RefCell::new(0),
-        progress: RefCell::new(progress),
         opts,
         format,
+        tensors: Vec::new(),
     };
     let arch = gguf_arch(s);
     let mut w = GgufWriter::new();
@@ -148,8 +146,7 @@ pub fn convert_hf_to_gguf(
             w.set(k, v);
         }
     }
-    cx.float(
-        &mut w,
+    plan.float(
         "token_embd.weight",
         "model.embed_tokens.weight",
         s.vocab,
@@ -157,93 +154,82 @@ pub fn convert_hf_to_gguf(
     )?;
     for i in 0..s.n_layers {
         let (p, b) = (format!("model.layers.{i}"), format!("blk.{i}"));
-        cx.norm(
-            &mut w,
+        plan.norm(
             format!("{b}.attn_norm.weight"),
             format!("{p}.input_layernorm.weight"),
             s.hidden,
         )?;
-        cx.linear(
-            &mut w,
+        plan.linear(
             format!("{b}.attn_q.weight"),
             format!("{p}.self_attn.q_proj"),
             s.q_dim(),
             s.hidden,
         )?;
-        cx.linear(
-            &mut w,
+        plan.linear(
             format!("{b}.attn_k.weight"),
             format!("{p}.self_attn.k_proj"),
             s.kv_dim(),
             s.hidden,
         )?;
-        cx.linear(
-            &mut w,
+        plan.linear(
             format!("{b}.attn_v.weight"),
             format!("{p}.self_attn.v_proj"),
             s.kv_dim(),
             s.hidden,
         )?;
-        cx.linear(
-            &mut w,
+        plan.linear(
             format!("{b}.attn_output.weight"),
             format!("{p}.self_attn.o_proj"),
             s.hidden,
             s.q_dim(),
         )?;
-        cx.norm(
-            &mut w,
+        plan.norm(
             format!("{b}.attn_sub_norm.weight"),
             format!("{p}.self_attn.attn_sub_norm.weight"),
             s.q_dim(),
         )?;
-        cx.norm(
-            &mut w,
+        plan.norm(
             format!("{b}.ffn_norm.weight"),
             format!("{p}.post_attention_layernorm.weight"),
             s.hidden,
         )?;
-        cx.linear(
-            &mut w,
+        plan.linear(
             format!("{b}.ffn_gate.weight"),
             format!("{p}.mlp.gate_proj"),
             s.intermediate,
             s.hidden,
         )?;
-        cx.linear(
-            &mut w,
+        plan.linear(
             format!("{b}.ffn_up.weight"),
             format!("{p}.mlp.up_proj"),
             s.intermediate,
             s.hidden,
         )?;
-        cx.linear(
-            &mut w,
+        plan.linear(
             format!("{b}.ffn_down.weight"),
             format!("{p}.mlp.down_proj"),
             s.hidden,
             s.intermediate,
         )?;
-        cx.norm(
-            &mut w,
+        plan.norm(
             format!("{b}.ffn_sub_norm.weight"),
             format!("{p}.mlp.ffn_sub_norm.weight"),
             s.intermediate,
         )?;
     }
-    cx.norm(
-        &mut w,
+    plan.norm(
         "output_norm.weight".into(),
         "model.norm.weight".into(),
         s.hidden,
     )?;
     if !s.tied_embeddings && dir.weights.get("lm_head.weight").is_some() {
-        cx.float(&mut w, "output.weight", "lm_head.weight", s.vocab, s.hidden)?;
+        plan.float("output.weight", "lm_head.weight", s.vocab, s.hidden)?;
     }
-    w.write_to_path(dst)?;
-    let mut r = cx.report.into_inner();
-    r.bytes_written = std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
-    Ok(r)
+    let tensors = write_planned(w, plan.tensors, dst, progress)?;
+    Ok(ConvertReport {
+        tensors,
+        bytes_written: std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0),
+    })
 }
 
 /// Called with (bytes of tensor data written, bytes in all, name of the tensor just written).
@@ -256,120 +242,246 @@ fn tensor_bytes(ty: GgmlType, shape: &[usize]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Shared state of one conversion; each method registers one tensor whose bytes are produced
-/// while the file is written.
-struct Ctx<'a, 'p> {
-    loader: &'a HfLoader<'a>,
-    report: RefCell<ConvertReport>,
-    done: RefCell<u64>,
-    total: RefCell<u64>,
-    progress: RefCell<Progress<'p>>,
-    opts: &'a ConvertOptions,
-    format: TernaryFormat,
+/// A tensor's bytes, produced on a worker thread: the job writes them into its sink and returns
+/// what packing changed, for ternary tensors.
+type Job<'a> = Box<dyn FnOnce(&mut dyn Write) -> Result<Option<Fidelity>, FormatError> + Send + 'a>;
+
+/// One output tensor: its header and the job that produces its bytes.
+struct Planned<'a> {
+    name: String,
+    ty: GgmlType,
+    /// Outermost first: `[rows, cols]` or `[len]`.
+    shape: Vec<usize>,
+    job: Job<'a>,
 }
 
-impl<'a, 'p> Ctx<'a, 'p> {
-    /// Count a tensor that will be written (for the progress total).
-    fn expect(&self, ty: GgmlType, shape: &[usize]) {
-        *self.total.borrow_mut() += tensor_bytes(ty, shape);
-    }
+/// The tensors of one conversion, in file order.
+struct Plan<'a> {
+    loader: &'a HfLoader<'a>,
+    opts: &'a ConvertOptions,
+    format: TernaryFormat,
+    tensors: Vec<Planned<'a>>,
+}
 
-    fn finish(&self, name: &str, ty: GgmlType, shape: Vec<usize>, fidelity: Option<Fidelity>) {
-        *self.done.borrow_mut() += tensor_bytes(ty, &shape);
-        self.report.borrow_mut().tensors.push(TensorReport {
+/// A float tensor's mapped source pages are released every this many rows (an embedding of
+/// 128k rows is 650 MB of bf16).
+const RELEASE_ROWS: usize = 4096;
+
+impl<'a> Plan<'a> {
+    fn float(&mut self, name: &str, hf: &'static str, rows: usize, cols: usize) -> Result<()> {
+        let (loader, ty) = (self.loader, self.opts.float_type);
+        self.tensors.push(Planned {
             name: name.to_string(),
             ty,
-            shape,
-            fidelity,
-        });
-        let (done, total) = (*self.done.borrow(), *self.total.borrow());
-        (self.progress.borrow_mut())(done, total, name);
-    }
-
-    fn float<'w>(
-        &'w self,
-        w: &mut GgufWriter<'w>,
-        name: &str,
-        hf: &'static str,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        let ty = self.opts.float_type;
-        self.expect(ty, &[rows, cols]);
-        let n = name.to_string();
-        w.add_tensor(
-            name,
-            ty,
-            &[cols as u64, rows as u64],
-            TensorData::Stream(Box::new(move |out: &mut dyn Write| {
-                let m = self.loader.dense(hf, rows, cols).map_err(fmt_err)?;
+            shape: vec![rows, cols],
+            job: Box::new(move |out| {
+                let m = loader.dense(hf, rows, cols).map_err(fmt_err)?;
                 let mut row = vec![0.0f32; cols];
                 for r in 0..rows {
                     m.row_into(r, &mut row);
                     write_floats(out, ty, &row)?;
+                    if (r + 1) % RELEASE_ROWS == 0 {
+                        loader
+                            .dir
+                            .weights
+                            .release_rows(hf, r + 1 - RELEASE_ROWS..r + 1, rows);
+                    }
                 }
-                self.loader.dir.weights.release(hf);
-                self.finish(&n, ty, vec![rows, cols], None);
-                Ok(())
-            })),
-        )?;
+                loader.dir.weights.release(hf);
+                Ok(None)
+            }),
+        });
         Ok(())
     }
 
-    fn norm<'w>(
-        &'w self,
-        w: &mut GgufWriter<'w>,
-        name: String,
-        hf: String,
-        len: usize,
-    ) -> Result<()> {
-        self.expect(GgmlType::F32, &[len]);
-        let n = name.clone();
-        w.add_tensor(
+    fn norm(&mut self, name: String, hf: String, len: usize) -> Result<()> {
+        let loader = self.loader;
+        self.tensors.push(Planned {
             name,
-            GgmlType::F32,
-            &[len as u64],
-            TensorData::Stream(Box::new(move |out: &mut dyn Write| {
-                let v = self.loader.vector(&hf, len).map_err(fmt_err)?;
+            ty: GgmlType::F32,
+            shape: vec![len],
+            job: Box::new(move |out| {
+                let v = loader.vector(&hf, len).map_err(fmt_err)?;
                 write_floats(out, GgmlType::F32, &v)?;
-                self.loader.dir.weights.release(&hf);
-                self.finish(&n, GgmlType::F32, vec![len], None);
-                Ok(())
-            })),
-        )?;
+                loader.dir.weights.release(&hf);
+                Ok(None)
+            }),
+        });
         Ok(())
     }
 
-    fn linear<'w>(
-        &'w self,
-        w: &mut GgufWriter<'w>,
-        name: String,
-        hf: String,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        self.format.check_shape(rows, cols)?;
-        self.expect(self.opts.ternary, &[rows, cols]);
-        let n = name.clone();
-        let format = self.format;
-        w.add_tensor(name, self.opts.ternary, &[cols as u64, rows as u64], TensorData::Stream(Box::new(move |out: &mut dyn Write| {
-            let Some((mut m, convention)) = self.loader.ternary(&hf, rows, cols).map_err(fmt_err)? else {
-                return Err(fmt_err(format!("{hf} is not ternary in the source; only BitNet checkpoints convert to {format}")));
-            };
-            if convention == ScaleConvention::Divide {
-                // GGUF ternary types multiply by their scale.
-                m.scales.iter_mut().for_each(|s| *s = 1.0 / *s);
-            }
-            let (p, fidelity) = packed::pack(&m, format).map_err(fmt_err)?;
-            out.write_all(&p.data).map_err(|e| FormatError::Io { path: "output".into(), source: e })?;
-            for part in ["weight", "weight_scale"] {
-                self.loader.dir.weights.release(&format!("{hf}.{part}"));
-            }
-            self.finish(&n, self.opts.ternary, vec![rows, cols], Some(fidelity));
-            Ok(())
-        })))?;
+    fn linear(&mut self, name: String, hf: String, rows: usize, cols: usize) -> Result<()> {
+        let (loader, format) = (self.loader, self.format);
+        format.check_shape(rows, cols)?;
+        self.tensors.push(Planned {
+            name,
+            ty: self.opts.ternary,
+            shape: vec![rows, cols],
+            job: Box::new(move |out| {
+                let Some((mut m, convention)) = loader
+                    .ternary(&hf, rows, cols)
+                    .map_err(fmt_err)?
+                else {
+                    return Err(fmt_err(format!(
+                        "{hf} is not ternary in the source; only BitNet checkpoints convert to {format}"
+                    )));
+                };
+                if convention == ScaleConvention::Divide {
+                    // GGUF ternary types multiply by their scale.
+                    m.scales.iter_mut().for_each(|s| *s = 1.0 / *s);
+                }
+                let (p, fidelity) = packed::pack(&m, format).map_err(fmt_err)?;
+                out.write_all(&p.data).map_err(|e| FormatError::Io {
+                    path: "output".into(),
+                    source: e,
+                })?;
+                for part in ["weight", "weight_scale"] {
+                    loader.dir.weights.release(&format!("{hf}.{part}"));
+                }
+                Ok(Some(fidelity))
+            }),
+        });
         Ok(())
     }
+}
+
+/// What a worker sends the writer: a piece of the current tensor, or its end.
+enum Piece {
+    Bytes(Vec<u8>),
+    Done(Result<Option<Fidelity>, FormatError>),
+}
+
+/// Bytes a worker hands the writer at a time, and how many pieces may wait per worker: a
+/// worker runs at most 16 MiB ahead of the file, whatever the tensor's size.
+const PIECE_BYTES: usize = 1 << 20;
+const PIECES_AHEAD: usize = 16;
+
+/// A worker's sink: fills pieces and sends them; fails once the writer has stopped listening.
+struct PieceSink<'c> {
+    buf: Vec<u8>,
+    tx: &'c SyncSender<Piece>,
+}
+
+impl PieceSink<'_> {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIECE_BYTES));
+        self.tx
+            .send(Piece::Bytes(piece))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped"))
+    }
+}
+
+impl Write for PieceSink<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = b.len().min(PIECE_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&b[..n]);
+        if self.buf.len() == PIECE_BYTES {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// Write `plan` into `w` and `dst`. Tensors are produced by up to two worker threads (tensor
+/// `i` on worker `i % workers`, each a bounded number of pieces ahead) while this thread
+/// writes them in file order, so reading and packing overlap writing. Returns each tensor's
+/// report, in file order.
+fn write_planned(
+    mut w: GgufWriter<'_>,
+    plan: Vec<Planned<'_>>,
+    dst: &Path,
+    progress: Progress<'_>,
+) -> Result<Vec<TensorReport>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 2);
+    let total: u64 = plan.iter().map(|t| tensor_bytes(t.ty, &t.shape)).sum();
+    let mut jobs: Vec<Vec<Job<'_>>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut headers = Vec::with_capacity(plan.len());
+    for (i, t) in plan.into_iter().enumerate() {
+        headers.push((t.name, t.ty, t.shape));
+        jobs[i % workers].push(t.job);
+    }
+    let reports = RefCell::new(Vec::with_capacity(headers.len()));
+    let done = RefCell::new(0u64);
+    let progress = RefCell::new(progress);
+    std::thread::scope(|scope| {
+        let mut rxs = Vec::with_capacity(workers);
+        for queue in jobs {
+            let (tx, rx) = sync_channel::<Piece>(PIECES_AHEAD);
+            rxs.push(rx);
+            scope.spawn(move || {
+                for job in queue {
+                    let mut sink = PieceSink {
+                        buf: Vec::with_capacity(PIECE_BYTES),
+                        tx: &tx,
+                    };
+                    let r = job(&mut sink);
+                    let r = r.and_then(|f| {
+                        sink.flush().map_err(|e| FormatError::Io {
+                            path: "output".into(),
+                            source: e,
+                        })?;
+                        Ok(f)
+                    });
+                    // A failed send means the writer gave up: stop.
+                    if tx.send(Piece::Done(r)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let result = (|| -> Result<()> {
+            for (i, (name, ty, shape)) in headers.into_iter().enumerate() {
+                let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+                let (rx, reports, done, progress) = (&rxs[i % workers], &reports, &done, &progress);
+                let n = name.clone();
+                w.add_tensor(
+                    name,
+                    ty,
+                    &dims,
+                    TensorData::Stream(Box::new(move |out: &mut dyn Write| {
+                        loop {
+                            match rx.recv() {
+                                Ok(Piece::Bytes(b)) => {
+                                    out.write_all(&b).map_err(|e| FormatError::Io {
+                                        path: "output".into(),
+                                        source: e,
+                                    })?
+                                }
+                                Ok(Piece::Done(r)) => {
+                                    let fidelity = r?;
+                                    *done.borrow_mut() += tensor_bytes(ty, &shape);
+                                    (progress.borrow_mut())(*done.borrow(), total, &n);
+                                    reports.borrow_mut().push(TensorReport {
+                                        name: n.clone(),
+                                        ty,
+                                        shape: shape.clone(),
+                                        fidelity,
+                                    });
+                                    return Ok(());
+                                }
+                                Err(_) => return Err(fmt_err("a conversion worker stopped early")),
+                            }
+                        }
+                    })),
+                )?;
+            }
+            w.write_to_path(dst)?;
+            Ok(())
+        })();
+        // Dropping the receivers stops workers still producing (after an error).
+        drop(rxs);
+        result
+    })?;
+    Ok(reports.into_inner())
 }
 
 fn write_floats(out: &mut dyn Write, ty: GgmlType, v: &[f32]) -> Result<(), FormatError> {
@@ -377,29 +489,23 @@ fn write_floats(out: &mut dyn Write, ty: GgmlType, v: &[f32]) -> Result<(), Form
         path: "output".into(),
         source: e,
     };
-    match ty {
-        // Each row is encoded into one buffer and written at once (a `write_all` per value
-        // cost more than the conversion).
-        GgmlType::F32 => out
-            .write_all(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
-            .map_err(io),
-        GgmlType::F16 => out
-            .write_all(
-                &v.iter()
-                    .flat_map(|x| f16::from_f32(*x).to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            )
-            .map_err(io),
-        GgmlType::BF16 => out
-            .write_all(
-                &v.iter()
-                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            )
-            .map_err(io),
-        GgmlType::Q8_0 => out.write_all(&quantize_q8_0(v)?).map_err(io),
-        other => Err(fmt_err(format!("cannot write {other}"))),
+    // Each row is encoded into one buffer and written at once (a `write_all` per value cost
+    // more than the conversion).
+    fn encode<const N: usize>(v: &[f32], f: impl Fn(f32) -> [u8; N]) -> Vec<u8> {
+        let mut bytes = vec![0u8; v.len() * N];
+        for (b, &x) in bytes.chunks_exact_mut(N).zip(v) {
+            b.copy_from_slice(&f(x));
+        }
+        bytes
     }
+    let bytes = match ty {
+        GgmlType::F32 => encode(v, f32::to_le_bytes),
+        GgmlType::F16 => encode(v, |x| f16::from_f32(x).to_le_bytes()),
+        GgmlType::BF16 => encode(v, |x| half::bf16::from_f32(x).to_le_bytes()),
+        GgmlType::Q8_0 => quantize_q8_0(v)?,
+        other => return Err(fmt_err(format!("cannot write {other}"))),
+    };
+    out.write_all(&bytes).map_err(io)
 }
 
 /// The packed layout of a GGUF ternary type.

@@ -55,7 +55,7 @@ impl Generation {
 
 /// Longest suffix of `text` that is a proper prefix of some stop string: text that may still
 /// turn into a stop string and must not be shown yet.
-fn held_back(text: &str, stops: &[String]) -> usize {
+pub fn held_back(text: &str, stops: &[String]) -> usize {
     let mut hold = 0;
     for s in stops {
         for (i, _) in s.char_indices().skip(1) {

@@ -97,6 +97,26 @@ impl DenseMatrix {
         dequantize_into("row", self.ty, raw, out).expect("row size validated at construction");
     }
 
+    /// Dequantize `out.len()` weights from flat (row-major) index `start`, across rows. Only for
+    /// element types (F32, F16, BF16), whose values do not share blocks.
+    pub fn flat_into(&self, start: usize, out: &mut [f32]) -> Result<()> {
+        let size = match self.ty {
+            GgmlType::F32 => 4,
+            GgmlType::F16 | GgmlType::BF16 => 2,
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "flat reads of {other} weights (a block type)"
+                )));
+            }
+        };
+        let raw = self
+            .bytes
+            .as_slice()
+            .get(start * size..(start + out.len()) * size)
+            .ok_or_else(|| ModelError::Unsupported("read past the end of a weight".into()))?;
+        Ok(dequantize_into("weights", self.ty, raw, out)?)
+    }
+
     /// `out[t, r] = x[t, :] . W[r, :]` for `t` in `0..n`, rows split between the pool's threads.
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), n * self.cols);

@@ -5,7 +5,7 @@ use crate::linear::{DenseMatrix, Linear, TernaryLinear, WeightBytes};
 use crate::model::{Layer, Model};
 use crate::spec::{Family, ModelSpec};
 use bitnet_core::packed::{self, PackedTensor, TernaryFormat};
-use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, ternarize_with};
+use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, ternarize_read};
 use bitnet_core::reduce::TorchReduce;
 use bitnet_formats::gguf::{GgmlType, GgufFile, TensorInfo};
 use bitnet_formats::safetensors_dir::{Dtype, HfModelDir, StTensorInfo};
@@ -140,20 +140,24 @@ impl HfLoader<'_> {
             HfQuant::None => Ok(None),
             HfQuant::Online => {
                 let w = self.dense(&wname, rows, cols)?;
-                let mut vals = vec![0.0f32; rows * cols];
-                for r in 0..rows {
-                    w.row_into(r, &mut vals[r * cols..(r + 1) * cols]);
-                }
                 // transformers' AutoBitLinear runs the @torch.compile'd WeightQuant, whose
                 // mean|W| sums in TorchInductor's order (16 lanes on AVX-512 hosts); eager
                 // PyTorch's order can differ by an ulp and flip a code that sits on a tie.
-                let m = ternarize_with(
-                    &vals,
+                // The weights are widened a block at a time, never as one f32 matrix.
+                let mut failed = None;
+                let m = ternarize_read(
                     rows,
                     cols,
-                    Granularity::PerTensor,
                     TorchReduce::Inductor { lanes: 16 },
+                    &mut |start, out| {
+                        if let Err(e) = w.flat_into(start, out) {
+                            failed.get_or_insert(e);
+                        }
+                    },
                 )?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
                 Ok(Some((m, ScaleConvention::Multiply)))
             }
             HfQuant::Packed(conv) => {
