@@ -37,6 +37,10 @@ enum Command {
     Init(cmd::init::Args),
     /// Check this machine and configuration, and say what to fix.
     Doctor(cmd::doctor::Args),
+    /// Serve models through an OpenAI-compatible API (continuous batching, API keys, metrics).
+    Serve(cmd::serve::Args),
+    /// Create, list and revoke the server's API keys.
+    Keys(cmd::serve::KeysArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,8 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Init(args) => cmd::init::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Keys(args) => cmd::serve::keys(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,3 +9,4 @@ pub mod logits;
 pub mod perplexity;
 pub mod quantize;
 pub mod run;
+pub mod serve;

@@ -1,0 +1,278 @@
+//! `bitnet serve`: the OpenAI-compatible server, and `bitnet keys`: its API keys.
+
+use super::common::set_threads;
+use crate::config::{self, Config};
+use anyhow::{Context, Result, bail};
+use bitnet_server::engine::EngineConfig;
+use bitnet_server::metrics::Metrics;
+use bitnet_server::store::{Role, Store};
+use bitnet_server::usage::UsageLog;
+use bitnet_server::{AppState, ServedModel, ServerConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model to serve: PATH (a GGUF file or a Hugging Face directory), or NAME=PATH to choose
+    /// the id clients ask for (default: the file name without extension). Repeat for several.
+    /// Default: `models.default` from the config file.
+    #[arg(short, long = "model", value_name = "[NAME=]PATH")]
+    pub models: Vec<String>,
+    /// Address to listen on (default: `server.addr` from the config, 127.0.0.1:8080).
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Database URL (default: `server.database` from the config, an SQLite file).
+    #[arg(long)]
+    pub database: Option<String>,
+    /// Configuration file (default: $BITNET_CONFIG or ~/.config/bitnet/config.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Kernel threads (default: `runtime.threads`, else every CPU).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    /// Most sequences decoded together (continuous batching).
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Most requests waiting for a place in the batch; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Seconds a generation may run before it ends with a timeout.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Seconds in-flight generations get to finish on shutdown (Ctrl-C / SIGTERM).
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+    /// Seconds a client has to send its request head, and then its body.
+    #[arg(long, default_value_t = 10)]
+    pub client_timeout: u64,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body: usize,
+    /// Log as JSON lines (default: human-readable). RUST_LOG filters (default: info).
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `NAME=PATH` or `PATH` → (id, path). A bare name is looked up in `models.dir`.
+fn model_spec(s: &str, cfg: &Config) -> (String, PathBuf) {
+    let (name, path) = match s.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !n.contains('/') => (Some(n.to_string()), p),
+        _ => (None, s),
+    };
+    let mut p = PathBuf::from(path);
+    if !p.exists() && p.components().count() == 1 && cfg.models.dir.join(&p).exists() {
+        p = cfg.models.dir.join(&p);
+    }
+    let id = name.unwrap_or_else(|| {
+        let stem = if p.is_dir() {
+            p.file_name()
+        } else {
+            p.file_stem()
+        };
+        stem.map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    });
+    (id, p)
+}
+
+fn init_logs(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    init_logs(args.log_json);
+    let cfg = Config::load_or_default(&config::path(args.config.as_deref()))?;
+    let threads = args
+        .threads
+        .or((cfg.runtime.threads > 0).then_some(cfg.runtime.threads));
+    set_threads(threads)?;
+    let mut specs: Vec<String> = args.models.clone();
+    if specs.is_empty() {
+        match &cfg.models.default {
+            Some(d) => specs.push(d.clone()),
+            None => bail!(
+                "no model to serve: pass --model PATH (a GGUF file or a Hugging Face directory), or set models.default with `bitnet init`"
+            ),
+        }
+    }
+    if args.max_batch == 0 || args.queue == 0 {
+        bail!("--max-batch and --queue must be at least 1");
+    }
+    let engine = EngineConfig {
+        max_batch: args.max_batch,
+        queue: args.queue,
+        ..EngineConfig::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let mut models = Vec::new();
+    for s in &specs {
+        let (id, path) = model_spec(s, &cfg);
+        if models.iter().any(|m: &ServedModel| m.id == id) {
+            bail!("two models would be served as `{id}`: name them with NAME=PATH");
+        }
+        let loaded = bitnet_model::load(&path)
+            .with_context(|| format!("cannot load model {}", path.display()))?;
+        tracing::info!(model = %id, "{}", loaded.description);
+        models.push(
+            ServedModel::start(id, loaded, &engine, metrics.clone()).map_err(anyhow::Error::msg)?,
+        );
+    }
+    let database = args.database.clone().unwrap_or(cfg.server.database.clone());
+    let addr = args.addr.clone().unwrap_or(cfg.server.addr.clone());
+    let server = ServerConfig {
+        max_body_bytes: args.max_body,
+        body_timeout: Duration::from_secs(args.client_timeout),
+        header_timeout: Duration::from_secs(args.client_timeout),
+        request_timeout: Duration::from_secs(args.request_timeout),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        engine,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let store = Store::open(&database)
+            .await
+            .with_context(|| format!("cannot open the database {database}"))?;
+        // A fresh database gets one admin key, printed once, so the server is usable at once.
+        let first_key = if store.list_keys(bitnet_server::store::DEFAULT_TENANT).await?.is_empty() {
+            Some(store.create_key("first admin key", Role::Admin).await?.1)
+        } else {
+            None
+        };
+        let (usage, writer) = UsageLog::start(store.clone());
+        let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
+        let state = AppState::new(models, store, metrics, usage, server);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        eprintln!("bitnet serve: {} on http://{local}/v1 (OpenAPI: /openapi.json, metrics: /metrics)", ids.join(", "));
+        let key = match &first_key {
+            Some(k) => {
+                eprintln!("created an admin API key (shown once; `bitnet keys create` makes more):\n  {k}");
+                k.as_str()
+            }
+            None => "$BITNET_API_KEY",
+        };
+        eprintln!(
+            "try:\n  curl http://{local}/v1/chat/completions -H \"Authorization: Bearer {key}\" -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+            ids[0]
+        );
+        bitnet_server::serve(listener, state.clone(), shutdown_signal()).await?;
+        // Every ticket is gone with the state: the writer drains the queue and ends.
+        drop(state);
+        let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+        eprintln!("bitnet serve: stopped");
+        Ok(())
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub action: KeysAction,
+    /// Database URL (default: `server.database` from the config file).
+    #[arg(long, global = true)]
+    pub database: Option<String>,
+    /// Configuration file (default: $BITNET_CONFIG or ~/.config/bitnet/config.toml).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysAction {
+    /// Create a key and print it (once: only its hash is stored).
+    Create {
+        /// A label: who or what uses the key.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// An admin key (may manage keys through /v1/admin/keys).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List keys (never the keys themselves: their prefixes).
+    List,
+    /// Revoke a key by id or prefix.
+    Revoke { id: String },
+}
+
+pub fn keys(args: KeysArgs) -> Result<()> {
+    let cfg = Config::load_or_default(&config::path(args.config.as_deref()))?;
+    let database = args.database.unwrap_or(cfg.server.database);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let store = Store::open(&database)
+            .await
+            .with_context(|| format!("cannot open the database {database}"))?;
+        let tenant = bitnet_server::store::DEFAULT_TENANT;
+        match args.action {
+            KeysAction::Create { name, admin } => {
+                let role = if admin { Role::Admin } else { Role::User };
+                let (info, key) = store.create_key(&name, role).await?;
+                if args.json {
+                    println!("{}", serde_json::json!({"key": key, "id": info.id, "prefix": info.prefix, "role": info.role, "name": info.name}));
+                } else {
+                    println!("{key}");
+                    eprintln!("id {} ({:?}, \"{}\"): keep the key now, it is not shown again", info.id, info.role, info.name);
+                }
+            }
+            KeysAction::List => {
+                let keys = store.list_keys(tenant).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&keys)?);
+                } else {
+                    println!("{:<36}  {:<12}  {:<5}  {:<8}  NAME", "ID", "PREFIX", "ROLE", "STATE");
+                    for k in keys {
+                        let state = if k.revoked_at.is_some() { "revoked" } else { "active" };
+                        let role = if k.role == Role::Admin { "admin" } else { "user" };
+                        println!("{:<36}  {:<12}  {:<5}  {:<8}  {}", k.id, k.prefix, role, state, k.name);
+                    }
+                }
+            }
+            KeysAction::Revoke { id } => {
+                if !store.revoke_key(tenant, &id).await? {
+                    bail!("no active key with id or prefix {id:?}");
+                }
+                eprintln!("revoked {id}");
+            }
+        }
+        Ok(())
+    })
+}

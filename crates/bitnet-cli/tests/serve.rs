@@ -1,0 +1,552 @@
+//! `bitnet serve` end to end, as a separate process on a loopback port: the official `openai`
+//! Python client drives it, hostile traffic gets clear errors without losing or double-counting
+//! usage rows, a full queue answers 429, shutdown finishes or cancels in-flight streams, and
+//! `bitnet keys` / the admin API manage keys.
+
+mod cli;
+#[path = "../../bitnet-formats/tests/common/mod.rs"]
+mod common;
+
+use cli::{bitnet, succeeds};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running server; killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    /// The admin key a fresh database gets, printed once at start.
+    key: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    fn start(model: &Path, db: &Path, extra: &[&str]) -> Self {
+        let mut child = bitnet()
+            .arg("serve")
+            .arg("-m")
+            .arg(format!("smol={}", model.display()))
+            .args([
+                "--addr",
+                "127.0.0.1:0",
+                "--threads",
+                "2",
+                "--client-timeout",
+                "2",
+            ])
+            .arg("--database")
+            .arg(format!("sqlite://{}", db.display()))
+            .args(extra)
+            .env("BITNET_CONFIG", db.with_extension("toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (mut addr, mut key) = (String::new(), String::new());
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            log.lock().unwrap().push_str(&format!("{line}\n"));
+            if let Some(rest) = line.strip_prefix("bitnet serve: ")
+                && let Some(url) = rest.split("http://").nth(1)
+            {
+                addr = url.split('/').next().unwrap().to_string();
+            }
+            if let Some(k) = line.trim().strip_prefix("bnk_") {
+                key = format!("bnk_{k}");
+            }
+            if line.starts_with("try:") {
+                break;
+            }
+        }
+        assert!(
+            !addr.is_empty(),
+            "server did not start:\n{}",
+            log.lock().unwrap()
+        );
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                l.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        Self {
+            child,
+            addr,
+            key,
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// One HTTP/1.1 request with `Connection: close`; returns (status, headers, body).
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: &[u8],
+        extra: &str,
+    ) -> (u16, String, String) {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let auth = key
+            .map(|k| format!("Authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}{extra}Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let _ = s.write_all(body);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, head.to_string(), body.to_string())
+    }
+
+    fn post_json(&self, path: &str, json: &str) -> (u16, String) {
+        let (s, _, b) = self.http(
+            "POST",
+            path,
+            Some(&self.key),
+            json.as_bytes(),
+            "Content-Type: application/json\r\n",
+        );
+        (s, b)
+    }
+
+    fn rss_kb(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-s", sig, &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Usage rows as (request_id, status, prompt_tokens, completion_tokens), read with the server
+/// crate's own store.
+fn usage_rows(db: &Path) -> Vec<(String, i64, i64, i64)> {
+    // The store has no row listing (metering reads totals); read them with sqlx directly.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query_as(
+            "SELECT request_id, status, prompt_tokens, completion_tokens FROM usage ORDER BY id",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+    })
+}
+
+fn temp_db(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("bitnet.db")
+}
+
+#[test]
+fn openai_python_client_drives_the_server() {
+    let (Some(model), Some(py)) = (common::smollm2(), common::python()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let script = common::repo_root().join("scripts/tests/openai_client.py");
+    let server = Server::start(&model, &db, &[]);
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .args([&server.url(), &server.key, "smol"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client checks failed:\n{}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.log.lock().unwrap()
+    );
+    let found: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .split(|&b| b == b'\n')
+            .find(|l| l.starts_with(b"{"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(found["concurrent_identical"], 16);
+    // Every request that reached the model left exactly one usage row, with its tokens.
+    let rows = usage_rows(&db);
+    let mut ids: Vec<&String> = rows.iter().map(|r| &r.0).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), rows.len(), "a request id counted twice");
+    assert!(
+        rows.iter().filter(|r| r.1 == 200).count() >= 16 + 16 + 8,
+        "{} rows",
+        rows.len()
+    );
+    assert!(
+        rows.iter()
+            .filter(|r| r.1 == 200)
+            .all(|r| r.2 > 0 && r.3 > 0)
+    );
+    drop(server);
+
+    // A queue of one: a burst gets 429 with Retry-After, the admitted requests complete.
+    let busy = Server::start(&model, &db, &["--max-batch", "1", "--queue", "1"]);
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .args([&busy.url(), &server_key(&db), "smol", "--busy"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "busy checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A new key for an existing database (the first server printed its own).
+fn server_key(db: &Path) -> String {
+    let out = succeeds(
+        bitnet()
+            .args(["keys", "create", "--name", "test", "--database"])
+            .arg(format!("sqlite://{}", db.display())),
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn hostile_traffic_gets_clear_errors_and_exact_usage() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
+    let rss0 = server.rss_kb();
+    let expect = |status: u16, body: &str, want: u16, code: &str| {
+        assert_eq!(status, want, "{body}");
+        let v: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(v["error"]["code"], code, "{body}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    };
+    let (s, b) = server.post_json(
+        "/v1/chat/completions",
+        "{\"model\": \"smol\", \"messages\": [",
+    );
+    expect(s, &b, 400, "invalid_json");
+    let (s, b) = server.post_json(
+        "/v1/completions",
+        r#"{"model": "smol", "prompt": "hi", "max_tokens": "lots"}"#,
+    );
+    expect(s, &b, 400, "invalid_request");
+    let (s, b) = server.post_json(
+        "/v1/completions",
+        r#"{"model": "smol", "prompt": "hi", "max_tokens": 100000000}"#,
+    );
+    expect(s, &b, 400, "context_length_exceeded");
+    let long = format!(
+        r#"{{"model": "smol", "prompt": "{}", "max_tokens": 1}}"#,
+        "word ".repeat(9000)
+    );
+    let (s, b) = server.post_json("/v1/completions", &long);
+    expect(s, &b, 400, "context_length_exceeded");
+    let (s, b) = server.post_json(
+        "/v1/completions",
+        r#"{"model": "smol", "prompt": "hi", "temperature": -1}"#,
+    );
+    expect(s, &b, 400, "invalid_value");
+    let (s, _, b) = server.http(
+        "POST",
+        "/v1/completions",
+        Some(&server.key),
+        br#"{"model":"smol","prompt":"hi"}"#,
+        "",
+    );
+    expect(s, &b, 400, "invalid_request");
+    // A body over the 1 MiB limit.
+    let huge = format!(
+        r#"{{"model": "smol", "prompt": "{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let (s, b) = server.post_json("/v1/completions", &huge);
+    assert_eq!(s, 413, "{b}");
+    let (s, _, b) = server.http("GET", "/v1/models", Some("bnk_wrong"), b"", "");
+    expect(s, &b, 401, "invalid_api_key");
+    let (s, _, b) = server.http("GET", "/v1/nothing-here", Some(&server.key), b"", "");
+    expect(s, &b, 404, "not_found");
+
+    // Slowloris: a request head that never ends, and a body that never comes, are cut off.
+    for partial in [
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\n".to_string(),
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\"",
+            server.key
+        ),
+    ] {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(partial.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a slow sender held a connection for {:?}",
+            t.elapsed()
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408") || text.starts_with("HTTP/1.1 400"),
+            "{text}"
+        );
+    }
+
+    // Clients that vanish mid-stream: generation stops, each still leaves one usage row.
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        let body =
+            r#"{"model": "smol", "prompt": "Once upon a time", "max_tokens": 400, "stream": true}"#;
+        write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", server.key, body.len()).unwrap();
+        let mut buf = [0u8; 2048];
+        let mut got = 0;
+        while got < 1500 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got += n;
+        }
+        drop(s);
+    }
+    // A complete request after all that: the server is up and answers.
+    let (s, b) = server.post_json("/v1/completions", r#"{"model": "smol", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}"#);
+    assert_eq!(s, 200, "{b}");
+    let (s, _, _) = server.http("GET", "/healthz", None, b"", "");
+    assert_eq!(s, 200);
+    let (s, _, metrics) = server.http("GET", "/metrics", None, b"", "");
+    assert_eq!(s, 200);
+    for m in [
+        "bitnet_time_to_first_token_seconds",
+        "bitnet_inter_token_latency_seconds",
+        "bitnet_http_request_duration_seconds",
+        "bitnet_running_sequences",
+        "bitnet_queue_depth",
+        "bitnet_kv_cache_bytes",
+        "bitnet_generation_tokens_total",
+    ] {
+        assert!(metrics.contains(m), "{m} missing from /metrics");
+    }
+    assert!(
+        metrics.contains("status=\"413\""),
+        "413s are counted per status"
+    );
+    // The abandoned streams stopped early (400 tokens each were asked for).
+    std::thread::sleep(Duration::from_millis(500));
+    let rows = usage_rows(&db);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let vanished: Vec<_> = rows.iter().filter(|r| r.1 == 499).collect();
+    assert_eq!(vanished.len(), 3, "{rows:?}");
+    assert!(vanished.iter().all(|r| r.3 > 0 && r.3 < 400), "{rows:?}");
+    let rss = server.rss_kb();
+    assert!(rss < rss0 + 200 * 1024, "RSS grew from {rss0} to {rss} kB");
+}
+
+#[test]
+fn shutdown_finishes_then_cancels_in_flight_streams() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    for (grace, max_tokens, finishes) in [("30", 40, true), ("1", 4000, false)] {
+        let mut server = Server::start(&model, &db, &["--shutdown-grace", grace]);
+        let key = if server.key.is_empty() {
+            server_key(&db)
+        } else {
+            server.key.clone()
+        };
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let body = format!(
+            r#"{{"model": "smol", "prompt": "Once upon a time", "max_tokens": {max_tokens}, "stream": true, "temperature": 0}}"#
+        );
+        write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut first = [0u8; 512];
+        assert!(s.read(&mut first).unwrap() > 0);
+        let t = Instant::now();
+        server.signal("TERM");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let text = String::from_utf8_lossy(&rest);
+        assert!(
+            text.contains("data: [DONE]"),
+            "the stream was cut without its end: {text}"
+        );
+        if finishes {
+            assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+        } else {
+            assert!(text.contains("shutting down"), "{text}");
+            assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+        }
+        let status = loop {
+            if let Some(st) = server.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(40),
+                "the server did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            status.success(),
+            "exit {status:?}\n{}",
+            server.log.lock().unwrap()
+        );
+        assert!(server.log.lock().unwrap().contains("stopped"));
+    }
+    // Both requests were metered: the finished one as 200, the cancelled one as a failure.
+    let rows = usage_rows(&db);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].1, rows[0].3), (200, 40));
+    assert_eq!(rows[1].1, 503);
+}
+
+#[test]
+fn keys_are_created_listed_revoked_and_checked() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let url = format!("sqlite://{}", db.display());
+    let out = succeeds(bitnet().args([
+        "keys",
+        "create",
+        "--name",
+        "alice",
+        "--json",
+        "--database",
+        &url,
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let user_key = v["key"].as_str().unwrap().to_string();
+    assert!(user_key.starts_with("bnk_") && user_key.len() == 47);
+    // Only the hash is stored: the key text is nowhere in the database file.
+    let bytes = std::fs::read(&db).unwrap();
+    assert!(
+        !bytes
+            .windows(user_key.len())
+            .any(|w| w == user_key.as_bytes())
+    );
+    let list =
+        String::from_utf8(succeeds(bitnet().args(["keys", "list", "--database", &url])).stdout)
+            .unwrap();
+    assert!(list.contains(&user_key[..12]) && list.contains("alice") && !list.contains(&user_key));
+    // The database has a key already, so the server makes no admin key of its own.
+    let server = Server::start(&model, &db, &[]);
+    assert!(server.key.is_empty());
+    let (s, _, b) = server.http("GET", "/v1/models", Some(&user_key), b"", "");
+    assert_eq!(s, 200, "{b}");
+    let (s, _, b) = server.http("GET", "/v1/admin/keys", Some(&user_key), b"", "");
+    assert_eq!(s, 403, "{b}");
+    let admin = String::from_utf8(
+        succeeds(bitnet().args(["keys", "create", "--admin", "--database", &url])).stdout,
+    )
+    .unwrap();
+    let admin = admin.trim();
+    let (s, _, b) = server.http(
+        "POST",
+        "/v1/admin/keys",
+        Some(admin),
+        br#"{"name": "bob"}"#,
+        "Content-Type: application/json\r\n",
+    );
+    assert_eq!(s, 201, "{b}");
+    let bob: serde_json::Value = serde_json::from_str(&b).unwrap();
+    let bob_key = bob["key"].as_str().unwrap();
+    assert_eq!(
+        server.http("GET", "/v1/models", Some(bob_key), b"", "").0,
+        200
+    );
+    let (s, _, _) = server.http(
+        "DELETE",
+        &format!("/v1/admin/keys/{}", bob["id"].as_str().unwrap()),
+        Some(admin),
+        b"",
+        "",
+    );
+    assert_eq!(s, 204);
+    assert_eq!(
+        server.http("GET", "/v1/models", Some(bob_key), b"", "").0,
+        401
+    );
+    succeeds(bitnet().args(["keys", "revoke", &user_key[..12], "--database", &url]));
+    assert_eq!(
+        server.http("GET", "/v1/models", Some(&user_key), b"", "").0,
+        401
+    );
+    // The OpenAPI document is generated from the code and lists the routes.
+    let (s, _, doc) = server.http("GET", "/openapi.json", None, b"", "");
+    assert_eq!(s, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    for p in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/admin/keys",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(
+            doc["paths"].get(p).is_some(),
+            "{p} missing from /openapi.json"
+        );
+    }
+    let (s, _, b) = server.http("GET", "/readyz", None, b"", "");
+    assert_eq!((s, b.as_str()), (200, "ready"));
+}

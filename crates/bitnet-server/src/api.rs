@@ -1,0 +1,922 @@
+//! The OpenAI-compatible endpoints: chat completions, completions and models. Handlers turn a
+//! request into engine requests (one per choice), then answer at once or stream the events as
+//! Server-Sent Events.
+
+use crate::engine::{Event, Finish, GenRequest, SubmitError};
+use crate::error::ApiError;
+use crate::openai::*;
+use crate::store::Principal;
+use crate::usage::Ticket;
+use crate::{AppState, ServedModel};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bitnet_model::chat::Message;
+use bitnet_model::sampling::SamplingParams;
+use futures_util::StreamExt;
+use futures_util::stream::{self, BoxStream};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// `axum::Json` whose rejections (malformed JSON, wrong types, wrong content type) come back in
+/// OpenAI's error shape as 400s.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(ApiError::TooLarge(format!(
+                    "the request body is over the server's limit: {}",
+                    e.body_text()
+                )))
+            }
+            Err(e) => Err(ApiError::BadRequest {
+                message: match &e {
+                    JsonRejection::JsonDataError(d) => {
+                        format!("invalid request body: {}", d.body_text())
+                    }
+                    JsonRejection::JsonSyntaxError(d) => {
+                        format!("the body is not valid JSON: {}", d.body_text())
+                    }
+                    JsonRejection::MissingJsonContentType(_) => {
+                        "send the body as JSON with Content-Type: application/json".into()
+                    }
+                    other => other.body_text(),
+                },
+                param: None,
+                code: match e {
+                    JsonRejection::JsonSyntaxError(_) => "invalid_json",
+                    JsonRejection::BytesRejection(_) => "unreadable_body",
+                    _ => "invalid_request",
+                },
+            }),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn fingerprint() -> String {
+    concat!("bitnet-rust-", env!("CARGO_PKG_VERSION")).to_string()
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// What both endpoints ask of the engine, checked.
+struct Plan {
+    model: Arc<ServedModel>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop_strings: Vec<String>,
+    n: u32,
+    logprobs: Option<usize>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn model_for(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+    state.model(name).ok_or_else(|| ApiError::NotFound {
+        message: format!(
+            "the model `{name}` does not exist; GET /v1/models lists the {} served here",
+            state.models.len()
+        ),
+        code: "model_not_found",
+    })
+}
+
+fn range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f32, ApiError> {
+    let v = v.unwrap_or(default);
+    if v.is_finite() && (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ApiError::bad(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {v}"),
+        ))
+    }
+}
+
+/// Sampling, stop strings, n and streaming, shared by both endpoints.
+fn common(s: &Sampling) -> Result<(SamplingParams, Vec<String>, u32), ApiError> {
+    let temperature = range("temperature", s.temperature, 0.0, 2.0, 1.0)?;
+    let top_p = range("top_p", s.top_p, 0.0, 1.0, 1.0)?;
+    if top_p == 0.0 {
+        return Err(ApiError::bad("top_p", "top_p must be greater than 0"));
+    }
+    let frequency_penalty = range("frequency_penalty", s.frequency_penalty, -2.0, 2.0, 0.0)?;
+    let presence_penalty = range("presence_penalty", s.presence_penalty, -2.0, 2.0, 0.0)?;
+    let n = s.n.unwrap_or(1);
+    if !(1..=16).contains(&n) {
+        return Err(ApiError::bad(
+            "n",
+            format!("n must be between 1 and 16, got {n}"),
+        ));
+    }
+    let stop = s.stop.clone().map(Stop::into_vec).unwrap_or_default();
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(ApiError::bad(
+            "stop",
+            "stop takes up to 4 non-empty strings",
+        ));
+    }
+    if s.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(ApiError::unsupported(
+            "logit_bias",
+            "logit_bias is not supported by this server",
+        ));
+    }
+    if s.stream_options.is_some() && !s.stream {
+        return Err(ApiError::bad(
+            "stream_options",
+            "stream_options needs stream: true",
+        ));
+    }
+    let seed = match s.seed {
+        Some(v) => v as u64,
+        None => {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b)
+                .map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
+            u64::from_le_bytes(b)
+        }
+    };
+    let sampling = SamplingParams {
+        temperature,
+        top_p,
+        frequency_penalty,
+        presence_penalty,
+        seed,
+        ..SamplingParams::default()
+    };
+    Ok((sampling, stop, n))
+}
+
+/// Check the prompt and the token budget against the model's context.
+fn budget(
+    model: &ServedModel,
+    prompt: &[u32],
+    max: Option<u64>,
+    param: &str,
+) -> Result<usize, ApiError> {
+    let ctx = model.context;
+    if prompt.is_empty() {
+        return Err(ApiError::bad(param, "the prompt is empty"));
+    }
+    if prompt.len() >= ctx {
+        return Err(ApiError::BadRequest {
+            message: format!(
+                "this model's context is {ctx} tokens and the prompt alone is {} tokens",
+                prompt.len()
+            ),
+            param: Some(param.into()),
+            code: "context_length_exceeded",
+        });
+    }
+    let room = ctx - prompt.len();
+    match max {
+        None => Ok(room),
+        Some(0) => Err(ApiError::bad("max_tokens", "max_tokens must be at least 1")),
+        Some(m) if m as usize > room || m > ctx as u64 => Err(ApiError::BadRequest {
+            message: format!(
+                "this model's context is {ctx} tokens: {} in the prompt plus max_tokens {m} do not fit; ask for at most {room}",
+                prompt.len()
+            ),
+            param: Some("max_tokens".into()),
+            code: "context_length_exceeded",
+        }),
+        Some(m) => Ok(m as usize),
+    }
+}
+
+fn message_text(m: &ChatMessage, i: usize) -> Result<String, ApiError> {
+    match &m.content {
+        None => Ok(String::new()),
+        Some(Content::Text(t)) => Ok(t.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => out.push_str(t),
+                    (kind, _) => {
+                        return Err(ApiError::unsupported(
+                            &format!("messages[{i}].content"),
+                            format!("content parts of type `{kind}` are not supported (text only)"),
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn chat_plan(state: &AppState, r: ChatCompletionRequest) -> Result<Plan, ApiError> {
+    let model = model_for(state, &r.model)?;
+    let (sampling, stop_strings, n) = common(&r.sampling)?;
+    if let Some(f) = &r.response_format
+        && f.kind != "text"
+    {
+        return Err(ApiError::unsupported(
+            "response_format",
+            format!(
+                "response_format `{}` needs constrained decoding, which this server does not do yet; only `text` is accepted",
+                f.kind
+            ),
+        ));
+    }
+    if r.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::unsupported(
+            "tools",
+            "tool calling is not supported by this server",
+        ));
+    }
+    let top = r.top_logprobs.unwrap_or(0);
+    if top > 20 {
+        return Err(ApiError::bad(
+            "top_logprobs",
+            "top_logprobs must be between 0 and 20",
+        ));
+    }
+    if r.top_logprobs.is_some() && !r.logprobs {
+        return Err(ApiError::bad(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        ));
+    }
+    if r.messages.is_empty() {
+        return Err(ApiError::bad(
+            "messages",
+            "messages must hold at least one message",
+        ));
+    }
+    let template = model.template.as_ref().ok_or_else(|| {
+        ApiError::unsupported(
+            "model",
+            format!("{} ships no chat template: use /v1/completions", model.id),
+        )
+    })?;
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "developer" => "system",
+            "system" | "user" | "assistant" => m.role.as_str(),
+            other => {
+                return Err(ApiError::unsupported(
+                    &format!("messages[{i}].role"),
+                    format!("role `{other}` is not supported (system, developer, user, assistant)"),
+                ));
+            }
+        };
+        messages.push(Message::new(role, &message_text(m, i)?));
+    }
+    let text = template.render(&messages, true).map_err(|e| {
+        ApiError::bad(
+            "messages",
+            format!("the chat template refused these messages: {e}"),
+        )
+    })?;
+    let prompt = model
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
+    let max = r.max_completion_tokens.or(r.max_tokens);
+    let max_tokens = budget(&model, &prompt, max, "messages")?;
+    let include_usage = r
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    Ok(Plan {
+        model,
+        prompt,
+        max_tokens,
+        sampling,
+        stop_strings,
+        n,
+        logprobs: r.logprobs.then_some(top as usize),
+        stream: r.sampling.stream,
+        include_usage,
+    })
+}
+
+fn completion_plan(state: &AppState, r: &CompletionRequest) -> Result<Plan, ApiError> {
+    let model = model_for(state, &r.model)?;
+    let (sampling, stop_strings, n) = common(&r.sampling)?;
+    if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::unsupported(
+            "suffix",
+            "suffix (insertion) is not supported",
+        ));
+    }
+    if let Some(b) = r.best_of
+        && b != n
+    {
+        return Err(ApiError::unsupported(
+            "best_of",
+            "best_of other than n is not supported",
+        ));
+    }
+    let top = r.logprobs.unwrap_or(0);
+    if top > 5 {
+        return Err(ApiError::bad(
+            "logprobs",
+            "logprobs must be between 0 and 5",
+        ));
+    }
+    let prompt = match &r.prompt {
+        Prompt::Text(t) => model.tokenizer.encode(t, true),
+        Prompt::Texts(v) if v.len() == 1 => model.tokenizer.encode(&v[0], true),
+        Prompt::Texts(_) => {
+            return Err(ApiError::unsupported(
+                "prompt",
+                "give one prompt per request",
+            ));
+        }
+        Prompt::Tokens(ids) => {
+            let vocab = model.vocab;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::bad(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary ({vocab})"),
+                ));
+            }
+            Ok(ids.clone())
+        }
+    }
+    .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
+    let max_tokens = budget(&model, &prompt, Some(r.max_tokens.unwrap_or(16)), "prompt")?;
+    let include_usage = r
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    Ok(Plan {
+        model,
+        prompt,
+        max_tokens,
+        sampling,
+        stop_strings,
+        n,
+        logprobs: r.logprobs.map(|k| k as usize),
+        stream: r.sampling.stream,
+        include_usage,
+    })
+}
+
+/// Queue one engine request per choice.
+fn launch(
+    state: &AppState,
+    p: &Plan,
+    received: Instant,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let mut rxs = Vec::with_capacity(p.n as usize);
+    for i in 0..p.n {
+        let (tx, rx) = unbounded_channel();
+        let mut sampling = p.sampling.clone();
+        sampling.seed = sampling.seed.wrapping_add(u64::from(i));
+        let req = GenRequest {
+            prompt: p.prompt.clone(),
+            max_tokens: p.max_tokens,
+            sampling,
+            stop_tokens: p.model.stop_tokens.clone(),
+            stop_strings: p.stop_strings.clone(),
+            logprobs: p.logprobs,
+            deadline: received + state.config.request_timeout,
+            received,
+            events: tx,
+        };
+        match p.model.engine.submit(req) {
+            Ok(()) => rxs.push(rx),
+            // Dropping the receivers already queued cancels those choices.
+            Err(SubmitError::QueueFull) => {
+                return Err(ApiError::Overloaded("the request queue is full", 1));
+            }
+            Err(SubmitError::Stopped) => return Err(ApiError::ShuttingDown),
+        }
+    }
+    Ok(rxs)
+}
+
+/// One choice, gathered.
+#[derive(Default)]
+struct Gathered {
+    text: String,
+    tokens: Vec<crate::engine::TokenInfo>,
+    finish: Option<Finish>,
+    completion_tokens: usize,
+}
+
+async fn gather(
+    rxs: Vec<UnboundedReceiver<Event>>,
+    ticket: &mut Ticket,
+) -> Result<Vec<Gathered>, ApiError> {
+    let mut out = Vec::with_capacity(rxs.len());
+    for mut rx in rxs {
+        let mut g = Gathered::default();
+        while let Some(e) = rx.recv().await {
+            match e {
+                Event::Delta {
+                    text,
+                    tokens,
+                    sampled,
+                } => {
+                    g.text.push_str(&text);
+                    g.tokens.extend(tokens);
+                    g.completion_tokens = sampled;
+                }
+                Event::Done {
+                    finish,
+                    completion_tokens,
+                    ..
+                } => {
+                    g.finish = Some(finish);
+                    g.completion_tokens = completion_tokens;
+                    break;
+                }
+                Event::Failed(f) => return Err(f.into()),
+            }
+        }
+        let Some(finish) = g.finish else {
+            return Err(ApiError::Internal("the engine stopped".into()));
+        };
+        let done: usize = out.iter().map(|g: &Gathered| g.completion_tokens).sum();
+        ticket.completion_tokens((done + g.completion_tokens) as u64);
+        if finish == Finish::Timeout {
+            return Err(ApiError::Timeout(
+                "the request took longer than the server's request timeout".into(),
+            ));
+        }
+        out.push(g);
+    }
+    Ok(out)
+}
+
+fn usage(prompt: usize, completion: usize) -> Usage {
+    Usage {
+        prompt_tokens: prompt as u64,
+        completion_tokens: completion as u64,
+        total_tokens: (prompt + completion) as u64,
+    }
+}
+
+fn chat_logprobs(tokens: &[crate::engine::TokenInfo]) -> ChoiceLogprobs {
+    ChoiceLogprobs {
+        content: tokens
+            .iter()
+            .map(|t| TokenLogprob {
+                token: t.text.clone(),
+                logprob: t.logprob,
+                bytes: t.text.as_bytes().to_vec(),
+                top_logprobs: t
+                    .top
+                    .iter()
+                    .map(|(s, lp)| TopLogprob {
+                        token: s.clone(),
+                        logprob: *lp,
+                        bytes: s.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn completion_logprobs(tokens: &[crate::engine::TokenInfo], offset: usize) -> CompletionLogprobs {
+    let mut lp = CompletionLogprobs::default();
+    let mut at = offset;
+    for t in tokens {
+        lp.tokens.push(t.text.clone());
+        lp.token_logprobs.push(t.logprob);
+        lp.top_logprobs.push(t.top.iter().cloned().collect());
+        lp.text_offset.push(at);
+        at += t.text.len();
+    }
+    lp
+}
+
+/// The request's id (set by the request-id layer) and principal.
+fn request_id(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+}
+
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "inference",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "A completion, or with `stream: true` Server-Sent Events of `ChatCompletionChunk` ending in `data: [DONE]`", body = ChatCompletion),
+        (status = 400, description = "Invalid parameters", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown model", body = crate::error::ErrorBody),
+        (status = 429, description = "Queue full; see Retry-After", body = crate::error::ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let rid = request_id(&headers);
+    let plan = chat_plan(&state, req)?;
+    let mut ticket = state
+        .usage
+        .ticket(&rid, &who, &plan.model.id, "chat.completions");
+    ticket.prompt_tokens(plan.prompt.len() as u64);
+    let rxs = match launch(&state, &plan, received) {
+        Ok(r) => r,
+        Err(e) => {
+            ticket.status(e.status().as_u16());
+            return Err(e);
+        }
+    };
+    let (id, created, model) = (new_id("chatcmpl"), unix_now(), plan.model.id.clone());
+    if plan.stream {
+        return Ok(stream_response(
+            rxs,
+            ticket,
+            plan,
+            StreamKind::Chat,
+            id,
+            created,
+            model,
+            None,
+        ));
+    }
+    let gathered = match gather(rxs, &mut ticket).await {
+        Ok(g) => g,
+        Err(e) => {
+            ticket.status(e.status().as_u16());
+            return Err(e);
+        }
+    };
+    ticket.status(200);
+    let completion: usize = gathered.iter().map(|g| g.completion_tokens).sum();
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        system_fingerprint: fingerprint(),
+        choices: gathered
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| ChatChoice {
+                index: i as u32,
+                logprobs: plan.logprobs.map(|_| chat_logprobs(&g.tokens)),
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: g.text,
+                },
+                finish_reason: g.finish.map_or("stop", Finish::as_str).to_string(),
+            })
+            .collect(),
+        usage: usage(plan.prompt.len(), completion),
+    })
+    .into_response())
+}
+
+#[utoipa::path(post, path = "/v1/completions", tag = "inference",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "A completion, or with `stream: true` Server-Sent Events of `Completion` chunks ending in `data: [DONE]`", body = Completion),
+        (status = 400, description = "Invalid parameters", body = crate::error::ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown model", body = crate::error::ErrorBody),
+        (status = 429, description = "Queue full; see Retry-After", body = crate::error::ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn completions(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let rid = request_id(&headers);
+    let plan = completion_plan(&state, &req)?;
+    let mut ticket = state
+        .usage
+        .ticket(&rid, &who, &plan.model.id, "completions");
+    ticket.prompt_tokens(plan.prompt.len() as u64);
+    let echo = if req.echo {
+        Some(
+            plan.model
+                .tokenizer
+                .decode(&plan.prompt, true)
+                .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let rxs = match launch(&state, &plan, received) {
+        Ok(r) => r,
+        Err(e) => {
+            ticket.status(e.status().as_u16());
+            return Err(e);
+        }
+    };
+    let (id, created, model) = (new_id("cmpl"), unix_now(), plan.model.id.clone());
+    if plan.stream {
+        return Ok(stream_response(
+            rxs,
+            ticket,
+            plan,
+            StreamKind::Completion,
+            id,
+            created,
+            model,
+            echo,
+        ));
+    }
+    let gathered = match gather(rxs, &mut ticket).await {
+        Ok(g) => g,
+        Err(e) => {
+            ticket.status(e.status().as_u16());
+            return Err(e);
+        }
+    };
+    ticket.status(200);
+    let completion: usize = gathered.iter().map(|g| g.completion_tokens).sum();
+    let prefix = echo.unwrap_or_default();
+    Ok(Json(Completion {
+        id,
+        object: "text_completion",
+        created,
+        model,
+        system_fingerprint: fingerprint(),
+        choices: gathered
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| CompletionChoice {
+                index: i as u32,
+                logprobs: plan
+                    .logprobs
+                    .map(|_| completion_logprobs(&g.tokens, prefix.len())),
+                text: format!("{prefix}{}", g.text),
+                finish_reason: Some(g.finish.map_or("stop", Finish::as_str).to_string()),
+            })
+            .collect(),
+        usage: Some(usage(plan.prompt.len(), completion)),
+    })
+    .into_response())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    Chat,
+    Completion,
+}
+
+/// The state a streaming response carries: the usage ticket is dropped (and its row written)
+/// when the stream ends or the client goes away.
+struct Streaming {
+    ticket: Ticket,
+    kind: StreamKind,
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    include_usage: bool,
+    prompt_tokens: usize,
+    sampled: Vec<usize>,
+    open: usize,
+    failed: bool,
+    /// The status metered for a failed stream.
+    fail_status: u16,
+}
+
+impl Streaming {
+    fn chunk(
+        &self,
+        index: usize,
+        text: Option<String>,
+        role: bool,
+        tokens: &[crate::engine::TokenInfo],
+        finish: Option<&str>,
+    ) -> SseEvent {
+        let finish = finish.map(str::to_string);
+        let json = match self.kind {
+            StreamKind::Chat => serde_json::to_string(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                system_fingerprint: fingerprint(),
+                choices: vec![ChunkChoice {
+                    index: index as u32,
+                    delta: Delta {
+                        role: role.then_some("assistant"),
+                        content: text,
+                    },
+                    logprobs: (self.logprobs && !tokens.is_empty()).then(|| chat_logprobs(tokens)),
+                    finish_reason: finish,
+                }],
+                usage: self.include_usage.then_some(None),
+            }),
+            StreamKind::Completion => serde_json::to_string(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                system_fingerprint: fingerprint(),
+                choices: vec![CompletionChoice {
+                    index: index as u32,
+                    text: text.unwrap_or_default(),
+                    logprobs: (self.logprobs && !tokens.is_empty())
+                        .then(|| completion_logprobs(tokens, 0)),
+                    finish_reason: finish,
+                }],
+                usage: None,
+            }),
+        };
+        SseEvent::default().data(json.unwrap_or_default())
+    }
+
+    fn usage_chunk(&self) -> SseEvent {
+        let u = usage(self.prompt_tokens, self.sampled.iter().sum());
+        let json = match self.kind {
+            StreamKind::Chat => serde_json::to_string(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                system_fingerprint: fingerprint(),
+                choices: Vec::new(),
+                usage: Some(Some(u)),
+            }),
+            StreamKind::Completion => serde_json::to_string(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                system_fingerprint: fingerprint(),
+                choices: Vec::new(),
+                usage: Some(u),
+            }),
+        };
+        SseEvent::default().data(json.unwrap_or_default())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream_response(
+    rxs: Vec<UnboundedReceiver<Event>>,
+    ticket: Ticket,
+    plan: Plan,
+    kind: StreamKind,
+    id: String,
+    created: u64,
+    model: String,
+    echo: Option<String>,
+) -> Response {
+    let n = rxs.len();
+    let merged: BoxStream<'static, (usize, Event)> = stream::select_all(
+        rxs.into_iter()
+            .enumerate()
+            .map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e))),
+    )
+    .boxed();
+    let st = Streaming {
+        ticket,
+        kind,
+        id,
+        created,
+        model,
+        logprobs: plan.logprobs.is_some(),
+        include_usage: plan.include_usage,
+        prompt_tokens: plan.prompt.len(),
+        sampled: vec![0; n],
+        open: n,
+        failed: false,
+        fail_status: 500,
+    };
+    // Opening chunks: the assistant role (chat) or the echoed prompt (completions).
+    let mut first = Vec::new();
+    for i in 0..n {
+        match kind {
+            StreamKind::Chat => first.push(st.chunk(i, Some(String::new()), true, &[], None)),
+            StreamKind::Completion => {
+                if let Some(e) = &echo {
+                    first.push(st.chunk(i, Some(e.clone()), false, &[], None));
+                }
+            }
+        }
+    }
+    let body = stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>)).chain(
+        stream::unfold((merged, Some(st)), |(mut merged, st)| async move {
+            let mut st = st?;
+            loop {
+                if st.open == 0 {
+                    // Every choice finished: usage (when asked), then [DONE]. The ticket goes with `st`.
+                    let mut tail = Vec::new();
+                    if st.include_usage && !st.failed {
+                        tail.push(st.usage_chunk());
+                    }
+                    tail.push(SseEvent::default().data("[DONE]"));
+                    st.ticket
+                        .status(if st.failed { st.fail_status } else { 200 });
+                    return Some((tail, (merged, None)));
+                }
+                let Some((i, e)) = merged.next().await else {
+                    st.failed = true;
+                    st.open = 0;
+                    continue;
+                };
+                match e {
+                    Event::Delta {
+                        text,
+                        tokens,
+                        sampled,
+                    } => {
+                        st.sampled[i] = sampled;
+                        let total = st.sampled.iter().sum::<usize>() as u64;
+                        st.ticket.completion_tokens(total);
+                        let ev = st.chunk(i, Some(text), false, &tokens, None);
+                        return Some((vec![ev], (merged, Some(st))));
+                    }
+                    Event::Done {
+                        finish,
+                        completion_tokens,
+                        ..
+                    } => {
+                        st.sampled[i] = completion_tokens;
+                        let total = st.sampled.iter().sum::<usize>() as u64;
+                        st.ticket.completion_tokens(total);
+                        st.open -= 1;
+                        if finish == Finish::Timeout {
+                            st.failed = true;
+                            st.fail_status = 504;
+                        }
+                        let ev = match st.kind {
+                            StreamKind::Chat => {
+                                st.chunk(i, None, false, &[], Some(finish.as_str()))
+                            }
+                            StreamKind::Completion => {
+                                st.chunk(i, Some(String::new()), false, &[], Some(finish.as_str()))
+                            }
+                        };
+                        return Some((vec![ev], (merged, Some(st))));
+                    }
+                    Event::Failed(f) => {
+                        st.failed = true;
+                        st.open -= 1;
+                        let e = ApiError::from(f);
+                        st.fail_status = e.status().as_u16();
+                        let body = e.body();
+                        let ev = SseEvent::default()
+                            .data(serde_json::to_string(&body).unwrap_or_default());
+                        return Some((vec![ev], (merged, Some(st))));
+                    }
+                }
+            }
+        })
+        .flat_map(|evs| stream::iter(evs.into_iter().map(Ok))),
+    );
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/v1/models", tag = "inference",
+    responses((status = 200, body = ModelList), (status = 401, body = crate::error::ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: state
+            .models
+            .iter()
+            .map(|m| ModelCard {
+                id: m.id.clone(),
+                object: "model",
+                created: m.created,
+                owned_by: "bitnet-rust".into(),
+                context_length: m.context,
+            })
+            .collect(),
+    })
+}

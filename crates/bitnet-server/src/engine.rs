@@ -1,0 +1,515 @@
+//! The inference engine of one model: a scheduler thread that runs continuous batching.
+//!
+//! Requests wait in a bounded queue. At every step the scheduler admits waiting requests while
+//! the batch has room, runs one forward pass over every running sequence (the next token of each
+//! decoding sequence plus the prompts of newly admitted ones, in fixed-size prompt chunks), samples
+//! each sequence's next token with its own seeded sampler and streams the text that can no longer
+//! change. Sequences leave the batch as soon as they finish, time out or lose their client (the
+//! receiving end of their event channel is dropped), so a step never waits for the slowest.
+//!
+//! A sequence's numbers do not depend on its batch: every kernel computes each token's row with
+//! the same sums whatever the batch, and a prompt is always cut into the same chunks (a function
+//! of its own length). A request gives the same tokens alone or among fifteen others.
+
+use crate::metrics::Metrics;
+use bitnet_formats::tokenizer::TextTokenizer;
+use bitnet_model::generate::held_back;
+use bitnet_model::kv::KvCache;
+use bitnet_model::model::{Model, Step};
+use bitnet_model::sampling::{Sampler, SamplingParams};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Scheduling limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences in the running batch.
+    pub max_batch: usize,
+    /// Most requests waiting for a place in the batch; more are refused with 429.
+    pub queue: usize,
+    /// Prompt tokens a sequence feeds per step (longer prompts are fed in chunks of this size).
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            queue: 64,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// One sequence to generate.
+#[derive(Debug)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_tokens: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    /// `Some(k)`: report each token's log-probability and the `k` most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// Give up (finish reason `timeout`) at this instant.
+    pub deadline: Instant,
+    /// When the HTTP request arrived (time to first token is measured from here).
+    pub received: Instant,
+    pub events: UnboundedSender<Event>,
+}
+
+/// A generated token, for logprobs.
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+    /// The most likely tokens at this position: (text, logprob), best first.
+    pub top: Vec<(String, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Stop,
+    Length,
+    Timeout,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Timeout => "timeout",
+        }
+    }
+}
+
+/// What a request's channel receives.
+#[derive(Debug)]
+pub enum Event {
+    /// Text that can no longer change, the tokens sampled since the last event (with
+    /// logprobs, when asked) and how many tokens the sequence has sampled in all.
+    Delta {
+        text: String,
+        tokens: Vec<TokenInfo>,
+        sampled: usize,
+    },
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(Failure),
+}
+
+/// Why a sequence ended without finishing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    ShuttingDown,
+    Internal(String),
+}
+
+impl From<Failure> for crate::error::ApiError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::ShuttingDown => Self::ShuttingDown,
+            Failure::Internal(m) => Self::Internal(m),
+        }
+    }
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull,
+    Stopped,
+}
+
+/// Handle to a model's scheduler thread. Dropping every handle lets the thread finish its
+/// running sequences and exit.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    tx: SyncSender<Command>,
+    metrics: Arc<Metrics>,
+    model: String,
+}
+
+#[derive(Debug)]
+enum Command {
+    Generate(Box<GenRequest>),
+    /// Finish every running and waiting sequence now (shutdown deadline passed).
+    CancelAll,
+}
+
+/// Every engine's forward passes take turns: they share the kernel thread pool.
+static FORWARD: Mutex<()> = Mutex::new(());
+
+impl Engine {
+    pub fn start(
+        name: String,
+        model: Arc<Model>,
+        tokenizer: Arc<TextTokenizer>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel(config.queue);
+        let m = metrics.clone();
+        let label = name.clone();
+        std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || {
+                Scheduler {
+                    model,
+                    tokenizer,
+                    config,
+                    metrics: m,
+                    name: label,
+                    seqs: Vec::new(),
+                    caches: Vec::new(),
+                }
+                .run(rx)
+            })?;
+        Ok(Self {
+            tx,
+            metrics,
+            model: name,
+        })
+    }
+
+    /// Queue a request, or refuse it at once when the queue is full.
+    pub fn submit(&self, r: GenRequest) -> Result<(), SubmitError> {
+        self.metrics.queue_depth(&self.model).inc();
+        match self.tx.try_send(Command::Generate(Box::new(r))) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queue_depth(&self.model).dec();
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull,
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+
+    /// Ask the scheduler to end every sequence now (best effort: skipped when the queue is full,
+    /// in which case the next submit would be refused anyway).
+    pub fn cancel_all(&self) {
+        let _ = self.tx.try_send(Command::CancelAll);
+    }
+}
+
+struct Seq {
+    req: GenRequest,
+    sampler: Sampler,
+    /// Prompt tokens fed so far.
+    fed: usize,
+    /// The token to feed next step (once the prompt is in).
+    next: Option<u32>,
+    tokens: Vec<u32>,
+    /// Tokens sampled but not yet sent with a text delta.
+    unsent: Vec<TokenInfo>,
+    /// Bytes of the decoded text already sent.
+    shown: usize,
+    sampled: usize,
+    last_token_at: Option<Instant>,
+    done: bool,
+}
+
+struct Scheduler {
+    model: Arc<Model>,
+    tokenizer: Arc<TextTokenizer>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    name: String,
+    seqs: Vec<Seq>,
+    caches: Vec<KvCache>,
+}
+
+impl Scheduler {
+    fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            // Wait for work when idle; otherwise take what is waiting, up to the batch size.
+            if self.seqs.is_empty() {
+                match rx.recv() {
+                    Ok(c) => self.command(c, &rx),
+                    Err(_) => return,
+                }
+            }
+            while self.seqs.len() < self.config.max_batch {
+                match rx.try_recv() {
+                    Ok(c) => self.command(c, &rx),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.retire_abandoned();
+            if !self.seqs.is_empty() {
+                self.step();
+            }
+            self.metrics.running(&self.name).set(self.seqs.len() as i64);
+            self.metrics
+                .kv_bytes(&self.name)
+                .set(self.caches.iter().map(KvCache::bytes).sum::<usize>() as i64);
+        }
+    }
+
+    fn command(&mut self, c: Command, rx: &Receiver<Command>) {
+        match c {
+            Command::Generate(r) => {
+                self.metrics.queue_depth(&self.name).dec();
+                self.admit(*r);
+            }
+            Command::CancelAll => {
+                while let Ok(c) = rx.try_recv() {
+                    if let Command::Generate(r) = c {
+                        self.metrics.queue_depth(&self.name).dec();
+                        let _ = r.events.send(Event::Failed(Failure::ShuttingDown));
+                    }
+                }
+                for s in &mut self.seqs {
+                    let _ = s.req.events.send(Event::Failed(Failure::ShuttingDown));
+                    s.done = true;
+                }
+                self.remove_done();
+            }
+        }
+    }
+
+    fn admit(&mut self, req: GenRequest) {
+        if req.events.is_closed() {
+            return;
+        }
+        let sampler = Sampler::new(req.sampling.clone());
+        self.seqs.push(Seq {
+            req,
+            sampler,
+            fed: 0,
+            next: None,
+            tokens: Vec::new(),
+            unsent: Vec::new(),
+            shown: 0,
+            sampled: 0,
+            last_token_at: None,
+            done: false,
+        });
+        self.caches.push(self.model.new_cache());
+    }
+
+    /// Drop sequences whose client left or whose deadline passed.
+    fn retire_abandoned(&mut self) {
+        let now = Instant::now();
+        for s in &mut self.seqs {
+            if s.req.events.is_closed() {
+                s.done = true;
+            } else if now >= s.req.deadline {
+                Self::finish_seq(s, Finish::Timeout);
+            }
+        }
+        self.remove_done();
+    }
+
+    fn remove_done(&mut self) {
+        let mut i = 0;
+        while i < self.seqs.len() {
+            if self.seqs[i].done {
+                self.seqs.swap_remove(i);
+                self.caches.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let chunk = self.config.prefill_chunk.max(1);
+        let mut steps = Vec::new();
+        let mut prefill = 0;
+        for (i, s) in self.seqs.iter_mut().enumerate() {
+            if let Some(t) = s.next {
+                steps.push(Step {
+                    seq: i,
+                    token: t,
+                    logits: true,
+                });
+            } else {
+                let end = (s.fed + chunk).min(s.req.prompt.len());
+                for (j, &token) in s.req.prompt[s.fed..end].iter().enumerate() {
+                    steps.push(Step {
+                        seq: i,
+                        token,
+                        logits: s.fed + j + 1 == s.req.prompt.len(),
+                    });
+                }
+                prefill += end - s.fed;
+                s.fed = end;
+            }
+        }
+        let result = {
+            let _turn = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
+            self.model.forward(&steps, &mut self.caches)
+        };
+        self.metrics
+            .prompt_tokens(&self.name)
+            .inc_by(prefill as u64);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for s in &mut self.seqs {
+                    let _ = s.req.events.send(Event::Failed(Failure::Internal(format!(
+                        "inference failed: {e}"
+                    ))));
+                    s.done = true;
+                }
+                self.remove_done();
+                return;
+            }
+        };
+        // Logits come back in step order: one per sequence that asked.
+        let mut logits = logits.into_iter();
+        let askers: Vec<usize> = {
+            let mut v: Vec<usize> = steps.iter().filter(|s| s.logits).map(|s| s.seq).collect();
+            v.dedup();
+            v
+        };
+        for i in askers {
+            let Some(l) = logits.next() else { break };
+            let full = self.caches[i].len() >= self.model.spec.context;
+            self.sample(i, &l, full);
+        }
+        self.remove_done();
+    }
+
+    fn sample(&mut self, i: usize, logits: &[f32], context_full: bool) {
+        let tok = self.tokenizer.clone();
+        let metrics = self.metrics.clone();
+        let name = self.name.clone();
+        let s = &mut self.seqs[i];
+        let mut history = Vec::with_capacity(s.req.prompt.len() + s.tokens.len());
+        history.extend_from_slice(&s.req.prompt);
+        history.extend_from_slice(&s.tokens);
+        let choice = s.sampler.sample(logits, &history);
+        s.sampled += 1;
+        metrics.generation_tokens(&name).inc();
+        let now = Instant::now();
+        match s.last_token_at {
+            None => metrics
+                .ttft(&name)
+                .observe(now.duration_since(s.req.received).as_secs_f64()),
+            Some(t) => metrics
+                .itl(&name)
+                .observe(now.duration_since(t).as_secs_f64()),
+        }
+        s.last_token_at = Some(now);
+        if s.req.stop_tokens.contains(&choice.token) {
+            self.flush(i);
+            Self::finish_seq(&mut self.seqs[i], Finish::Stop);
+            return;
+        }
+        s.tokens.push(choice.token);
+        if let Some(k) = s.req.logprobs {
+            let piece = |id: u32| tok.decode(&[id], false).unwrap_or_default();
+            s.unsent.push(TokenInfo {
+                id: choice.token,
+                text: piece(choice.token),
+                logprob: choice.logprob,
+                top: top_logprobs(logits, k)
+                    .into_iter()
+                    .map(|(id, lp)| (piece(id), lp))
+                    .collect(),
+            });
+        }
+        let text = tok.decode(&s.tokens, true).unwrap_or_default();
+        if let Some(at) = s
+            .req
+            .stop_strings
+            .iter()
+            .filter_map(|x| text.find(x.as_str()))
+            .min()
+        {
+            let delta = text.get(s.shown..at).unwrap_or_default().to_string();
+            Self::send_delta(s, delta);
+            Self::finish_seq(s, Finish::Stop);
+            return;
+        }
+        let last = s.tokens.len() >= s.req.max_tokens || context_full;
+        if last {
+            let delta = text.get(s.shown..).unwrap_or_default().to_string();
+            s.shown = text.len();
+            Self::send_delta(s, delta);
+            Self::finish_seq(s, Finish::Length);
+            return;
+        }
+        // Hold back an incomplete UTF-8 sequence and anything that may begin a stop string.
+        let stable = text.trim_end_matches('\u{FFFD}');
+        let upto = stable.len() - held_back(stable, &s.req.stop_strings);
+        if upto > s.shown && text.is_char_boundary(upto) {
+            let delta = text[s.shown..upto].to_string();
+            s.shown = upto;
+            Self::send_delta(s, delta);
+        }
+        s.next = Some(choice.token);
+    }
+
+    /// Send everything not sent yet: at a stop token all the decoded text is final.
+    fn flush(&mut self, i: usize) {
+        let s = &mut self.seqs[i];
+        let text = self.tokenizer.decode(&s.tokens, true).unwrap_or_default();
+        let delta = text.get(s.shown..).unwrap_or_default().to_string();
+        s.shown = text.len();
+        Self::send_delta(s, delta);
+    }
+
+    fn send_delta(s: &mut Seq, text: String) {
+        if text.is_empty() && s.unsent.is_empty() {
+            return;
+        }
+        let tokens = std::mem::take(&mut s.unsent);
+        let sampled = s.sampled;
+        if s.req
+            .events
+            .send(Event::Delta {
+                text,
+                tokens,
+                sampled,
+            })
+            .is_err()
+        {
+            s.done = true;
+        }
+    }
+
+    fn finish_seq(s: &mut Seq, finish: Finish) {
+        let _ = s.req.events.send(Event::Done {
+            finish,
+            prompt_tokens: s.req.prompt.len(),
+            completion_tokens: s.sampled,
+        });
+        s.done = true;
+    }
+}
+
+/// The `k` most likely tokens and their log-probabilities under `logits` (softmax), best first.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = f64::from(max)
+        + logits
+            .iter()
+            .map(|&v| f64::from(v - max).exp())
+            .sum::<f64>()
+            .ln();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let k = k.min(idx.len());
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    idx.into_iter()
+        .map(|i| (i as u32, (f64::from(logits[i]) - lse) as f32))
+        .collect()
+}

@@ -1,0 +1,133 @@
+//! The server's one error type, answered in OpenAI's JSON error shape
+//! (`{"error": {"message", "type", "param", "code"}}`) with a stable `code` per kind, so the
+//! official clients raise their typed exceptions (`BadRequestError`, `AuthenticationError`,
+//! `NotFoundError`, `RateLimitError`, ...).
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A parameter has no meaning or is out of range; `param` names it.
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{message}")]
+    NotFound { message: String, code: &'static str },
+    /// The body is over the server's limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The queue is full: retry after this many seconds.
+    #[error("the server is busy ({0}); retry shortly")]
+    Overloaded(&'static str, u64),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// Details are logged with the request id, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// OpenAI's error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ApiError {
+    pub fn bad(param: &str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code: "invalid_value",
+        }
+    }
+
+    pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code: "unsupported_value",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Overloaded(..) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let (kind, param, code) = match self {
+            Self::BadRequest { param, code, .. } => ("invalid_request_error", param.clone(), *code),
+            Self::Unauthorized(_) => ("authentication_error", None, "invalid_api_key"),
+            Self::Forbidden(_) => ("permission_error", None, "insufficient_permissions"),
+            Self::TooLarge(_) => ("invalid_request_error", None, "body_too_large"),
+            Self::NotFound { code, .. } => ("invalid_request_error", None, *code),
+            Self::Overloaded(..) => ("rate_limit_error", None, "server_busy"),
+            Self::Timeout(_) => ("timeout_error", None, "timeout"),
+            Self::ShuttingDown => ("server_error", None, "shutting_down"),
+            Self::Internal(_) => ("server_error", None, "internal_error"),
+        };
+        let message = match self {
+            Self::Internal(_) => "internal server error; the server log has details".into(),
+            other => other.to_string(),
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                message,
+                kind: kind.into(),
+                param,
+                code: Some(code.into()),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
+        let mut r = (self.status(), Json(self.body())).into_response();
+        if let Self::Overloaded(_, secs) = self {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Internal(format!("database: {e}"))
+    }
+}

@@ -1,0 +1,103 @@
+//! Usage metering: every request that reached a model writes exactly one row.
+//!
+//! A handler opens a [`Ticket`] once it knows the caller and the model; the ticket is filled in
+//! as tokens come back and sends its row when dropped — whether the request finished, failed,
+//! timed out or its client vanished mid-stream — so no path can skip the row or write it twice.
+//! A single writer task stores rows in batches and drains what is queued before shutdown.
+
+use crate::store::{Principal, Store, UsageRow};
+use std::time::Instant;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+#[derive(Debug, Clone)]
+pub struct UsageLog {
+    tx: UnboundedSender<UsageRow>,
+}
+
+impl UsageLog {
+    /// Start the writer; the returned task ends once every `UsageLog` and ticket is dropped and
+    /// the queue is written.
+    pub fn start(store: Store) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = unbounded_channel();
+        (Self { tx }, tokio::spawn(writer(store, rx)))
+    }
+
+    pub fn ticket(
+        &self,
+        request_id: &str,
+        who: &Principal,
+        model: &str,
+        endpoint: &'static str,
+    ) -> Ticket {
+        Ticket {
+            log: self.tx.clone(),
+            started: Instant::now(),
+            row: Some(UsageRow {
+                request_id: request_id.to_string(),
+                tenant_id: who.tenant_id.clone(),
+                key_id: Some(who.key_id.clone()),
+                model: model.to_string(),
+                endpoint,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                latency_ms: 0,
+                // Until told otherwise: the client went away (nginx's 499).
+                status: 499,
+            }),
+        }
+    }
+}
+
+async fn writer(store: Store, mut rx: UnboundedReceiver<UsageRow>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        // A failed write is retried a few times, then logged with the rows it lost.
+        let mut tries = 0;
+        while let Err(e) = store.record_usage(&batch).await {
+            tries += 1;
+            if tries == 5 {
+                tracing::error!(error = %e, rows = batch.len(), "usage rows could not be written");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100 * tries)).await;
+        }
+        batch.clear();
+    }
+}
+
+/// One request's usage row, written when the ticket is dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    log: UnboundedSender<UsageRow>,
+    started: Instant,
+    row: Option<UsageRow>,
+}
+
+impl Ticket {
+    pub fn prompt_tokens(&mut self, n: u64) {
+        if let Some(r) = &mut self.row {
+            r.prompt_tokens = n;
+        }
+    }
+
+    pub fn completion_tokens(&mut self, n: u64) {
+        if let Some(r) = &mut self.row {
+            r.completion_tokens = n;
+        }
+    }
+
+    pub fn status(&mut self, status: u16) {
+        if let Some(r) = &mut self.row {
+            r.status = status;
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.row.take() {
+            r.latency_ms = self.started.elapsed().as_millis() as u64;
+            let _ = self.log.send(r);
+        }
+    }
+}
