@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 assets=target/test-assets
 mkdir -p "$assets"
 
-if [ ! -x "$assets/venv/bin/python" ] || ! "$assets/venv/bin/python" -c "import gguf, numpy, openai" 2>/dev/null; then
-  echo "fetch-test-assets: creating $assets/venv with gguf + numpy + openai"
+if [ ! -x "$assets/venv/bin/python" ] || ! "$assets/venv/bin/python" -c "import gguf, numpy, openai, schemathesis" 2>/dev/null; then
+  echo "fetch-test-assets: creating $assets/venv with gguf + numpy + openai + schemathesis"
   python3 -m venv "$assets/venv"
   "$assets/venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/golden/requirements-ci.txt
 fi

@@ -550,3 +550,52 @@ fn keys_are_created_listed_revoked_and_checked() {
     let (s, _, b) = server.http("GET", "/readyz", None, b"", "");
     assert_eq!((s, b.as_str()), (200, "ready"));
 }
+
+#[test]
+fn schemathesis_finds_no_server_errors() {
+    let (Some(model), Some(py)) = (common::smollm2(), common::python()) else {
+        return;
+    };
+    let st = py.with_file_name("schemathesis");
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    // A small cap on generated tokens keeps the fuzzer's valid requests quick.
+    let server = Server::start(&model, &db, &["--max-tokens", "8"]);
+    let out = std::process::Command::new(&st)
+        .current_dir(dir.path())
+        .arg("run")
+        .arg(format!("http://{}/openapi.json", server.addr))
+        .args(["-H", &format!("Authorization: Bearer {}", server.key)])
+        .args([
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            "25",
+            "--seed",
+            "1",
+            "--no-color",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("passed") && !text.contains("failed"),
+        "{text}"
+    );
+    let (_, _, metrics) = server.http("GET", "/metrics", None, b"", "");
+    assert!(
+        !metrics.contains("status=\"5"),
+        "a 5xx was served:\n{metrics}"
+    );
+    // Some generated requests were valid and ran the model.
+    assert!(
+        metrics.contains("route=\"/v1/completions\",method=\"POST\",status=\"200\"")
+            || metrics.contains("route=\"/v1/chat/completions\",method=\"POST\",status=\"200\""),
+        "{metrics}"
+    );
+}

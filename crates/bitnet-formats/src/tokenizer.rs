@@ -11,6 +11,9 @@ use std::path::Path;
 #[derive(Debug, Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner.get_vocab_size(true)`, which rebuilds the whole vocabulary map on every call:
+    /// counted once (decoding checks ids against it per call).
+    vocab: usize,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     pub pad_id: Option<u32>,
@@ -69,6 +72,7 @@ impl TextTokenizer {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| FormatError::Tokenizer(format!("{}: {e}", path.display())))?;
         let mut t = Self {
+            vocab: inner.get_vocab_size(true),
             inner,
             bos_id: None,
             eos_id: None,
@@ -176,6 +180,7 @@ impl TextTokenizer {
         };
         let flag = |key: &str| h.get(key).and_then(MetaValue::as_bool);
         Ok(Self {
+            vocab: inner.get_vocab_size(true),
             inner,
             bos_id: id("tokenizer.ggml.bos_token_id"),
             eos_id: id("tokenizer.ggml.eos_token_id"),
@@ -221,7 +226,7 @@ impl TextTokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -139,6 +139,26 @@ pub fn log_prob(x: &[f32], i: usize) -> f32 {
     (f64::from(x[i] - max) - sum.ln()) as f32
 }
 
+/// Indices of `l` by descending value (`total_cmp`), lower index first on ties. Sorted as one
+/// `u64` key per entry (the value's order-preserving bits, inverted, above the index): the same
+/// order as a comparison sort, several times faster on a 128k vocabulary.
+fn sorted_desc(l: &[f32]) -> Vec<usize> {
+    let mut keys: Vec<u64> = l
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let b = v.to_bits();
+            // total_cmp's key: flip the magnitude bits of negatives, then the sign bit.
+            let ord = (b ^ ((((b as i32) >> 31) as u32) >> 1)) ^ 0x8000_0000;
+            (u64::from(!ord) << 32) | i as u64
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.into_iter()
+        .map(|k| (k & 0xffff_ffff) as usize)
+        .collect()
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = Rng::new(params.seed);
@@ -183,8 +203,7 @@ impl Sampler {
             };
         }
         // Candidates sorted by logit, best first (stable: lower ids first on ties).
-        let mut idx: Vec<usize> = (0..l.len()).collect();
-        idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        let mut idx = sorted_desc(&l);
         if p.top_k > 0 {
             idx.truncate(p.top_k);
         }
@@ -234,6 +253,32 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_sort_is_the_comparison_sort() {
+        let mut x = 7u32;
+        let mut l: Vec<f32> = (0..5000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                ((x % 200) as f32 - 100.0) * 0.25
+            })
+            .collect();
+        l.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            0.0,
+            f32::MAX,
+            -f32::MAX,
+            1e-40,
+            -1e-40,
+        ]);
+        let mut want: Vec<usize> = (0..l.len()).collect();
+        want.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        assert_eq!(sorted_desc(&l), want);
+    }
 
     #[test]
     fn greedy_and_seeded() {

@@ -175,6 +175,7 @@ fn budget(
     prompt: &[u32],
     max: Option<u64>,
     param: &str,
+    cap: usize,
 ) -> Result<usize, ApiError> {
     let ctx = model.context;
     if prompt.is_empty() {
@@ -192,7 +193,13 @@ fn budget(
     }
     let room = ctx - prompt.len();
     match max {
-        None => Ok(room),
+        None => Ok(room.min(cap)),
+        Some(m) if m > cap as u64 => Err(ApiError::bad(
+            "max_tokens",
+            format!(
+                "this server generates at most {cap} tokens per request; ask for at most {cap}"
+            ),
+        )),
         Some(0) => Err(ApiError::bad("max_tokens", "max_tokens must be at least 1")),
         Some(m) if m as usize > room || m > ctx as u64 => Err(ApiError::BadRequest {
             message: format!(
@@ -275,16 +282,7 @@ fn chat_plan(state: &AppState, r: ChatCompletionRequest) -> Result<Plan, ApiErro
     })?;
     let mut messages = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.iter().enumerate() {
-        let role = match m.role.as_str() {
-            "developer" => "system",
-            "system" | "user" | "assistant" => m.role.as_str(),
-            other => {
-                return Err(ApiError::unsupported(
-                    &format!("messages[{i}].role"),
-                    format!("role `{other}` is not supported (system, developer, user, assistant)"),
-                ));
-            }
-        };
+        let role = m.role.template_name();
         messages.push(Message::new(role, &message_text(m, i)?));
     }
     let text = template.render(&messages, true).map_err(|e| {
@@ -298,7 +296,7 @@ fn chat_plan(state: &AppState, r: ChatCompletionRequest) -> Result<Plan, ApiErro
         .encode(&text, false)
         .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
     let max = r.max_completion_tokens.or(r.max_tokens);
-    let max_tokens = budget(&model, &prompt, max, "messages")?;
+    let max_tokens = budget(&model, &prompt, max, "messages", state.config.max_tokens)?;
     let include_usage = r
         .sampling
         .stream_options
@@ -362,7 +360,17 @@ fn completion_plan(state: &AppState, r: &CompletionRequest) -> Result<Plan, ApiE
         }
     }
     .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
-    let max_tokens = budget(&model, &prompt, Some(r.max_tokens.unwrap_or(16)), "prompt")?;
+    let max_tokens = budget(
+        &model,
+        &prompt,
+        // OpenAI's default of 16, within the server's cap.
+        Some(
+            r.max_tokens
+                .unwrap_or(16.min(state.config.max_tokens as u64)),
+        ),
+        "prompt",
+        state.config.max_tokens,
+    )?;
     let include_usage = r
         .sampling
         .stream_options

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// A request head must arrive within this time (else the connection is closed).
     pub header_timeout: Duration,
+    /// Most tokens one request may generate (`usize::MAX`: up to the model's context).
+    pub max_tokens: usize,
     /// A generation that runs longer ends with a timeout error.
     pub request_timeout: Duration,
     /// On shutdown, in-flight generations get this long to finish before they are cancelled.
@@ -58,6 +60,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             body_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            max_tokens: usize::MAX,
             request_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
             engine: EngineConfig::default(),
@@ -256,8 +259,37 @@ pub async fn metrics_text(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn openapi_json() -> Response {
-    Json(ApiDoc::openapi()).into_response()
+/// The OpenAPI document, with the ids of the models served here as the `model` field's enum
+/// (so generated clients and fuzzers know the valid values).
+async fn openapi_json(State(s): State<AppState>) -> Response {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let ids: Vec<serde_json::Value> = s.models.iter().map(|m| m.id.clone().into()).collect();
+    for schema in ["ChatCompletionRequest", "CompletionRequest"] {
+        // The request bodies flatten `Sampling`, so their own fields sit in an `allOf` part.
+        let base = format!("/components/schemas/{schema}");
+        for at in [
+            format!("{base}/properties/model"),
+            format!("{base}/allOf/1/properties/model"),
+        ] {
+            if let Some(model) = doc.pointer_mut(&at) {
+                model["enum"] = ids.clone().into();
+            }
+        }
+        // The server's cap on generated tokens, when it has one.
+        if s.config.max_tokens < usize::MAX {
+            for field in ["max_tokens", "max_completion_tokens"] {
+                for at in [
+                    format!("{base}/properties/{field}"),
+                    format!("{base}/allOf/1/properties/{field}"),
+                ] {
+                    if let Some(f) = doc.pointer_mut(&at) {
+                        f["maximum"] = s.config.max_tokens.into();
+                    }
+                }
+            }
+        }
+    }
+    Json(doc).into_response()
 }
 
 /// `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every `/v1` route.

@@ -53,10 +53,30 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
+/// Who wrote a message (`developer` is OpenAI's newer name for `system`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The role as chat templates know it.
+    pub fn template_name(self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatMessage {
-    /// `system`, `developer`, `user` or `assistant`.
-    pub role: String,
+    pub role: Role,
     #[serde(default)]
     pub content: Option<Content>,
     #[serde(default)]
@@ -67,17 +87,22 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct Sampling {
     /// 0 to 2; 0 is greedy. Default 1.
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
     /// (0, 1]. Default 1.
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     /// -2 to 2.
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
     /// -2 to 2.
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
     /// Seeds the sampler: the same request with the same seed gives the same output.
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     /// Choices to generate, 1 to 16.
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: bool,
@@ -90,13 +115,17 @@ pub struct Sampling {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
     /// Deprecated by OpenAI in favour of `max_completion_tokens`; both are accepted.
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u64>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u64>,
     #[serde(default)]
     pub logprobs: bool,
     /// 0 to 20 alternatives per token (needs `logprobs: true`).
+    #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<u32>,
     pub response_format: Option<ResponseFormat>,
     /// Not supported: refused when non-empty.
@@ -119,8 +148,10 @@ pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
     /// Default 16, as OpenAI's.
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u64>,
     /// 0 to 5 alternatives per token.
+    #[schema(minimum = 0, maximum = 5)]
     pub logprobs: Option<u32>,
     /// Prepend the prompt to the completion.
     #[serde(default)]
