@@ -202,6 +202,30 @@ impl Sampler {
                 logprob: log_prob(&l, t),
             };
         }
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Nothing is cut: draw from the whole distribution in vocabulary order, as
+            // `torch.multinomial` does, with no sort of the vocabulary.
+            let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) / p.temperature;
+            let probs: Vec<f64> = l
+                .iter()
+                .map(|&v| f64::from(v / p.temperature - max).exp())
+                .collect();
+            let total: f64 = probs.iter().sum();
+            let mut u = self.rng.next_f64() * total;
+            // Rounding can leave `u` past the last weight: then the most likely token.
+            let mut pick = argmax(&l);
+            for (i, &pr) in probs.iter().enumerate() {
+                if u < pr {
+                    pick = i;
+                    break;
+                }
+                u -= pr;
+            }
+            return Choice {
+                token: pick as u32,
+                logprob: log_prob(&l, pick),
+            };
+        }
         // Candidates sorted by logit, best first (stable: lower ids first on ties).
         let mut idx = sorted_desc(&l);
         if p.top_k > 0 {
