@@ -79,6 +79,26 @@ pub fn dot_f16_x4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
     w.map(|r| dot_f16(r, x))
 }
 
+/// [`dot_f16`] of four rows against four tokens (`out[row][token]`): each weight vector is
+/// widened once for all four tokens; each result is bitwise what `dot_f16` gives.
+pub fn dot_f16_4x4(w: [&[u8]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    let n = x[0].len();
+    for r in &w {
+        assert_eq!(r.len(), 2 * n);
+    }
+    for t in &x {
+        assert_eq!(t.len(), n);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512F was detected; every row holds `n` halves and every token `n` floats
+        // (asserted).
+        return unsafe { x86::dot_f16_4x4_avx512(w, x) };
+    }
+    w.map(|r| x.map(|t| dot_f16(r, t)))
+}
+
 /// `sum w[i] * x[i]` for a row of Q4_1 blocks (f16 `d`, f16 `m`, 16 bytes of nibbles;
 /// `w = d * q + m`, the dequantized values exactly), on AVX-512; `None` on other tiers.
 pub fn dot_q4_1(row: &[u8], x: &[f32]) -> Option<f32> {
@@ -192,33 +212,25 @@ mod x86 {
     pub(super) unsafe fn dot_f16_avx512(w: &[u8], x: &[f32]) -> f32 {
         let n = x.len();
         let (pw, px) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
+        // One accumulator, elements in order: the order every f16 kernel of this tier shares,
+        // so one row gives the same bits alone, four at a time, or against four tokens.
+        let mut acc = _mm512_setzero_ps();
         let mut i = 0;
         // SAFETY: loads read 16 halves (32 bytes) at element `i < n - 15`; `w` has `2n` bytes.
         unsafe {
-            while i + 64 <= n {
-                // Rows are streamed once, back to back: keep the L2 ahead of the loads
-                // (prefetches past the end never fault).
-                _mm_prefetch::<_MM_HINT_T1>(pw.wrapping_add(2 * i + PREFETCH) as *const i8);
-                _mm_prefetch::<_MM_HINT_T1>(pw.wrapping_add(2 * i + PREFETCH + 64) as *const i8);
-                for (k, a) in acc.iter_mut().enumerate() {
-                    let h = _mm256_loadu_si256(pw.add(2 * (i + 16 * k)) as *const __m256i);
-                    *a = _mm512_fmadd_ps(
-                        _mm512_cvtph_ps(h),
-                        _mm512_loadu_ps(px.add(i + 16 * k)),
-                        *a,
-                    );
-                }
-                i += 64;
-            }
             while i + 16 <= n {
+                if i % 64 == 0 {
+                    // Rows are streamed once, back to back: keep the L2 ahead of the loads
+                    // (prefetches past the end never fault).
+                    _mm_prefetch::<_MM_HINT_T1>(pw.wrapping_add(2 * i + PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(pw.wrapping_add(2 * i + PREFETCH + 64) as *const i8);
+                }
                 let h = _mm256_loadu_si256(pw.add(2 * i) as *const __m256i);
-                acc[0] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), _mm512_loadu_ps(px.add(i)), acc[0]);
+                acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), _mm512_loadu_ps(px.add(i)), acc);
                 i += 16;
             }
         }
-        let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        let mut s = _mm512_reduce_add_ps(v);
+        let mut s = _mm512_reduce_add_ps(acc);
         for j in i..n {
             s += half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32() * x[j];
         }
@@ -231,42 +243,75 @@ mod x86 {
         let n = x.len();
         let px = x.as_ptr();
         let pw = w.map(|r| r.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
         // SAFETY: loads read 16 halves (32 bytes) at element `i < n - 15` of rows of `2n` bytes
         // and 16 floats of `x`; prefetches past the end never fault.
         unsafe {
-            while i + 64 <= n {
-                let xv: [__m512; 4] = std::array::from_fn(|k| _mm512_loadu_ps(px.add(i + 16 * k)));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    _mm_prefetch::<_MM_HINT_T1>(pw[r].wrapping_add(2 * i + PREFETCH) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(
-                        pw[r].wrapping_add(2 * i + PREFETCH + 64) as *const i8
-                    );
-                    for k in 0..4 {
-                        let h = _mm256_loadu_si256(pw[r].add(2 * (i + 16 * k)) as *const __m256i);
-                        a[k] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv[k], a[k]);
-                    }
-                }
-                i += 64;
-            }
             while i + 16 <= n {
                 let xv = _mm512_loadu_ps(px.add(i));
                 for (r, a) in acc.iter_mut().enumerate() {
+                    if i % 64 == 0 {
+                        _mm_prefetch::<_MM_HINT_T1>(
+                            pw[r].wrapping_add(2 * i + PREFETCH) as *const i8
+                        );
+                        _mm_prefetch::<_MM_HINT_T1>(
+                            pw[r].wrapping_add(2 * i + PREFETCH + 64) as *const i8
+                        );
+                    }
                     let h = _mm256_loadu_si256(pw[r].add(2 * i) as *const __m256i);
-                    a[0] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv, a[0]);
+                    *a = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv, *a);
                 }
                 i += 16;
             }
         }
         let mut out = [0.0f32; 4];
         for (r, a) in acc.iter().enumerate() {
-            let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-            let mut s = _mm512_reduce_add_ps(v);
+            let mut s = _mm512_reduce_add_ps(*a);
             for j in i..n {
                 s += half::f16::from_le_bytes([w[r][2 * j], w[r][2 * j + 1]]).to_f32() * x[j];
             }
             out[r] = s;
+        }
+        out
+    }
+
+    /// Four rows against four tokens: each weight vector is widened once for four tokens, and
+    /// each of the 16 (row, token) sums has its own accumulator in the shared order.
+    #[target_feature(enable = "avx512f")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_f16_4x4_avx512(w: [&[u8]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+        let n = x[0].len();
+        let px = x.map(|t| t.as_ptr());
+        let pw = w.map(|r| r.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 0;
+        // SAFETY: loads read 16 halves at element `i < n - 15` of rows of `2n` bytes and 16
+        // floats of each token of `n` floats (the caller checks the lengths).
+        unsafe {
+            while i + 16 <= n {
+                let wv: [__m512; 4] = std::array::from_fn(|r| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(pw[r].add(2 * i) as *const __m256i))
+                });
+                for t in 0..4 {
+                    let xv = _mm512_loadu_ps(px[t].add(i));
+                    for r in 0..4 {
+                        acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                    }
+                }
+                i += 16;
+            }
+        }
+        let mut out = [[0.0f32; 4]; 4];
+        for r in 0..4 {
+            for t in 0..4 {
+                let mut s = _mm512_reduce_add_ps(acc[r][t]);
+                for j in i..n {
+                    s +=
+                        half::f16::from_le_bytes([w[r][2 * j], w[r][2 * j + 1]]).to_f32() * x[t][j];
+                }
+                out[r][t] = s;
+            }
         }
         out
     }
@@ -388,6 +433,22 @@ mod tests {
                     dot_f16(&rows[r], &x).to_bits(),
                     "n={n} row {r}"
                 );
+            }
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|t| x.iter().map(|v| v * (t as f32 + 0.5) - 0.1).collect())
+                .collect();
+            let got = dot_f16_4x4(
+                [&rows[0], &rows[1], &rows[2], &rows[3]],
+                [&xs[0], &xs[1], &xs[2], &xs[3]],
+            );
+            for r in 0..4 {
+                for t in 0..4 {
+                    assert_eq!(
+                        got[r][t].to_bits(),
+                        dot_f16(&rows[r], &xs[t]).to_bits(),
+                        "n={n} row {r} token {t}"
+                    );
+                }
             }
         }
     }

@@ -130,12 +130,22 @@ impl DenseMatrix {
                 // Four rows at a time share each activation load (bitwise the same sums).
                 let row =
                     |r: usize| &self.bytes.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes];
+                // Batches take four tokens at a time too (each weight widened once per four
+                // tokens); every (row, token) sum is bitwise the one-token result.
+                let xt = |t: usize| &x[t * cols..(t + 1) * cols];
                 while rows.len() >= 4 {
                     let r = rows.start;
-                    for t in 0..n {
-                        let xt = &x[t * cols..(t + 1) * cols];
-                        let v = dense::dot_f16_x4([row(r), row(r + 1), row(r + 2), row(r + 3)], xt);
-                        w.set_run(t, r, &v);
+                    let ws = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        let v = dense::dot_f16_4x4(ws, [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)]);
+                        for k in 0..4 {
+                            w.set_run(t + k, r, &[v[0][k], v[1][k], v[2][k], v[3][k]]);
+                        }
+                        t += 4;
+                    }
+                    for t in t..n {
+                        w.set_run(t, r, &dense::dot_f16_x4(ws, xt(t)));
                     }
                     rows.start += 4;
                 }
