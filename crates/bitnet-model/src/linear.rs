@@ -139,8 +139,8 @@ impl DenseMatrix {
                     let mut t = 0;
                     while t + 4 <= n {
                         let v = dense::dot_f16_4x4(ws, [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)]);
-                        for k in 0..4 {
-                            w.set_run(t + k, r, &[v[0][k], v[1][k], v[2][k], v[3][k]]);
+                        for (k, tk) in (t..t + 4).enumerate() {
+                            w.set_run(tk, r, &v.map(|row| row[k]));
                         }
                         t += 4;
                     }
@@ -507,6 +507,39 @@ impl Linear {
             Linear::Dense(d) => d.ty.to_string(),
             Linear::Int8(_) => "int8 (per-row scale)".to_string(),
             Linear::Int4(_) => "q4 (scale per 128 weights)".to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch gives every token bitwise the result it gets alone (the server relies on it).
+    #[test]
+    fn f16_batches_equal_single_tokens() {
+        let (rows, cols, n) = (13, 80, 7);
+        let mut buf = bitnet_kernels::buffer::AlignedBuf::zeroed(rows * cols * 2);
+        for (i, c) in buf.chunks_exact_mut(2).enumerate() {
+            let v = ((i * 37 % 101) as f32 - 50.0) / 61.0;
+            c.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        }
+        let m =
+            DenseMatrix::new("w", rows, cols, GgmlType::F16, WeightBytes::aligned(buf)).unwrap();
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 29 % 97) as f32 - 48.0) / 13.0)
+            .collect();
+        let mut batch = vec![0.0f32; n * rows];
+        m.matmul(&x, n, &mut batch);
+        for t in 0..n {
+            let mut one = vec![0.0f32; rows];
+            m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut one);
+            let got: Vec<u32> = batch[t * rows..(t + 1) * rows]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let want: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "token {t}");
         }
     }
 }
