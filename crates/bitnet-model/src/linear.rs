@@ -406,15 +406,41 @@ pub fn int8_matmul(w: &Int8Rows, x: &[f32], n: usize, out: &mut [f32]) {
         w.rows(),
         16,
         &|rows, wr| {
+            let q = |t: usize| &xq[t * cols..(t + 1) * cols];
+            let u = |t: usize| &xu[t * cols..(t + 1) * cols];
+            let mut rows = rows;
+            // Batches: four rows against four tokens per pass (the same integer sums).
+            if n >= 4 {
+                while rows.len() >= 4 {
+                    let r = rows.start;
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        let d = w.dot_4x4(
+                            tier,
+                            r,
+                            [q(t), q(t + 1), q(t + 2), q(t + 3)],
+                            [u(t), u(t + 1), u(t + 2), u(t + 3)],
+                        );
+                        for (k, dk) in d.iter().enumerate() {
+                            for (j, &v) in dk.iter().enumerate() {
+                                wr.set(t + j, r + k, v as f32 * w.scales[r + k] / xs[t + j]);
+                            }
+                        }
+                        t += 4;
+                    }
+                    for (t, &s) in xs.iter().enumerate().skip(t) {
+                        for k in r..r + 4 {
+                            let d = w.dot(tier, k, q(t), u(t));
+                            wr.set(t, k, d as f32 * w.scales[k] / s);
+                        }
+                    }
+                    rows.start += 4;
+                }
+            }
             for r in rows {
-                for t in 0..n {
-                    let d = w.dot(
-                        tier,
-                        r,
-                        &xq[t * cols..(t + 1) * cols],
-                        &xu[t * cols..(t + 1) * cols],
-                    );
-                    wr.set(t, r, d as f32 * w.scales[r] / xs[t]);
+                for (t, &s) in xs.iter().enumerate() {
+                    let d = w.dot(tier, r, q(t), u(t));
+                    wr.set(t, r, d as f32 * w.scales[r] / s);
                 }
             }
         },
