@@ -3,7 +3,30 @@
 //! methods, `raise_exception`).
 
 use crate::error::{ModelError, Result};
+use bitnet_formats::tokenizer::TextTokenizer;
 use serde::{Deserialize, Serialize};
+
+/// Token strings that end an assistant turn in the common chat templates.
+pub const TURN_ENDS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<|endoftext|>",
+    "</s>",
+    "<end_of_turn>",
+];
+
+/// Where a chat reply stops: the ids of the [`TURN_ENDS`] this tokenizer knows, and its EOS.
+pub fn turn_end_tokens(tok: &TextTokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = TURN_ENDS
+        .iter()
+        .filter_map(|t| tok.token_to_id(t))
+        .chain(tok.eos_id)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -82,16 +82,6 @@ pub struct ServedModel {
     pub engine: Engine,
 }
 
-/// Token strings that end an assistant turn in the common chat templates.
-const TURN_ENDS: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<|endoftext|>",
-    "</s>",
-    "<end_of_turn>",
-];
-
 impl ServedModel {
     /// Start an engine for a loaded model, served under `id`.
     pub fn start(
@@ -114,13 +104,7 @@ impl ServedModel {
             ),
             None => None,
         };
-        let mut stop_tokens: Vec<u32> = TURN_ENDS
-            .iter()
-            .filter_map(|t| tokenizer.token_to_id(t))
-            .collect();
-        stop_tokens.extend(tokenizer.eos_id);
-        stop_tokens.sort_unstable();
-        stop_tokens.dedup();
+        let stop_tokens = bitnet_model::chat::turn_end_tokens(&tokenizer);
         let model = Arc::new(loaded.model);
         let (context, vocab) = (model.spec.context, model.spec.vocab);
         let engine = Engine::start(

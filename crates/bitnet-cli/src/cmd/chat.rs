@@ -3,7 +3,7 @@
 
 use super::common::{ModelArgs, SamplingArgs, tokenizer};
 use anyhow::{Context, Result, bail};
-use bitnet_model::chat::{ChatTemplate, Message};
+use bitnet_model::chat::{ChatTemplate, Message, turn_end_tokens};
 use bitnet_model::generate::{GenerateOptions, generate};
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -21,16 +21,6 @@ pub struct Args {
     pub sampling: SamplingArgs,
 }
 
-/// Token strings that end an assistant turn in the common templates.
-const TURN_ENDS: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<|endoftext|>",
-    "</s>",
-    "<end_of_turn>",
-];
-
 pub fn run(args: Args) -> Result<()> {
     let m = args.model.load()?;
     let tok = tokenizer(&m)?;
@@ -40,11 +30,7 @@ pub fn run(args: Args) -> Result<()> {
         .context("this model ships no chat template (tokenizer.chat_template / tokenizer_config.json); use `bitnet run` for plain completion")?;
     let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
     let template = ChatTemplate::new(source, &name(tok.bos_id), &name(tok.eos_id))?;
-    let mut stop_tokens: Vec<u32> = TURN_ENDS
-        .iter()
-        .filter_map(|t| tok.token_to_id(t))
-        .collect();
-    stop_tokens.extend(tok.eos_id);
+    let stop_tokens = turn_end_tokens(tok);
     let opts = GenerateOptions {
         max_new_tokens: args.n,
         sampling: args.sampling.params()?,
