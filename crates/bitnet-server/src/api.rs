@@ -427,11 +427,10 @@ fn launch(
 }
 
 /// One choice, gathered.
-#[derive(Default)]
 struct Gathered {
     text: String,
     tokens: Vec<crate::engine::TokenInfo>,
-    finish: Option<Finish>,
+    finish: Finish,
     completion_tokens: usize,
 }
 
@@ -439,43 +438,48 @@ async fn gather(
     rxs: Vec<UnboundedReceiver<Event>>,
     ticket: &mut Ticket,
 ) -> Result<Vec<Gathered>, ApiError> {
-    let mut out = Vec::with_capacity(rxs.len());
+    let mut out: Vec<Gathered> = Vec::with_capacity(rxs.len());
     for mut rx in rxs {
-        let mut g = Gathered::default();
+        let (mut text, mut tokens, mut count, mut finish) = (String::new(), Vec::new(), 0, None);
         while let Some(e) = rx.recv().await {
             match e {
                 Event::Delta {
-                    text,
-                    tokens,
+                    text: t,
+                    tokens: k,
                     sampled,
                 } => {
-                    g.text.push_str(&text);
-                    g.tokens.extend(tokens);
-                    g.completion_tokens = sampled;
+                    text.push_str(&t);
+                    tokens.extend(k);
+                    count = sampled;
                 }
                 Event::Done {
-                    finish,
+                    finish: f,
                     completion_tokens,
                     ..
                 } => {
-                    g.finish = Some(finish);
-                    g.completion_tokens = completion_tokens;
+                    finish = Some(f);
+                    count = completion_tokens;
                     break;
                 }
                 Event::Failed(f) => return Err(f.into()),
             }
         }
-        let Some(finish) = g.finish else {
+        let Some(finish) = finish else {
             return Err(ApiError::Internal("the engine stopped".into()));
         };
-        let done: usize = out.iter().map(|g: &Gathered| g.completion_tokens).sum();
-        ticket.completion_tokens((done + g.completion_tokens) as u64);
+        let before: usize = out.iter().map(|g| g.completion_tokens).sum();
+        ticket.completion_tokens((before + count) as u64);
         if finish == Finish::Timeout {
             return Err(ApiError::Timeout(
                 "the request took longer than the server's request timeout".into(),
             ));
         }
-        out.push(g);
+        out.push(Gathered {
+            text,
+            tokens,
+            finish,
+            completion_tokens: count,
+        });
     }
     Ok(out)
 }
@@ -523,7 +527,7 @@ fn completion_logprobs(tokens: &[crate::engine::TokenInfo], offset: usize) -> Co
     lp
 }
 
-/// The request's id (set by the request-id layer) and principal.
+/// The request's id, as the request-id layer set it.
 fn request_id(headers: &axum::http::HeaderMap) -> String {
     headers
         .get("x-request-id")
@@ -548,48 +552,30 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let rid = request_id(&headers);
     let plan = chat_plan(&state, req)?;
-    let mut ticket = state
-        .usage
-        .ticket(&rid, &who, &plan.model.id, "chat.completions");
-    ticket.prompt_tokens(plan.prompt.len() as u64);
-    let rxs = match launch(&state, &plan, received) {
-        Ok(r) => r,
-        Err(e) => {
-            ticket.status(e.status().as_u16());
-            return Err(e);
-        }
+    let (plan, done) = match run_plan(
+        &state,
+        &who,
+        &headers,
+        plan,
+        StreamKind::Chat,
+        None,
+        received,
+    )
+    .await?
+    {
+        Ran::Streaming(r) => return Ok(r),
+        Ran::Gathered(plan, done) => (plan, done),
     };
-    let (id, created, model) = (new_id("chatcmpl"), unix_now(), plan.model.id.clone());
-    if plan.stream {
-        return Ok(stream_response(
-            rxs,
-            ticket,
-            plan,
-            StreamKind::Chat,
-            id,
-            created,
-            model,
-            None,
-        ));
-    }
-    let gathered = match gather(rxs, &mut ticket).await {
-        Ok(g) => g,
-        Err(e) => {
-            ticket.status(e.status().as_u16());
-            return Err(e);
-        }
-    };
-    ticket.status(200);
-    let completion: usize = gathered.iter().map(|g| g.completion_tokens).sum();
     Ok(Json(ChatCompletion {
-        id,
+        id: done.id,
         object: "chat.completion",
-        created,
-        model,
+        created: done.created,
+        model: plan.model.id.clone(),
         system_fingerprint: fingerprint(),
-        choices: gathered
+        usage: done.usage,
+        choices: done
+            .choices
             .into_iter()
             .enumerate()
             .map(|(i, g)| ChatChoice {
@@ -599,10 +585,9 @@ pub async fn chat_completions(
                     role: "assistant",
                     content: g.text,
                 },
-                finish_reason: g.finish.map_or("stop", Finish::as_str).to_string(),
+                finish_reason: g.finish.as_str().to_string(),
             })
             .collect(),
-        usage: usage(plan.prompt.len(), completion),
     })
     .into_response())
 }
@@ -624,12 +609,7 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let rid = request_id(&headers);
     let plan = completion_plan(&state, &req)?;
-    let mut ticket = state
-        .usage
-        .ticket(&rid, &who, &plan.model.id, "completions");
-    ticket.prompt_tokens(plan.prompt.len() as u64);
     let echo = if req.echo {
         Some(
             plan.model
@@ -640,43 +620,22 @@ pub async fn completions(
     } else {
         None
     };
-    let rxs = match launch(&state, &plan, received) {
-        Ok(r) => r,
-        Err(e) => {
-            ticket.status(e.status().as_u16());
-            return Err(e);
-        }
-    };
-    let (id, created, model) = (new_id("cmpl"), unix_now(), plan.model.id.clone());
-    if plan.stream {
-        return Ok(stream_response(
-            rxs,
-            ticket,
-            plan,
-            StreamKind::Completion,
-            id,
-            created,
-            model,
-            echo,
-        ));
-    }
-    let gathered = match gather(rxs, &mut ticket).await {
-        Ok(g) => g,
-        Err(e) => {
-            ticket.status(e.status().as_u16());
-            return Err(e);
-        }
-    };
-    ticket.status(200);
-    let completion: usize = gathered.iter().map(|g| g.completion_tokens).sum();
+    let kind = StreamKind::Completion;
+    let (plan, done) =
+        match run_plan(&state, &who, &headers, plan, kind, echo.clone(), received).await? {
+            Ran::Streaming(r) => return Ok(r),
+            Ran::Gathered(plan, done) => (plan, done),
+        };
     let prefix = echo.unwrap_or_default();
     Ok(Json(Completion {
-        id,
+        id: done.id,
         object: "text_completion",
-        created,
-        model,
+        created: done.created,
+        model: plan.model.id.clone(),
         system_fingerprint: fingerprint(),
-        choices: gathered
+        usage: Some(done.usage),
+        choices: done
+            .choices
             .into_iter()
             .enumerate()
             .map(|(i, g)| CompletionChoice {
@@ -685,12 +644,67 @@ pub async fn completions(
                     .logprobs
                     .map(|_| completion_logprobs(&g.tokens, prefix.len())),
                 text: format!("{prefix}{}", g.text),
-                finish_reason: Some(g.finish.map_or("stop", Finish::as_str).to_string()),
+                finish_reason: Some(g.finish.as_str().to_string()),
             })
             .collect(),
-        usage: Some(usage(plan.prompt.len(), completion)),
     })
     .into_response())
+}
+
+/// What [`run_plan`] ends with: the streaming response, or every choice gathered.
+enum Ran {
+    Streaming(Response),
+    Gathered(Plan, Done),
+}
+
+/// A finished non-streaming request.
+struct Done {
+    id: String,
+    created: u64,
+    choices: Vec<Gathered>,
+    usage: Usage,
+}
+
+/// The part both endpoints share: open the usage ticket, queue one engine request per choice,
+/// then stream the events or gather them. The ticket records the outcome on every path.
+async fn run_plan(
+    state: &AppState,
+    who: &Principal,
+    headers: &axum::http::HeaderMap,
+    plan: Plan,
+    kind: StreamKind,
+    echo: Option<String>,
+    received: Instant,
+) -> Result<Ran, ApiError> {
+    let (endpoint, id_prefix) = match kind {
+        StreamKind::Chat => ("chat.completions", "chatcmpl"),
+        StreamKind::Completion => ("completions", "cmpl"),
+    };
+    let mut ticket = state
+        .usage
+        .ticket(&request_id(headers), who, &plan.model.id, endpoint);
+    ticket.prompt_tokens(plan.prompt.len() as u64);
+    let rxs = launch(state, &plan, received).inspect_err(|e| ticket.status(e.status().as_u16()))?;
+    let (id, created) = (new_id(id_prefix), unix_now());
+    if plan.stream {
+        let r = stream_response(rxs, ticket, plan, kind, id, created, echo);
+        return Ok(Ran::Streaming(r));
+    }
+    let choices = gather(rxs, &mut ticket)
+        .await
+        .inspect_err(|e| ticket.status(e.status().as_u16()))?;
+    ticket.status(200);
+    let completion = choices.iter().map(|g| g.completion_tokens).sum();
+    let usage = usage(plan.prompt.len(), completion);
+    Ok(Ran::Gathered(
+        plan,
+        Done {
+            id,
+            created,
+            choices,
+            usage,
+        },
+    ))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -790,7 +804,6 @@ impl Streaming {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn stream_response(
     rxs: Vec<UnboundedReceiver<Event>>,
     ticket: Ticket,
@@ -798,7 +811,6 @@ fn stream_response(
     kind: StreamKind,
     id: String,
     created: u64,
-    model: String,
     echo: Option<String>,
 ) -> Response {
     let n = rxs.len();
@@ -813,7 +825,7 @@ fn stream_response(
         kind,
         id,
         created,
-        model,
+        model: plan.model.id.clone(),
         logprobs: plan.logprobs.is_some(),
         include_usage: plan.include_usage,
         prompt_tokens: plan.prompt.len(),

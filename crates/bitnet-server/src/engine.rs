@@ -11,7 +11,7 @@
 //! the same sums whatever the batch, and a prompt is always cut into the same chunks (a function
 //! of its own length). A request gives the same tokens alone or among fifteen others.
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelMetrics};
 use bitnet_formats::tokenizer::TextTokenizer;
 use bitnet_model::generate::held_back;
 use bitnet_model::kv::KvCache;
@@ -133,8 +133,7 @@ pub enum SubmitError {
 #[derive(Debug, Clone)]
 pub struct Engine {
     tx: SyncSender<Command>,
-    metrics: Arc<Metrics>,
-    model: String,
+    metrics: ModelMetrics,
 }
 
 #[derive(Debug)]
@@ -156,8 +155,8 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(config.queue);
+        let metrics = metrics.model(&name);
         let m = metrics.clone();
-        let label = name.clone();
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
@@ -166,26 +165,21 @@ impl Engine {
                     tokenizer,
                     config,
                     metrics: m,
-                    name: label,
                     seqs: Vec::new(),
                     caches: Vec::new(),
                 }
                 .run(rx)
             })?;
-        Ok(Self {
-            tx,
-            metrics,
-            model: name,
-        })
+        Ok(Self { tx, metrics })
     }
 
     /// Queue a request, or refuse it at once when the queue is full.
     pub fn submit(&self, r: GenRequest) -> Result<(), SubmitError> {
-        self.metrics.queue_depth(&self.model).inc();
+        self.metrics.queue_depth.inc();
         match self.tx.try_send(Command::Generate(Box::new(r))) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.metrics.queue_depth(&self.model).dec();
+                self.metrics.queue_depth.dec();
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::QueueFull,
                     TrySendError::Disconnected(_) => SubmitError::Stopped,
@@ -222,8 +216,7 @@ struct Scheduler {
     model: Arc<Model>,
     tokenizer: Arc<TextTokenizer>,
     config: EngineConfig,
-    metrics: Arc<Metrics>,
-    name: String,
+    metrics: ModelMetrics,
     seqs: Vec<Seq>,
     caches: Vec<KvCache>,
 }
@@ -248,9 +241,9 @@ impl Scheduler {
             if !self.seqs.is_empty() {
                 self.step();
             }
-            self.metrics.running(&self.name).set(self.seqs.len() as i64);
+            self.metrics.running.set(self.seqs.len() as i64);
             self.metrics
-                .kv_bytes(&self.name)
+                .kv_bytes
                 .set(self.caches.iter().map(KvCache::bytes).sum::<usize>() as i64);
         }
     }
@@ -258,13 +251,13 @@ impl Scheduler {
     fn command(&mut self, c: Command, rx: &Receiver<Command>) {
         match c {
             Command::Generate(r) => {
-                self.metrics.queue_depth(&self.name).dec();
+                self.metrics.queue_depth.dec();
                 self.admit(*r);
             }
             Command::CancelAll => {
                 while let Ok(c) = rx.try_recv() {
                     if let Command::Generate(r) = c {
-                        self.metrics.queue_depth(&self.name).dec();
+                        self.metrics.queue_depth.dec();
                         let _ = r.events.send(Event::Failed(Failure::ShuttingDown));
                     }
                 }
@@ -350,9 +343,7 @@ impl Scheduler {
             let _turn = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
             self.model.forward(&steps, &mut self.caches)
         };
-        self.metrics
-            .prompt_tokens(&self.name)
-            .inc_by(prefill as u64);
+        self.metrics.prompt_tokens.inc_by(prefill as u64);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -382,24 +373,20 @@ impl Scheduler {
     }
 
     fn sample(&mut self, i: usize, logits: &[f32], context_full: bool) {
-        let tok = self.tokenizer.clone();
-        let metrics = self.metrics.clone();
-        let name = self.name.clone();
+        let (tok, metrics) = (&self.tokenizer, &self.metrics);
         let s = &mut self.seqs[i];
         let mut history = Vec::with_capacity(s.req.prompt.len() + s.tokens.len());
         history.extend_from_slice(&s.req.prompt);
         history.extend_from_slice(&s.tokens);
         let choice = s.sampler.sample(logits, &history);
         s.sampled += 1;
-        metrics.generation_tokens(&name).inc();
+        metrics.generation_tokens.inc();
         let now = Instant::now();
         match s.last_token_at {
             None => metrics
-                .ttft(&name)
+                .ttft
                 .observe(now.duration_since(s.req.received).as_secs_f64()),
-            Some(t) => metrics
-                .itl(&name)
-                .observe(now.duration_since(t).as_secs_f64()),
+            Some(t) => metrics.itl.observe(now.duration_since(t).as_secs_f64()),
         }
         s.last_token_at = Some(now);
         if s.req.stop_tokens.contains(&choice.token) {

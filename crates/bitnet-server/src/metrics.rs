@@ -11,6 +11,18 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Handles to one model's series (clones share the registered values).
+#[derive(Debug, Clone)]
+pub struct ModelMetrics {
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub queue_depth: Gauge,
+    pub running: Gauge,
+    pub kv_bytes: Gauge,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -102,32 +114,18 @@ impl Metrics {
             .clone()
     }
 
-    pub fn ttft(&self, m: &str) -> Histogram {
-        self.ttft.get_or_create(&model(m)).clone()
-    }
-
-    pub fn itl(&self, m: &str) -> Histogram {
-        self.itl.get_or_create(&model(m)).clone()
-    }
-
-    pub fn prompt_tokens(&self, m: &str) -> Counter {
-        self.prompt.get_or_create(&model(m)).clone()
-    }
-
-    pub fn generation_tokens(&self, m: &str) -> Counter {
-        self.generated.get_or_create(&model(m)).clone()
-    }
-
-    pub fn queue_depth(&self, m: &str) -> Gauge {
-        self.queue.get_or_create(&model(m)).clone()
-    }
-
-    pub fn running(&self, m: &str) -> Gauge {
-        self.running.get_or_create(&model(m)).clone()
-    }
-
-    pub fn kv_bytes(&self, m: &str) -> Gauge {
-        self.kv.get_or_create(&model(m)).clone()
+    /// One model's series, looked up once: the engine updates them every token.
+    pub fn model(&self, m: &str) -> ModelMetrics {
+        let l = model(m);
+        ModelMetrics {
+            ttft: self.ttft.get_or_create(&l).clone(),
+            itl: self.itl.get_or_create(&l).clone(),
+            prompt_tokens: self.prompt.get_or_create(&l).clone(),
+            generation_tokens: self.generated.get_or_create(&l).clone(),
+            queue_depth: self.queue.get_or_create(&l).clone(),
+            running: self.running.get_or_create(&l).clone(),
+            kv_bytes: self.kv.get_or_create(&l).clone(),
+        }
     }
 
     /// The OpenMetrics text exposition.

@@ -29,6 +29,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role stored in the database (the column's CHECK allows only these two).
+    fn from_db(s: &str) -> Self {
+        if s == "admin" {
+            Role::Admin
+        } else {
+            Role::User
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
@@ -185,11 +194,7 @@ impl Store {
                     id,
                     name,
                     prefix,
-                    role: if role == "admin" {
-                        Role::Admin
-                    } else {
-                        Role::User
-                    },
+                    role: Role::from_db(&role),
                     tenant_id,
                     created_at,
                     revoked_at,
@@ -231,11 +236,7 @@ impl Store {
             Some((key_id, tenant_id, role, _, None)) if equal => Some(Principal {
                 key_id,
                 tenant_id,
-                role: if role == "admin" {
-                    Role::Admin
-                } else {
-                    Role::User
-                },
+                role: Role::from_db(&role),
             }),
             _ => None,
         })

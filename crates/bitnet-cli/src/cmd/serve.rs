@@ -83,6 +83,12 @@ fn model_spec(s: &str, cfg: &Config) -> (String, PathBuf) {
     (id, p)
 }
 
+async fn open_store(database: &str) -> Result<Store> {
+    Store::open(database)
+        .await
+        .with_context(|| format!("cannot open the database {database}"))
+}
+
 fn init_logs(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -174,9 +180,7 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let store = Store::open(&database)
-            .await
-            .with_context(|| format!("cannot open the database {database}"))?;
+        let store = open_store(&database).await?;
         // A fresh database gets one admin key, printed once, so the server is usable at once.
         let first_key = if store.list_keys(bitnet_server::store::DEFAULT_TENANT).await?.is_empty() {
             Some(store.create_key("first admin key", Role::Admin).await?.1)
@@ -250,9 +254,7 @@ pub fn keys(args: KeysArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let store = Store::open(&database)
-            .await
-            .with_context(|| format!("cannot open the database {database}"))?;
+        let store = open_store(&database).await?;
         let tenant = bitnet_server::store::DEFAULT_TENANT;
         match args.action {
             KeysAction::Create { name, admin } => {
