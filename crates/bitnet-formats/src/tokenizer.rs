@@ -243,6 +243,94 @@ impl TextTokenizer {
     }
 }
 
+/// Incremental detokenization for streaming: each new id decodes only a short window of the
+/// latest tokens (the last final piece as context, then what is new), as
+/// text-generation-inference does, so a long generation costs the same per token at its end as
+/// at its start instead of decoding everything so far every time. Text becomes final, and is
+/// appended to [`text`](Self::text), once it no longer ends in an incomplete UTF-8 sequence.
+#[derive(Debug, Clone, Default)]
+pub struct DecodeStream {
+    ids: Vec<u32>,
+    text: String,
+    /// The window decoded per step starts here (context for decoders that look back).
+    prefix: usize,
+    /// Tokens before this one are in `text`.
+    read: usize,
+    skip_special: bool,
+}
+
+impl DecodeStream {
+    pub fn new(skip_special: bool) -> Self {
+        Self {
+            skip_special,
+            ..Self::default()
+        }
+    }
+
+    /// The final text so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Every id pushed.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Add `id`; returns how many bytes of text it made final (appended to `text()`).
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<usize> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let now = tok.decode(&self.ids[self.prefix..], self.skip_special)?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return Ok(0);
+        }
+        let start = self.text.len();
+        match now.strip_prefix(before.as_str()) {
+            Some(new) => self.text.push_str(new),
+            None => {
+                // The decoder rewrote the context (rare): take the difference against the whole
+                // sequence's text instead.
+                let all = tok.decode(&self.ids, self.skip_special)?;
+                match all.strip_prefix(self.text.as_str()) {
+                    Some(new) if !new.ends_with('\u{FFFD}') => self.text.push_str(new),
+                    _ => return Ok(0),
+                }
+            }
+        }
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(self.text.len() - start)
+    }
+
+    /// Text of the ids pushed but not final yet (an incomplete character shows as U+FFFD): what
+    /// to add to `text()` when the sequence ends.
+    pub fn pending(&self, tok: &TextTokenizer) -> Result<String> {
+        if self.read == self.ids.len() {
+            return Ok(String::new());
+        }
+        let before = tok.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let now = tok.decode(&self.ids[self.prefix..], self.skip_special)?;
+        Ok(match now.strip_prefix(before.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => tok
+                .decode(&self.ids, self.skip_special)?
+                .get(self.text.len()..)
+                .unwrap_or_default()
+                .to_string(),
+        })
+    }
+
+    /// `text()` followed by [`pending`](Self::pending): the whole text of the ids pushed.
+    pub fn finish(&mut self, tok: &TextTokenizer) -> Result<&str> {
+        let rest = self.pending(tok)?;
+        self.text.push_str(&rest);
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(&self.text)
+    }
+}
+
 /// transformers' `byte_level_tokenizer` + `add_gguf_special_tokens` + `set_split_regex`, as a
 /// `tokenizer.json` document handed to the `tokenizers` crate.
 fn byte_level_bpe(

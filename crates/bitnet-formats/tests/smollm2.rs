@@ -155,3 +155,44 @@ fn tokenizer_matches_transformers() {
         );
     }
 }
+
+#[test]
+fn streamed_decoding_adds_up_to_transformers_decode() {
+    let Some(path) = common::smollm2() else {
+        return;
+    };
+    let f = GgufFile::open(&path).unwrap();
+    let tok = TextTokenizer::from_gguf(&f.header).unwrap();
+    let g = golden("smollm2/tokenizer_golden.json");
+    for c in g["cases"].as_array().unwrap() {
+        let ids: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        for (skip, key) in [(false, "decode"), (true, "decode_skip_special")] {
+            let want = c[key].as_str().unwrap();
+            let mut s = bitnet_formats::tokenizer::DecodeStream::new(skip);
+            let mut last = 0;
+            for &id in &ids {
+                let added = s.push(&tok, id).unwrap();
+                // Final text only grows, is never an incomplete character, and is always a
+                // prefix of the whole decode.
+                assert_eq!(s.text().len(), last + added);
+                last = s.text().len();
+                assert!(!s.text().contains('\u{FFFD}') || want.contains('\u{FFFD}'));
+                assert!(want.starts_with(s.text()), "{:?} vs {want:?}", s.text());
+            }
+            assert_eq!(s.finish(&tok).unwrap(), want, "streamed {key} of {ids:?}");
+        }
+    }
+    // Byte tokens of a multi-byte character: nothing is final until the character is complete.
+    let ids = tok.encode("日本語 😀 ok", false).unwrap();
+    let mut s = bitnet_formats::tokenizer::DecodeStream::new(true);
+    for &id in &ids {
+        s.push(&tok, id).unwrap();
+        assert!(!s.text().contains('\u{FFFD}'), "{:?}", s.text());
+    }
+    assert_eq!(s.text(), "日本語 😀 ok");
+}

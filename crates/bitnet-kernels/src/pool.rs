@@ -1,6 +1,11 @@
 //! A persistent thread pool for per-token work: workers stay alive between matrix products and
 //! wait by spinning briefly, then sleeping, so handing out a product costs microseconds rather
 //! than a thread spawn (fork/join per matmul would cost more than the matmul).
+//!
+//! A job is cut into shares that threads claim from a shared counter, so no share waits for a
+//! particular thread: when a worker is descheduled (more runnable threads than cores, as with
+//! several servers or an HTTP runtime on the same machine), the threads that are running take
+//! its shares instead of spinning until it comes back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -9,17 +14,21 @@ use std::thread::JoinHandle;
 type Job = dyn Fn(usize, usize) + Sync;
 
 struct Shared {
-    epoch: AtomicU64,
-    pending: AtomicUsize,
+    /// The job being handed out: generation (high 32 bits), share count (next 16) and the next
+    /// unclaimed share (low 16). One word, so a claim names its generation and share at once and
+    /// a late worker can never claim a share of a job that has been replaced.
+    ticket: AtomicU64,
+    /// Shares of the current generation finished.
+    done: AtomicUsize,
     shutdown: AtomicBool,
-    /// The current job, lifetime-erased; valid while `pending > 0` (see `run`).
+    /// The current job, lifetime-erased; valid while a share of it is unfinished (see `run`).
     job: Mutex<Option<*const Job>>,
     sleep: Mutex<()>,
     wake: Condvar,
 }
 
 // SAFETY: the raw job pointer is only dereferenced between `run` publishing it and `run`
-// observing `pending == 0`, during which the pointee (borrowed by `run`) is alive; the pointee
+// observing every share done, during which the pointee (borrowed by `run`) is alive; the pointee
 // is `Sync`, so calling it from several threads is allowed.
 #[allow(unsafe_code)]
 unsafe impl Send for Shared {}
@@ -50,14 +59,27 @@ const SPIN_TIME: std::time::Duration = std::time::Duration::from_millis(5);
 const SPIN_CHECK: u32 = 64;
 /// How long `run` spins for its workers before yielding the CPU between checks.
 const WAIT_SPINS: u32 = 20_000;
+/// The most shares one job may be cut into (the width of the share fields of `ticket`).
+pub const MAX_SHARES: usize = 1 << 15;
+
+const SHARE_BITS: u32 = 16;
+const GEN_SHIFT: u32 = 32;
+
+fn ticket_parts(t: u64) -> (u64, usize, usize) {
+    (
+        t >> GEN_SHIFT,
+        ((t >> SHARE_BITS) & 0xffff) as usize,
+        (t & 0xffff) as usize,
+    )
+}
 
 impl ThreadPool {
     /// A pool running jobs on `threads` threads in all (the caller plus `threads - 1` workers).
     pub fn new(threads: usize) -> Self {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
+            ticket: AtomicU64::new(0),
+            done: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             job: Mutex::new(None),
             sleep: Mutex::new(()),
@@ -68,7 +90,7 @@ impl ThreadPool {
                 let s = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("bitnet-{idx}"))
-                    .spawn(move || worker(&s, idx, threads))
+                    .spawn(move || worker(&s))
                     .expect("spawn worker thread")
             })
             .collect();
@@ -84,29 +106,48 @@ impl ThreadPool {
         self.threads
     }
 
-    /// Run `f(thread_index, thread_count)` on every thread of the pool and wait for all.
+    /// Run `f(i, n)` for every share `i` of `n = threads()` and wait for all: each thread of
+    /// the pool usually takes one, but a thread that is not running leaves its share to the
+    /// others.
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-        if self.threads == 1 {
-            f(0, 1);
+        self.run_shares(self.threads, f);
+    }
+
+    /// Run `f(i, shares)` for `i` in `0..shares` on the pool's threads, each share exactly once,
+    /// and wait for all. More shares than threads balance uneven progress between threads.
+    pub fn run_shares(&self, shares: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+        assert!(
+            shares <= MAX_SHARES,
+            "{shares} shares: at most {MAX_SHARES}"
+        );
+        if self.threads == 1 || shares <= 1 {
+            for i in 0..shares {
+                f(i, shares);
+            }
             return;
         }
         let _one_at_a_time = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = &self.shared;
         #[allow(unsafe_code)]
         // SAFETY: erasing the lifetime is sound because this function does not return until
-        // every worker has finished with the job (`pending == 0` below) and then clears it.
+        // every share has been run (`done == shares` below) and then clears the job.
         let erased: *const Job =
             unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), &'static Job>(f) };
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(erased);
-        s.pending.store(self.threads - 1, Ordering::Release);
+        s.done.store(0, Ordering::Release);
+        let generation = (s.ticket.load(Ordering::Acquire) >> GEN_SHIFT).wrapping_add(1);
         {
             let _g = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
-            s.epoch.fetch_add(1, Ordering::AcqRel);
+            // Publishing the ticket (release) makes the job and `done` visible to any claim.
+            s.ticket.store(
+                (generation << GEN_SHIFT) | ((shares as u64) << SHARE_BITS),
+                Ordering::Release,
+            );
             s.wake.notify_all();
         }
-        f(0, self.threads);
+        take_shares(s);
         let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
+        while s.done.load(Ordering::Acquire) != shares {
             spins += 1;
             if spins < WAIT_SPINS {
                 std::hint::spin_loop();
@@ -118,12 +159,34 @@ impl ThreadPool {
     }
 }
 
-fn worker(s: &Shared, idx: usize, threads: usize) {
+/// Claim and run shares of the current job until none is left.
+fn take_shares(s: &Shared) {
+    loop {
+        let (_, shares, i) = ticket_parts(s.ticket.fetch_add(1, Ordering::AcqRel));
+        if i >= shares {
+            return;
+        }
+        // The claim is valid, so the job it belongs to cannot finish before this share does:
+        // the pointer read now is that job's.
+        let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(job) = job {
+            #[allow(unsafe_code)]
+            // SAFETY: `run_shares` keeps the job alive until every share is done, which happens
+            // only after this call returns.
+            let f = unsafe { &*job };
+            f(i, shares);
+        }
+        s.done.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+fn worker(s: &Shared) {
     let mut seen = 0u64;
     loop {
         let mut spins = 0u32;
         let idle_since = std::time::Instant::now();
-        while s.epoch.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
+        let generation = || s.ticket.load(Ordering::Acquire) >> GEN_SHIFT;
+        while generation() == seen && !s.shutdown.load(Ordering::Acquire) {
             spins = spins.wrapping_add(1);
             if !spins.is_multiple_of(SPIN_CHECK) || idle_since.elapsed() < SPIN_TIME {
                 std::hint::spin_loop();
@@ -132,8 +195,7 @@ fn worker(s: &Shared, idx: usize, threads: usize) {
                 let _g = s
                     .wake
                     .wait_while(g, |_| {
-                        s.epoch.load(Ordering::Acquire) == seen
-                            && !s.shutdown.load(Ordering::Acquire)
+                        generation() == seen && !s.shutdown.load(Ordering::Acquire)
                     })
                     .unwrap_or_else(|e| e.into_inner());
                 break;
@@ -142,16 +204,8 @@ fn worker(s: &Shared, idx: usize, threads: usize) {
         if s.shutdown.load(Ordering::Acquire) {
             return;
         }
-        seen = s.epoch.load(Ordering::Acquire);
-        let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(job) = job {
-            #[allow(unsafe_code)]
-            // SAFETY: `run` keeps the job alive until `pending` reaches zero, which happens only
-            // after this call returns.
-            let f = unsafe { &*job };
-            f(idx, threads);
-        }
-        s.pending.fetch_sub(1, Ordering::AcqRel);
+        seen = generation();
+        take_shares(s);
     }
 }
 
@@ -279,7 +333,10 @@ impl<T: Copy> ColumnWriter<'_, T> {
     }
 }
 
-/// Split columns `0..cols` of `out` (`[n, stride]`) into per-thread ranges aligned to `align`,
+/// Shares per thread that [`par_columns`] cuts a product into.
+const SHARES_PER_THREAD: usize = 4;
+
+/// Split columns `0..cols` of `out` (`[n, stride]`) into disjoint ranges aligned to `align`,
 /// and run `f(columns, writer)` for each on the pool.
 pub fn par_columns<T: Copy + Send>(
     pool: &ThreadPool,
@@ -290,14 +347,17 @@ pub fn par_columns<T: Copy + Send>(
     f: &(dyn Fn(std::ops::Range<usize>, &ColumnWriter<'_, T>) + Sync),
 ) {
     let units = cols.div_ceil(align.max(1));
-    let threads = pool.threads().min(units).max(1);
+    // A few shares per thread, claimed as threads come free: a thread that is held up (another
+    // process, the HTTP runtime) costs the product its shares, not a whole thread's part.
+    let shares = if pool.threads() > 1 {
+        (pool.threads() * SHARES_PER_THREAD).min(units).max(1)
+    } else {
+        1
+    };
     let ptr = SendPtr(out.as_mut_ptr());
     let len = out.len();
-    pool.run(&|i, _| {
-        if i >= threads {
-            return;
-        }
-        let u = share(units, i, threads);
+    pool.run_shares(shares, &|i, _| {
+        let u = share(units, i, shares);
         let c = (u.start * align).min(cols)..(u.end * align).min(cols);
         if c.is_empty() {
             return;
@@ -346,6 +406,37 @@ mod tests {
             assert_eq!(hits.load(Ordering::Relaxed), 3, "round {round}");
             assert_eq!(mask.load(Ordering::Relaxed), 0b111);
         }
+    }
+
+    #[test]
+    fn every_share_runs_once_whatever_the_count() {
+        let pool = ThreadPool::new(3);
+        for shares in [0, 1, 2, 3, 7, 64, 1000] {
+            for _ in 0..200 {
+                let hits: Vec<AtomicUsize> = (0..shares).map(|_| AtomicUsize::new(0)).collect();
+                pool.run_shares(shares, &|i, n| {
+                    assert_eq!(n, shares);
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_stalled_thread_does_not_hold_up_the_others() {
+        // One share sleeps; the other shares must still all run, on whichever threads are free.
+        let pool = ThreadPool::new(2);
+        let hits = AtomicUsize::new(0);
+        let t = std::time::Instant::now();
+        pool.run_shares(8, &|i, _| {
+            if i == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 8);
+        assert!(t.elapsed() >= std::time::Duration::from_millis(200));
     }
 
     #[test]

@@ -315,11 +315,13 @@ impl TernaryLinear {
     }
 
     #[inline]
-    fn scale_out(&self, dot: i32, r: usize, xs: f32) -> f32 {
-        let s = self.row_scales[r];
+    /// Float outputs of rows `r0..` of one token from their dots (`xs` the token's scale).
+    fn scale_run(&self, dots: &[i32], r0: usize, xs: f32, out: &mut [f32]) {
+        let scales = &self.row_scales[r0..r0 + dots.len()];
+        let it = out.iter_mut().zip(dots).zip(scales);
         match self.convention {
-            ScaleConvention::Divide => dot as f32 / (s * xs),
-            ScaleConvention::Multiply => dot as f32 / xs * s,
+            ScaleConvention::Divide => it.for_each(|((o, &d), &s)| *o = d as f32 / (s * xs)),
+            ScaleConvention::Multiply => it.for_each(|((o, &d), &s)| *o = d as f32 / xs * s),
         }
     }
 
@@ -362,7 +364,7 @@ impl TernaryLinear {
             batch,
             &mut out[..batch.n * rows],
             rows,
-            &|t, r, dot| self.scale_out(dot, r, xs[t]),
+            &|t, r0, dots, out| self.scale_run(dots, r0, xs[t], out),
         );
     }
 

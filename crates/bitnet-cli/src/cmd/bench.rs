@@ -39,6 +39,16 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub threads: Vec<usize>,
+    /// Sequences decoded together in the generation test, comma-separated (as a server's
+    /// continuous batching runs them): `tg128x16` is 16 sequences of 128 tokens, one batched
+    /// forward pass per step, and its tok/s counts every sequence's tokens.
+    #[arg(
+        short = 'b',
+        long = "batch",
+        default_value = "1",
+        value_delimiter = ','
+    )]
+    pub batch: Vec<usize>,
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub reps: usize,
@@ -80,8 +90,8 @@ struct Row {
     bandwidth_fraction: Option<f64>,
 }
 
-/// A timed test: tokens per second for `n` tokens.
-type SpeedTest = fn(&Model, usize) -> Result<f64>;
+/// A timed test: tokens per second for `n` tokens (per sequence).
+type SpeedTest = Box<dyn Fn(&Model, usize) -> Result<f64>>;
 
 fn prefill(m: &Model, n: usize) -> Result<f64> {
     let steps: Vec<Step> = (0..n)
@@ -97,27 +107,36 @@ fn prefill(m: &Model, n: usize) -> Result<f64> {
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
-fn generate(m: &Model, n: usize) -> Result<f64> {
-    let mut cache = m.new_cache();
-    let mut token = 1u32;
+/// `batch` sequences generating `n` tokens each in lockstep (greedy), one forward pass per
+/// step for all of them; tokens per second over all sequences.
+fn generate(m: &Model, n: usize, batch: usize) -> Result<f64> {
+    let mut caches: Vec<_> = (0..batch).map(|_| m.new_cache()).collect();
+    let mut tokens: Vec<u32> = (0..batch).map(|s| 1 + s as u32).collect();
     let t0 = Instant::now();
     for _ in 0..n {
-        let logits = m.forward(
-            &[Step {
-                seq: 0,
+        let steps: Vec<Step> = tokens
+            .iter()
+            .enumerate()
+            .map(|(seq, &token)| Step {
+                seq,
                 token,
                 logits: true,
-            }],
-            std::slice::from_mut(&mut cache),
-        )?;
-        token = bitnet_model::sampling::argmax(&logits[0]) as u32;
+            })
+            .collect();
+        let logits = m.forward(&steps, &mut caches)?;
+        for (t, l) in tokens.iter_mut().zip(&logits) {
+            *t = bitnet_model::sampling::argmax(l) as u32;
+        }
     }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+    Ok((n * batch) as f64 / t0.elapsed().as_secs_f64())
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.threads.is_empty() || args.reps == 0 {
-        bail!("need at least one thread count and one repetition");
+    if args.threads.is_empty() || args.reps == 0 || args.batch.is_empty() {
+        bail!("need at least one thread count, one batch size and one repetition");
+    }
+    if args.batch.contains(&0) {
+        bail!("--batch sizes must be at least 1");
     }
     // Bandwidth first, before the model occupies memory (its 1 GiB buffer would otherwise
     // count in the model's peak RSS).
@@ -179,22 +198,36 @@ pub fn run(args: Args) -> Result<()> {
     let mut rows = Vec::new();
     for (&t, &bw) in args.threads.iter().zip(&bandwidths) {
         set_threads(Some(t))?;
-        let mut tests: Vec<(String, usize, SpeedTest)> = Vec::new();
+        // (name, tokens per sequence, sequences, test)
+        let mut tests: Vec<(String, usize, usize, SpeedTest)> = Vec::new();
         if args.prompt > 0 {
-            tests.push((format!("pp{}", args.prompt), args.prompt, prefill));
+            tests.push((
+                format!("pp{}", args.prompt),
+                args.prompt,
+                1,
+                Box::new(prefill),
+            ));
         }
         if args.n_gen > 0 {
-            tests.push((format!("tg{}", args.n_gen), args.n_gen, generate));
+            for &b in &args.batch {
+                let name = if b == 1 {
+                    format!("tg{}", args.n_gen)
+                } else {
+                    format!("tg{}x{b}", args.n_gen)
+                };
+                tests.push((name, args.n_gen, b, Box::new(move |m, n| generate(m, n, b))));
+            }
         }
-        for (test, n, f) in tests {
+        for (test, n, batch, f) in tests {
             f(&model, n.min(16))?; // warm up: page in the weights, spin up the pool
             let samples = (0..args.reps)
                 .map(|_| f(&model, n))
                 .collect::<Result<Vec<f64>>>()?;
             let stat = Stat::of(samples);
+            // A batched step reads the weights once for all of its sequences.
             let frac = test
                 .starts_with("tg")
-                .then(|| bytes_per_token * stat.median / bw);
+                .then(|| bytes_per_token * stat.median / batch as f64 / bw);
             if !args.json {
                 eprintln!(
                     "{test:>6} t={t}: {:8.2} tok/s (min {:.2}, max {:.2}){}",

@@ -288,11 +288,14 @@ pub fn gemm_par(
     out: &mut [i32],
     out_stride: usize,
 ) {
-    gemm_par_map(pool, tier, w, x, out, out_stride, &|_, _, d| d);
+    gemm_par_map(pool, tier, w, x, out, out_stride, &|_, _, d, o| {
+        o.copy_from_slice(d)
+    });
 }
 
-/// [`gemm_par`] that hands each dot product to `map(token, row, dot)` inside the threads and
-/// writes what it returns: the float scaling of a layer runs in parallel with no i32 buffer.
+/// [`gemm_par`] that hands the dot products to `map(token, first_row, dots, out)` inside the
+/// threads, a run of consecutive rows of one token at a time, and writes what it leaves in
+/// `out` (as long as `dots`): the float scaling of a layer runs in parallel, over whole runs.
 pub fn gemm_par_map<T: Copy + Send + Default>(
     pool: &crate::pool::ThreadPool,
     tier: Tier,
@@ -300,7 +303,7 @@ pub fn gemm_par_map<T: Copy + Send + Default>(
     x: &QuantizedBatch,
     out: &mut [T],
     out_stride: usize,
-    map: &(dyn Fn(usize, usize, i32) -> T + Sync),
+    map: &(dyn Fn(usize, usize, &[i32], &mut [T]) + Sync),
 ) {
     assert!(
         out_stride >= w.rows && out.len() >= x.n * out_stride,
@@ -311,12 +314,19 @@ pub fn gemm_par_map<T: Copy + Send + Default>(
     let align = if acts.is_some() { 32 } else { ROWS };
     crate::pool::par_columns(pool, out, out_stride, w.rows, align, &|cols, writer| {
         let groups = cols.start / ROWS..cols.end.div_ceil(ROWS);
-        let mut buf: Vec<T> = Vec::new();
+        // This share's dots for every token, gathered first so the map and the writes run
+        // over whole rows of the share rather than a few values per call.
+        let width = cols.len();
+        let mut dots = vec![0i32; x.n * width];
         gemm_into(tier, w, x, acts.as_ref(), groups, &mut |t, r, v| {
-            buf.clear();
-            buf.extend(v.iter().enumerate().map(|(i, &d)| map(t, r + i, d)));
-            writer.set_run(t, r, &buf)
+            let at = t * width + (r - cols.start);
+            dots[at..at + v.len()].copy_from_slice(v);
         });
+        let mut vals = vec![T::default(); width];
+        for (t, d) in dots.chunks_exact(width).enumerate() {
+            map(t, cols.start, d, &mut vals);
+            writer.set_run(t, cols.start, &vals);
+        }
     });
 }
 
@@ -479,8 +489,10 @@ mod tests {
                     "{tier} on 2 threads, {rows}x{cols} with {n} tokens"
                 );
                 let mut mapped = vec![0i64; n * rows];
-                gemm_par_map(&pool, tier, &w, &x, &mut mapped, rows, &|t, r, d| {
-                    i64::from(d) * 1000 + (t * rows + r) as i64
+                gemm_par_map(&pool, tier, &w, &x, &mut mapped, rows, &|t, r0, d, o| {
+                    for (i, (o, &d)) in o.iter_mut().zip(d).enumerate() {
+                        *o = i64::from(d) * 1000 + (t * rows + r0 + i) as i64;
+                    }
                 });
                 let want_mapped: Vec<i64> = want
                     .iter()
