@@ -44,6 +44,10 @@ pub struct Server {
     /// Redis URL for shared rate limits and queues when running several servers (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<String>,
+    /// OpenTelemetry collector (OTLP over HTTP, e.g. `http://127.0.0.1:4318`) that `bitnet
+    /// serve` exports request traces to (optional).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `~/.local/share/bitnet` (or `$XDG_DATA_HOME/bitnet`).
@@ -76,6 +80,7 @@ impl Default for Server {
             addr: "127.0.0.1:8080".into(),
             database: format!("sqlite://{}", data_dir().join("bitnet.db").display()),
             redis: None,
+            otlp_endpoint: None,
         }
     }
 }

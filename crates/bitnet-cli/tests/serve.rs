@@ -601,3 +601,177 @@ fn schemathesis_finds_no_server_errors() {
         "{metrics}"
     );
 }
+
+/// A minimal OTLP/HTTP collector on a loopback port: answers every POST with 200 and keeps the
+/// bodies (protobuf `ExportTraceServiceRequest`s) with their paths and content types.
+/// What the collector received: (path, content type, body) per export.
+type Exports = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+fn otlp_receiver() -> (String, Exports) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut head = Vec::new();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.trim_end().to_string());
+                    }
+                    let header = |name: &str| {
+                        head.iter()
+                            .find_map(|h| {
+                                let (k, v) = h.split_once(':')?;
+                                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                            })
+                            .unwrap_or_default()
+                    };
+                    let len: usize = header("content-length").parse().unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let path = head[0].split(' ').nth(1).unwrap_or("").to_string();
+                    sink.lock()
+                        .unwrap()
+                        .push((path, header("content-type"), body));
+                    let out = r.get_mut();
+                    let _ = out.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n",
+                    );
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[test]
+fn request_traces_reach_an_otlp_collector_and_join_the_callers_trace() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message;
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let (collector, got) = otlp_receiver();
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let mut server = Server::start(&model, &db, &["--otlp-endpoint", &collector]);
+    // The caller's trace: W3C trace context, as an instrumented client sends it.
+    let (trace_id, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let body =
+        r#"{"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}"#;
+    let (status, head, _) = server.http(
+        "POST",
+        "/v1/chat/completions",
+        Some(&server.key),
+        body.as_bytes(),
+        &format!("Content-Type: application/json\r\ntraceparent: 00-{trace_id}-{parent}-01\r\n"),
+    );
+    assert_eq!(status, 200);
+    let request_id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("x-request-id in the response")
+        .trim()
+        .to_string();
+    let (status, _, _) = server.http("GET", "/v1/models", None, b"", "");
+    assert_eq!(status, 401);
+    // Spans are exported in batches; stopping the server flushes the last one.
+    server.signal("TERM");
+    let t = Instant::now();
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = got.lock().unwrap();
+    assert!(!got.is_empty(), "no export reached the collector");
+    let mut spans = Vec::new();
+    for (path, ctype, body) in got.iter() {
+        assert_eq!(path, "/v1/traces");
+        assert_eq!(ctype, "application/x-protobuf");
+        let req = ExportTraceServiceRequest::decode(body.as_slice()).expect("a valid OTLP body");
+        for rs in req.resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.clone()?.value);
+            assert_eq!(service, Some(Value::StringValue("bitnet".into())));
+            spans.extend(rs.scope_spans.into_iter().flat_map(|s| s.spans));
+        }
+    }
+    let attr = |s: &opentelemetry_proto::tonic::trace::v1::Span, k: &str| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == k)
+            .and_then(|a| a.value.clone()?.value)
+    };
+    let chat = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/chat/completions")
+        .unwrap_or_else(|| {
+            panic!(
+                "no chat span among {:?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(
+        hex(&chat.trace_id),
+        trace_id,
+        "the span joined the caller's trace"
+    );
+    assert_eq!(hex(&chat.parent_span_id), parent);
+    assert_eq!(
+        attr(chat, "request_id"),
+        Some(Value::StringValue(request_id))
+    );
+    assert_eq!(
+        attr(chat, "http.response.status_code"),
+        Some(Value::IntValue(200))
+    );
+    assert!(chat.end_time_unix_nano > chat.start_time_unix_nano);
+    // Inside it, the generation with its token counts.
+    let generation = spans
+        .iter()
+        .find(|s| s.name == "generate smol")
+        .expect("the generation span");
+    assert_eq!(generation.trace_id, chat.trace_id);
+    assert_eq!(generation.parent_span_id, chat.span_id);
+    assert_eq!(
+        attr(generation, "completion_tokens"),
+        Some(Value::IntValue(3))
+    );
+    assert_eq!(attr(generation, "status"), Some(Value::IntValue(200)));
+    assert!(matches!(attr(generation, "prompt_tokens"), Some(Value::IntValue(n)) if n > 0));
+    // A request without trace context starts its own trace.
+    let models = spans
+        .iter()
+        .find(|s| s.name == "GET /v1/models")
+        .expect("the /v1/models span");
+    assert_ne!(hex(&models.trace_id), trace_id);
+    assert!(models.parent_span_id.is_empty());
+    assert_eq!(
+        attr(models, "http.response.status_code"),
+        Some(Value::IntValue(401))
+    );
+}

@@ -17,6 +17,7 @@
 //! assert_eq!(out, [3 - 5, 5]);
 //! ```
 
+pub mod attention;
 pub mod bandwidth;
 pub mod buffer;
 pub mod cpu;

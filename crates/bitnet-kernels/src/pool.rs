@@ -373,8 +373,45 @@ pub fn par_columns<T: Copy + Send>(
     });
 }
 
-#[derive(Clone, Copy)]
+/// Run `f(index, chunk)` for every `chunk_len`-long chunk of `out` (the last may be shorter) on
+/// the pool's threads. The chunks are disjoint, so each call gets its own mutably.
+pub fn par_chunks_mut<T: Send>(
+    pool: &ThreadPool,
+    out: &mut [T],
+    chunk_len: usize,
+    f: &(dyn Fn(usize, &mut [T]) + Sync),
+) {
+    assert!(chunk_len > 0, "chunks of length 0");
+    let chunks = out.len().div_ceil(chunk_len);
+    let shares = if pool.threads() > 1 {
+        chunks.min(pool.threads() * 4 * SHARES_PER_THREAD)
+    } else {
+        chunks.min(1)
+    };
+    let ptr = SendPtr(out.as_mut_ptr());
+    let len = out.len();
+    pool.run_shares(shares, &|i, n| {
+        for c in share(chunks, i, n) {
+            let start = c * chunk_len;
+            let end = (start + chunk_len).min(len);
+            #[allow(unsafe_code)]
+            // SAFETY: `start..end` lies inside `out`, which this function borrows mutably for
+            // its whole run; chunk `c` belongs to share `i` alone and every share runs exactly
+            // once, so no two calls see overlapping elements.
+            let chunk =
+                unsafe { std::slice::from_raw_parts_mut(ptr.get().add(start), end - start) };
+            f(c, chunk);
+        }
+    });
+}
+
 struct SendPtr<T>(*mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
 impl<T> SendPtr<T> {
     fn get(self) -> *mut T {
         self.0
@@ -437,6 +474,26 @@ mod tests {
         });
         assert_eq!(hits.load(Ordering::Relaxed), 8);
         assert!(t.elapsed() >= std::time::Duration::from_millis(200));
+    }
+
+    #[test]
+    fn chunks_are_handed_out_once_each() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (len, chunk) in [(0, 3), (1, 1), (10, 3), (1000, 7), (64, 64)] {
+                let mut out = vec![0usize; len];
+                par_chunks_mut(&pool, &mut out, chunk, &|c, s| {
+                    assert!(s.len() == chunk || (c + 1) * chunk >= len);
+                    for (j, v) in s.iter_mut().enumerate() {
+                        *v += c * chunk + j + 1;
+                    }
+                });
+                assert!(
+                    out.iter().enumerate().all(|(i, &v)| v == i + 1),
+                    "{threads} {len} {chunk}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
 use crate::model::{Model, Step};
 use crate::sampling::{Sampler, SamplingParams};
-use bitnet_formats::tokenizer::TextTokenizer;
+use bitnet_formats::tokenizer::{DecodeStream, TextTokenizer};
 use std::time::Instant;
 
 /// What to generate and when to stop.
@@ -109,7 +109,8 @@ pub fn generate(
     let prompt_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
-    let (mut text, mut shown) = (String::new(), 0usize);
+    let (mut stream, mut shown) = (DecodeStream::new(true), 0usize);
+    let mut cut = None;
     let mut finish = FinishReason::Length;
     while tokens.len() < opts.max_new_tokens {
         let choice = sampler.sample(&logits, &history);
@@ -121,20 +122,21 @@ pub fn generate(
         logprobs.push(choice.logprob);
         history.push(choice.token);
         if let Some(tok) = tokenizer {
-            text = tok.decode(&tokens, true)?;
+            // Only final text is in the stream (an incomplete UTF-8 sequence waits).
+            stream.push(tok, choice.token)?;
+            let text = stream.text();
             if let Some(at) = opts
                 .stop_strings
                 .iter()
                 .filter_map(|s| text.find(s.as_str()))
                 .min()
             {
-                text.truncate(at);
+                cut = Some(at);
                 finish = FinishReason::Stop;
                 break;
             }
-            // Hold back an incomplete UTF-8 sequence and anything that may begin a stop string.
-            let stable = text.trim_end_matches('\u{FFFD}');
-            let upto = stable.len() - held_back(stable, &opts.stop_strings);
+            // Hold back anything that may begin a stop string.
+            let upto = text.len() - held_back(text, &opts.stop_strings);
             if upto > shown && text.is_char_boundary(upto) {
                 on_text(&text[shown..upto]);
                 shown = upto;
@@ -157,6 +159,11 @@ pub fn generate(
             .pop()
             .expect("one step");
     }
+    let text = match (tokenizer, cut) {
+        (Some(_), Some(at)) => stream.text()[..at].to_string(),
+        (Some(tok), None) => stream.finish(tok)?.to_string(),
+        (None, _) => String::new(),
+    };
     if shown < text.len() {
         on_text(&text[shown..]);
     }

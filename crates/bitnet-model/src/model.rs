@@ -3,10 +3,16 @@
 
 use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
-use crate::linear::{DenseMatrix, Linear, TernaryLinear, dot_f32};
-use crate::ops::{Rope, gated_activation, rms_norm_rows, softmax};
+use crate::linear::{DenseMatrix, Linear, TernaryLinear};
+use crate::ops::{Rope, gated_activation, rms_norm_rows};
 use crate::spec::{Family, ModelSpec};
+use bitnet_kernels::attention::{self, KvHead};
 use bitnet_kernels::pool;
+
+thread_local! {
+    /// Attention scores scratch, one per thread of the pool.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// One decoder layer's weights.
 #[derive(Debug, Clone)]
@@ -336,13 +342,7 @@ impl Model {
         let group = s.n_heads / s.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut qkv = Vec::new();
-        // Attention is split between the threads by heads when there are several tokens; one
-        // token's (decode) stays on this thread.
-        let attn_pool = if n > 1 {
-            pool::current()
-        } else {
-            std::sync::Arc::new(pool::ThreadPool::new(1))
-        };
+        let attn_pool = pool::current();
         for (li, layer) in self.layers.iter().enumerate() {
             buf.copy_from_slice(&x);
             rms_norm_rows(&mut buf, &layer.attn_norm, s.rms_eps);
@@ -372,32 +372,24 @@ impl Model {
                     &v[t * kvd..(t + 1) * kvd],
                 );
             }
-            // Attention, split between the threads by heads (columns of `attn`).
+            // Attention: one unit per (token, KV head), the query heads sharing that KV head
+            // together, spread over the threads.
             let kv: Vec<(&[f32], &[f32])> =
                 steps.iter().map(|st| caches[st.seq].layer(li)).collect();
-            pool::par_columns(&attn_pool, &mut attn, qd, qd, hd, &|cols, wr| {
-                let mut scores = Vec::new();
-                let mut out = vec![0.0f32; hd];
-                for (t, &(kc, vc)) in kv.iter().enumerate() {
-                    let len = pos[t] + 1;
-                    for head in cols.start / hd..cols.end / hd {
-                        let kvh = head / group;
-                        let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                        scores.clear();
-                        scores.extend((0..len).map(|p| {
-                            dot_f32(qh, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale
-                        }));
-                        softmax(&mut scores);
-                        out.fill(0.0);
-                        for (p, &w) in scores.iter().enumerate() {
-                            let vr = &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                            for (o, &vv) in out.iter_mut().zip(vr) {
-                                *o += w * vv;
-                            }
-                        }
-                        wr.set_run(t, head * hd, &out);
-                    }
-                }
+            pool::par_chunks_mut(&attn_pool, &mut attn, group * hd, &|u, out| {
+                let (t, kvh) = (u / s.n_kv_heads, u % s.n_kv_heads);
+                let (keys, values) = kv[t];
+                let head = KvHead {
+                    keys,
+                    values,
+                    stride: kvd,
+                    offset: kvh * hd,
+                    len: pos[t] + 1,
+                };
+                let q0 = t * qd + kvh * group * hd;
+                SCORES.with_borrow_mut(|scores| {
+                    attention::attend(&q[q0..q0 + group * hd], head, hd, scale, scores, out)
+                });
             });
             if let Some(w) = &layer.attn_sub_norm {
                 rms_norm_rows(&mut attn, w, s.rms_eps);

@@ -112,6 +112,9 @@ impl Rng {
 pub struct Sampler {
     pub params: SamplingParams,
     rng: Rng,
+    /// Probabilities of the current draw, kept between draws to spare a vocabulary-sized
+    /// allocation per token.
+    probs: Vec<f64>,
 }
 
 /// The chosen token and its log-probability under the (unwarped) distribution.
@@ -162,7 +165,11 @@ fn sorted_desc(l: &[f32]) -> Vec<usize> {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = Rng::new(params.seed);
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            probs: Vec::new(),
+        }
     }
 
     /// Apply the penalties for the tokens seen so far (`history`), in place.
@@ -190,30 +197,49 @@ impl Sampler {
         }
     }
 
-    /// Pick the next token from `logits` given the sequence so far.
+    /// Pick the next token from `logits` given the sequence so far, with its log-probability.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Choice {
+        let l = self.penalized(logits, history);
+        let token = self.pick(&l);
+        Choice {
+            token: token as u32,
+            logprob: log_prob(&l, token),
+        }
+    }
+
+    /// [`sample`](Self::sample)'s token alone (the same draw, the same RNG stream), without the
+    /// pass over the vocabulary that the log-probability costs.
+    pub fn draw(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let l = self.penalized(logits, history);
+        self.pick(&l) as u32
+    }
+
+    fn penalized<'a>(&self, logits: &'a [f32], history: &[u32]) -> std::borrow::Cow<'a, [f32]> {
+        let p = &self.params;
+        if p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 {
+            return std::borrow::Cow::Borrowed(logits);
+        }
         let mut l = logits.to_vec();
         self.apply_penalties(&mut l, history);
-        let p = self.params.clone();
+        std::borrow::Cow::Owned(l)
+    }
+
+    fn pick(&mut self, l: &[f32]) -> usize {
+        let p = &self.params;
         if p.is_greedy() {
-            let t = argmax(&l);
-            return Choice {
-                token: t as u32,
-                logprob: log_prob(&l, t),
-            };
+            return argmax(l);
         }
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // Nothing is cut: draw from the whole distribution in vocabulary order, as
             // `torch.multinomial` does, with no sort of the vocabulary.
             let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) / p.temperature;
-            let probs: Vec<f64> = l
-                .iter()
-                .map(|&v| f64::from(v / p.temperature - max).exp())
-                .collect();
+            let mut probs = std::mem::take(&mut self.probs);
+            probs.clear();
+            probs.extend(l.iter().map(|&v| f64::from(v / p.temperature - max).exp()));
             let total: f64 = probs.iter().sum();
             let mut u = self.rng.next_f64() * total;
             // Rounding can leave `u` past the last weight: then the most likely token.
-            let mut pick = argmax(&l);
+            let mut pick = argmax(l);
             for (i, &pr) in probs.iter().enumerate() {
                 if u < pr {
                     pick = i;
@@ -221,13 +247,12 @@ impl Sampler {
                 }
                 u -= pr;
             }
-            return Choice {
-                token: pick as u32,
-                logprob: log_prob(&l, pick),
-            };
+            self.probs = probs;
+            return pick;
         }
+        let p = p.clone();
         // Candidates sorted by logit, best first (stable: lower ids first on ties).
-        let mut idx = sorted_desc(&l);
+        let mut idx = sorted_desc(l);
         if p.top_k > 0 {
             idx.truncate(p.top_k);
         }
@@ -267,10 +292,7 @@ impl Sampler {
             }
             u -= pr;
         }
-        Choice {
-            token: pick as u32,
-            logprob: log_prob(&l, pick),
-        }
+        pick
     }
 }
 
@@ -355,6 +377,41 @@ mod tests {
             ..Default::default()
         });
         assert!((0..50).all(|_| topp.sample(&logits, &[]).token == 0));
+    }
+
+    #[test]
+    fn draw_is_samples_token() {
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 101) as f32 * 0.05)
+            .collect();
+        for params in [
+            SamplingParams::default(),
+            SamplingParams {
+                temperature: 0.8,
+                seed: 3,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.9,
+                top_k: 50,
+                seed: 4,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.2,
+                min_p: 0.05,
+                repetition_penalty: 1.3,
+                seed: 5,
+                ..Default::default()
+            },
+        ] {
+            let (mut a, mut b) = (Sampler::new(params.clone()), Sampler::new(params));
+            let history = [1, 2, 3, 3];
+            for _ in 0..100 {
+                assert_eq!(a.sample(&logits, &history).token, b.draw(&logits, &history));
+            }
+        }
     }
 
     #[test]

@@ -12,11 +12,12 @@
 //! of its own length). A request gives the same tokens alone or among fifteen others.
 
 use crate::metrics::{Metrics, ModelMetrics};
-use bitnet_formats::tokenizer::TextTokenizer;
+use bitnet_formats::tokenizer::{DecodeStream, TextTokenizer};
+use bitnet_kernels::pool;
 use bitnet_model::generate::held_back;
 use bitnet_model::kv::KvCache;
 use bitnet_model::model::{Model, Step};
-use bitnet_model::sampling::{Sampler, SamplingParams};
+use bitnet_model::sampling::{Choice, Sampler, SamplingParams};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -202,7 +203,10 @@ struct Seq {
     fed: usize,
     /// The token to feed next step (once the prompt is in).
     next: Option<u32>,
-    tokens: Vec<u32>,
+    /// The prompt and every token generated after it (what the penalties look at).
+    history: Vec<u32>,
+    /// The generated tokens' text, decoded incrementally.
+    text: DecodeStream,
     /// Tokens sampled but not yet sent with a text delta.
     unsent: Vec<TokenInfo>,
     /// Bytes of the decoded text already sent.
@@ -210,6 +214,16 @@ struct Seq {
     sampled: usize,
     last_token_at: Option<Instant>,
     done: bool,
+}
+
+/// One sequence's token draw of a step, run on the kernel threads.
+struct Draw<'a> {
+    seq: usize,
+    logprob: bool,
+    sampler: &'a mut Sampler,
+    history: &'a [u32],
+    logits: &'a [f32],
+    choice: Option<Choice>,
 }
 
 struct Scheduler {
@@ -275,12 +289,14 @@ impl Scheduler {
             return;
         }
         let sampler = Sampler::new(req.sampling.clone());
+        let history = req.prompt.clone();
         self.seqs.push(Seq {
             req,
             sampler,
             fed: 0,
             next: None,
-            tokens: Vec::new(),
+            history,
+            text: DecodeStream::new(true),
             unsent: Vec::new(),
             shown: 0,
             sampled: 0,
@@ -357,28 +373,56 @@ impl Scheduler {
                 return;
             }
         };
-        // Logits come back in step order: one per sequence that asked.
-        let mut logits = logits.into_iter();
+        // Logits come back in step order: one per sequence that asked (in sequence order).
         let askers: Vec<usize> = {
             let mut v: Vec<usize> = steps.iter().filter(|s| s.logits).map(|s| s.seq).collect();
             v.dedup();
             v
         };
-        for i in askers {
-            let Some(l) = logits.next() else { break };
+        // Every asking sequence draws its token at once, on the kernel threads: each has its
+        // own sampler, so the draws are independent (and a sequence's draw does not depend on
+        // the others in the batch).
+        let mut draws: Vec<Draw<'_>> = Vec::with_capacity(askers.len());
+        let mut next_asker = askers.iter().peekable();
+        for (i, s) in self.seqs.iter_mut().enumerate() {
+            if next_asker.next_if_eq(&&i).is_some() {
+                let l = &logits[draws.len()];
+                draws.push(Draw {
+                    seq: i,
+                    logprob: s.req.logprobs.is_some(),
+                    sampler: &mut s.sampler,
+                    history: &s.history,
+                    logits: l,
+                    choice: None,
+                });
+            }
+        }
+        pool::par_chunks_mut(&pool::current(), &mut draws, 1, &|_, d| {
+            let d = &mut d[0];
+            d.choice = Some(if d.logprob {
+                d.sampler.sample(d.logits, d.history)
+            } else {
+                Choice {
+                    token: d.sampler.draw(d.logits, d.history),
+                    logprob: f32::NAN,
+                }
+            });
+        });
+        let picked: Vec<(usize, Choice)> = draws
+            .into_iter()
+            .filter_map(|d| Some((d.seq, d.choice?)))
+            .collect();
+        for ((i, choice), l) in picked.into_iter().zip(&logits) {
             let full = self.caches[i].len() >= self.model.spec.context;
-            self.sample(i, &l, full);
+            self.sample(i, choice, l, full);
         }
         self.remove_done();
     }
 
-    fn sample(&mut self, i: usize, logits: &[f32], context_full: bool) {
+    /// Take sequence `i`'s drawn token: stop, or stream what text became final.
+    fn sample(&mut self, i: usize, choice: Choice, logits: &[f32], context_full: bool) {
         let (tok, metrics) = (&self.tokenizer, &self.metrics);
         let s = &mut self.seqs[i];
-        let mut history = Vec::with_capacity(s.req.prompt.len() + s.tokens.len());
-        history.extend_from_slice(&s.req.prompt);
-        history.extend_from_slice(&s.tokens);
-        let choice = s.sampler.sample(logits, &history);
         s.sampled += 1;
         metrics.generation_tokens.inc();
         let now = Instant::now();
@@ -394,7 +438,7 @@ impl Scheduler {
             Self::finish_seq(&mut self.seqs[i], Finish::Stop);
             return;
         }
-        s.tokens.push(choice.token);
+        s.history.push(choice.token);
         if let Some(k) = s.req.logprobs {
             let piece = |id: u32| tok.decode(&[id], false).unwrap_or_default();
             s.unsent.push(TokenInfo {
@@ -407,7 +451,14 @@ impl Scheduler {
                     .collect(),
             });
         }
-        let text = tok.decode(&s.tokens, true).unwrap_or_default();
+        if let Err(e) = s.text.push(tok, choice.token) {
+            let _ = s.req.events.send(Event::Failed(Failure::Internal(format!(
+                "detokenization failed: {e}"
+            ))));
+            s.done = true;
+            return;
+        }
+        let text = s.text.text();
         if let Some(at) = s
             .req
             .stop_strings
@@ -420,12 +471,10 @@ impl Scheduler {
             Self::finish_seq(s, Finish::Stop);
             return;
         }
-        let last = s.tokens.len() >= s.req.max_tokens || context_full;
+        let last = s.sampled >= s.req.max_tokens || context_full;
         if last {
-            let delta = text.get(s.shown..).unwrap_or_default().to_string();
-            s.shown = text.len();
-            Self::send_delta(s, delta);
-            Self::finish_seq(s, Finish::Length);
+            self.flush(i);
+            Self::finish_seq(&mut self.seqs[i], Finish::Length);
             return;
         }
         // Hold back an incomplete UTF-8 sequence and anything that may begin a stop string.
@@ -439,10 +488,10 @@ impl Scheduler {
         s.next = Some(choice.token);
     }
 
-    /// Send everything not sent yet: at a stop token all the decoded text is final.
+    /// Send everything not sent yet: at the end all the decoded text is final.
     fn flush(&mut self, i: usize) {
         let s = &mut self.seqs[i];
-        let text = self.tokenizer.decode(&s.tokens, true).unwrap_or_default();
+        let text = s.text.finish(&self.tokenizer).unwrap_or_default();
         let delta = text.get(s.shown..).unwrap_or_default().to_string();
         s.shown = text.len();
         Self::send_delta(s, delta);

@@ -13,6 +13,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod store;
+pub mod telemetry;
 pub mod usage;
 
 use crate::engine::{Engine, EngineConfig};
@@ -344,12 +345,40 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(RequestBodyTimeoutLayer::new(state.config.body_timeout))
-        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(
-            |req: &Request| {
-                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
-            },
-        ))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    // OpenTelemetry reads `otel.*` fields as the span's name, kind and status.
+                    let span = tracing::info_span!(
+                        "request",
+                        otel.name = %format_args!("{} {}", req.method(), req.uri().path()),
+                        otel.kind = "server",
+                        http.request.method = %req.method(),
+                        url.path = %req.uri().path(),
+                        method = %req.method(),
+                        uri = %req.uri(),
+                        request_id = %id,
+                        http.response.status_code = tracing::field::Empty,
+                        otel.status_code = tracing::field::Empty,
+                    );
+                    telemetry::join_caller_trace(&span, req.headers());
+                    span
+                })
+                .on_response(
+                    |res: &axum::response::Response, _: Duration, span: &tracing::Span| {
+                        let status = res.status();
+                        span.record("http.response.status_code", i64::from(status.as_u16()));
+                        if status.is_server_error() {
+                            span.record("otel.status_code", "ERROR");
+                        }
+                    },
+                ),
+        )
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)

@@ -4,6 +4,9 @@
 //! as tokens come back and sends its row when dropped — whether the request finished, failed,
 //! timed out or its client vanished mid-stream — so no path can skip the row or write it twice.
 //! A single writer task stores rows in batches and drains what is queued before shutdown.
+//!
+//! The ticket also carries the request's `generation` span (a child of the request span), so
+//! a trace shows the whole generation, streamed or not, with its token counts and outcome.
 
 use crate::store::{Principal, Store, UsageRow};
 use std::time::Instant;
@@ -29,9 +32,20 @@ impl UsageLog {
         model: &str,
         endpoint: &'static str,
     ) -> Ticket {
+        let span = tracing::info_span!(
+            "generation",
+            otel.name = %format_args!("generate {model}"),
+            model,
+            endpoint,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            status = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
         Ticket {
             log: self.tx.clone(),
             started: Instant::now(),
+            span,
             row: Some(UsageRow {
                 request_id: request_id.to_string(),
                 tenant_id: who.tenant_id.clone(),
@@ -70,6 +84,7 @@ async fn writer(store: Store, mut rx: UnboundedReceiver<UsageRow>) {
 pub struct Ticket {
     log: UnboundedSender<UsageRow>,
     started: Instant,
+    span: tracing::Span,
     row: Option<UsageRow>,
 }
 
@@ -97,6 +112,13 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some(mut r) = self.row.take() {
             r.latency_ms = self.started.elapsed().as_millis() as u64;
+            self.span.record("prompt_tokens", r.prompt_tokens as i64);
+            self.span
+                .record("completion_tokens", r.completion_tokens as i64);
+            self.span.record("status", i64::from(r.status));
+            if r.status >= 500 {
+                self.span.record("otel.status_code", "ERROR");
+            }
             let _ = self.log.send(r);
         }
     }

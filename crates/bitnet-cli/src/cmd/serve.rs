@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use bitnet_server::engine::EngineConfig;
 use bitnet_server::metrics::Metrics;
 use bitnet_server::store::{Role, Store};
+use bitnet_server::telemetry::{self, Tracing};
 use bitnet_server::usage::UsageLog;
 use bitnet_server::{AppState, ServedModel, ServerConfig};
 use std::path::PathBuf;
@@ -60,6 +61,12 @@ pub struct Args {
     /// Log as JSON lines (default: human-readable). RUST_LOG filters (default: info).
     #[arg(long)]
     pub log_json: bool,
+    /// Export request traces to this OpenTelemetry collector (OTLP over HTTP/protobuf, e.g.
+    /// http://127.0.0.1:4318). Default: `server.otlp_endpoint` from the config, else the
+    /// OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT variables; none means
+    /// no export.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `NAME=PATH` or `PATH` → (id, path). A bare name is looked up in `models.dir`.
@@ -89,17 +96,23 @@ async fn open_store(database: &str) -> Result<Store> {
         .with_context(|| format!("cannot open the database {database}"))
 }
 
-fn init_logs(json: bool) {
-    use tracing_subscriber::EnvFilter;
+/// Logs to stderr (filtered by RUST_LOG, default info), plus the OpenTelemetry layer when
+/// traces are exported (it sees every span, whatever the log filter).
+fn init_logs(json: bool, traces: Option<&Tracing>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        b.json().try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        b.try_init()
+        fmt.with_filter(filter).boxed()
     };
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(traces.map(Tracing::layer))
+        .try_init();
 }
 
 async fn shutdown_signal() {
@@ -124,8 +137,24 @@ async fn shutdown_signal() {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    init_logs(args.log_json);
     let cfg = Config::load_or_default(&config::path(args.config.as_deref()))?;
+    let traces = match telemetry::endpoint_from(
+        args.otlp_endpoint.as_deref(),
+        cfg.server.otlp_endpoint.as_deref(),
+    ) {
+        Some(e) => Some(Tracing::start(&e).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    init_logs(args.log_json, traces.as_ref());
+    let result = serve(args, cfg);
+    // Flush the spans still buffered, including the last requests'.
+    if let Some(t) = traces {
+        t.shutdown();
+    }
+    result
+}
+
+fn serve(args: Args, cfg: Config) -> Result<()> {
     let threads = args
         .threads
         .or((cfg.runtime.threads > 0).then_some(cfg.runtime.threads));

@@ -293,6 +293,9 @@ pub fn gemm_par(
     });
 }
 
+/// `map(token, first_row, dots, out)` of [`gemm_par_map`].
+pub type RunMap<'a, T> = dyn Fn(usize, usize, &[i32], &mut [T]) + Sync + 'a;
+
 /// [`gemm_par`] that hands the dot products to `map(token, first_row, dots, out)` inside the
 /// threads, a run of consecutive rows of one token at a time, and writes what it leaves in
 /// `out` (as long as `dots`): the float scaling of a layer runs in parallel, over whole runs.
@@ -303,7 +306,7 @@ pub fn gemm_par_map<T: Copy + Send + Default>(
     x: &QuantizedBatch,
     out: &mut [T],
     out_stride: usize,
-    map: &(dyn Fn(usize, usize, &[i32], &mut [T]) + Sync),
+    map: &RunMap<'_, T>,
 ) {
     assert!(
         out_stride >= w.rows && out.len() >= x.n * out_stride,
