@@ -121,8 +121,12 @@ unsafe fn dot_vnni_4x4(w: [&[u8]; 4], x: [&[u8]; 4]) -> [[i32; 4]; 4] {
     // SAFETY: every load reads 64 bytes at `i + 64 <= n` of slices of length `n`.
     unsafe {
         while i + 64 <= n {
-            let wv: [__m512i; 4] =
-                std::array::from_fn(|k| _mm512_loadu_si512(w[k].as_ptr().add(i) as *const _));
+            let wv = [
+                _mm512_loadu_si512(w[0].as_ptr().add(i) as *const _),
+                _mm512_loadu_si512(w[1].as_ptr().add(i) as *const _),
+                _mm512_loadu_si512(w[2].as_ptr().add(i) as *const _),
+                _mm512_loadu_si512(w[3].as_ptr().add(i) as *const _),
+            ];
             for t in 0..4 {
                 let xv = _mm512_loadu_si512(x[t].as_ptr().add(i) as *const _);
                 for k in 0..4 {
@@ -132,7 +136,15 @@ unsafe fn dot_vnni_4x4(w: [&[u8]; 4], x: [&[u8]; 4]) -> [[i32; 4]; 4] {
             i += 64;
         }
     }
-    acc.map(|row| row.map(|a| _mm512_reduce_add_epi32(a)))
+    // Plain loops, not `map` closures: a closure does not inherit this function's target
+    // features, and the reductions it held were not inlined (a call per sum).
+    let mut out = [[0i32; 4]; 4];
+    for k in 0..4 {
+        for t in 0..4 {
+            out[k][t] = _mm512_reduce_add_epi32(acc[k][t]);
+        }
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]

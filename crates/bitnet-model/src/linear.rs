@@ -13,6 +13,7 @@ use bitnet_kernels::int8::Int8Rows;
 use bitnet_kernels::ternary::{PackedTernary, QuantizedBatch, gemm_par_map};
 use bitnet_kernels::{cpu, dense, pool};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 /// Bytes that live either in a shared read-only mapping or in memory we own.
 #[derive(Clone)]
@@ -372,15 +373,31 @@ impl TernaryLinear {
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
         let cols = self.cols();
         let mut batch = QuantizedBatch::default();
-        batch.reset(n, self.packed.padded_cols());
-        let mut xs = Vec::with_capacity(n);
-        for t in 0..n {
-            let dst = &mut batch.token_mut(t)[..cols];
-            xs.push(
-                quantize_row_i8(&x[t * cols..(t + 1) * cols], dst).expect("row length matches"),
-            );
+        let stride = self.packed.padded_cols();
+        batch.reset(n, stride);
+        // Each token quantized on its own (absmax scale, then the sum the kernel corrects by),
+        // spread over the kernel threads when there are several.
+        let scales: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+        let sums: Vec<AtomicI32> = (0..n).map(|_| AtomicI32::new(0)).collect();
+        let quantize = |t: usize, dst: &mut [i8]| {
+            let s = quantize_row_i8(&x[t * cols..(t + 1) * cols], &mut dst[..cols])
+                .expect("row length matches");
+            scales[t].store(s.to_bits(), Ordering::Relaxed);
+            sums[t].store(dst.iter().map(|&v| i32::from(v)).sum(), Ordering::Relaxed);
+        };
+        if n >= crate::ops::PARALLEL_ROWS {
+            pool::par_chunks_mut(&pool::current(), &mut batch.values, stride, &quantize);
+        } else {
+            for (t, dst) in batch.values.chunks_mut(stride).enumerate() {
+                quantize(t, dst);
+            }
         }
-        batch.finish();
+        // `run_shares` returned, so every store above happened before these loads.
+        batch.sums = sums.into_iter().map(AtomicI32::into_inner).collect();
+        let xs: Vec<f32> = scales
+            .into_iter()
+            .map(|s| f32::from_bits(s.into_inner()))
+            .collect();
         self.forward_batch(&batch, &xs, out);
     }
 }

@@ -342,7 +342,7 @@ impl Model {
         let group = s.n_heads / s.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut qkv = Vec::new();
-        let attn_pool = pool::current();
+        let kernel_pool = pool::current();
         for (li, layer) in self.layers.iter().enumerate() {
             buf.copy_from_slice(&x);
             rms_norm_rows(&mut buf, &layer.attn_norm, s.rms_eps);
@@ -376,7 +376,7 @@ impl Model {
             // together, spread over the threads.
             let kv: Vec<(&[f32], &[f32])> =
                 steps.iter().map(|st| caches[st.seq].layer(li)).collect();
-            pool::par_chunks_mut(&attn_pool, &mut attn, group * hd, &|u, out| {
+            pool::par_chunks_mut(&kernel_pool, &mut attn, group * hd, &|u, out| {
                 let (t, kvh) = (u / s.n_kv_heads, u % s.n_kv_heads);
                 let (keys, values) = kv[t];
                 let head = KvHead {
@@ -406,9 +406,18 @@ impl Model {
                     let inter = s.intermediate;
                     qkv.resize(n * 2 * inter, 0.0);
                     f.matmul(&buf, n, &mut qkv);
-                    for (g, gu) in gate.chunks_mut(inter).zip(qkv.chunks(2 * inter)) {
-                        g.copy_from_slice(&gu[..inter]);
-                        gated_activation(s.activation, g, &gu[inter..]);
+                    let gu = &qkv;
+                    let act = |t: usize, g: &mut [f32]| {
+                        let row = &gu[t * 2 * inter..(t + 1) * 2 * inter];
+                        g.copy_from_slice(&row[..inter]);
+                        gated_activation(s.activation, g, &row[inter..]);
+                    };
+                    if n >= crate::ops::PARALLEL_ROWS {
+                        pool::par_chunks_mut(&kernel_pool, &mut gate, inter, &act);
+                    } else {
+                        gate.chunks_mut(inter)
+                            .enumerate()
+                            .for_each(|(t, g)| act(t, g));
                     }
                 }
                 None => {

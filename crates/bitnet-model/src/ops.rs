@@ -14,14 +14,26 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// In-place RMSNorm of each `dim`-long row.
+/// Rows are spread over the kernel threads when there are several (batched decode, prefill).
 pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
     let dim = w.len();
-    let mut tmp = vec![0.0f32; dim];
-    for row in x.chunks_mut(dim) {
-        rms_norm(row, w, eps, &mut tmp);
-        row.copy_from_slice(&tmp);
+    let norm_rows = |rows: &mut [f32]| {
+        let mut tmp = vec![0.0f32; dim];
+        for row in rows.chunks_mut(dim) {
+            rms_norm(row, w, eps, &mut tmp);
+            row.copy_from_slice(&tmp);
+        }
+    };
+    if x.len() >= PARALLEL_ROWS * dim {
+        let pool = bitnet_kernels::pool::current();
+        bitnet_kernels::pool::par_chunks_mut(&pool, x, dim, &|_, row| norm_rows(row));
+    } else {
+        norm_rows(x);
     }
 }
+
+/// Rows from which per-row float work is worth handing to the pool.
+pub const PARALLEL_ROWS: usize = 4;
 
 /// Precomputed RoPE frequencies for one head dimension.
 #[derive(Debug, Clone)]

@@ -323,7 +323,16 @@ pub fn gemm_par_map<T: Copy + Send + Default>(
         let mut dots = vec![0i32; x.n * width];
         gemm_into(tier, w, x, acts.as_ref(), groups, &mut |t, r, v| {
             let at = t * width + (r - cols.start);
-            dots[at..at + v.len()].copy_from_slice(v);
+            let dst = &mut dots[at..at + v.len()];
+            if let (Ok(d), Ok(s)) = (
+                <&mut [i32; ROWS]>::try_from(&mut *dst),
+                <&[i32; ROWS]>::try_from(v),
+            ) {
+                // A group's run: a fixed-size copy, not a `memcpy` call per four values.
+                *d = *s;
+            } else {
+                dst.copy_from_slice(v);
+            }
         });
         let mut vals = vec![T::default(); width];
         for (t, d) in dots.chunks_exact(width).enumerate() {
