@@ -1,4 +1,5 @@
-//! The float parts of the forward pass: RMSNorm, RoPE, activations, softmax.
+//! The float parts of the forward pass: RMSNorm, RoPE, activations (attention is a kernel:
+//! `bitnet_kernels::attention`).
 
 use crate::spec::{Activation, RopeStyle};
 
@@ -90,20 +91,6 @@ pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
                 *g = r * r * u;
             }
         }
-    }
-}
-
-/// Numerically stable softmax in place.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
     }
 }
 
