@@ -386,7 +386,9 @@ impl Scheduler {
         let mut next_asker = askers.iter().peekable();
         for (i, s) in self.seqs.iter_mut().enumerate() {
             if next_asker.next_if_eq(&&i).is_some() {
-                let l = &logits[draws.len()];
+                let Some(l) = logits.get(draws.len()) else {
+                    break;
+                };
                 draws.push(Draw {
                     seq: i,
                     logprob: s.req.logprobs.is_some(),
