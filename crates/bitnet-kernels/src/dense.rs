@@ -112,9 +112,115 @@ pub fn dot_q4_1(row: &[u8], x: &[f32]) -> Option<f32> {
     None
 }
 
+/// Whether [`dot_q8_0`], [`dot_q4_1`] and their 2x4 forms run on this CPU (else they return
+/// `None` and callers dequantize).
+pub fn block_dots_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+        return true;
+    }
+    false
+}
+
+/// [`dot_q8_0`] of two rows against four tokens (`out[row][token]`): each block is widened once
+/// for four tokens, and each result is bitwise what `dot_q8_0` gives (the same accumulators in
+/// the same order), so a batch gives every token its one-token numbers. `None` on other tiers.
+pub fn dot_q8_0_2x4(w: [&[u8]; 2], x: [&[f32]; 4]) -> Option<[[f32; 4]; 2]> {
+    check_2x4(w, x, 34);
+    #[cfg(target_arch = "x86_64")]
+    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 detected; both rows hold `n / 32` blocks of 34 bytes and every token
+        // `n` floats (checked).
+        return Some(unsafe { x86::dot_blocks_2x4::<34>(w, x) });
+    }
+    None
+}
+
+/// [`dot_q4_1`] of two rows against four tokens, as [`dot_q8_0_2x4`].
+pub fn dot_q4_1_2x4(w: [&[u8]; 2], x: [&[f32]; 4]) -> Option<[[f32; 4]; 2]> {
+    check_2x4(w, x, 20);
+    #[cfg(target_arch = "x86_64")]
+    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: as in `dot_q8_0_2x4`, with 20-byte blocks.
+        return Some(unsafe { x86::dot_blocks_2x4::<20>(w, x) });
+    }
+    None
+}
+
+fn check_2x4(w: [&[u8]; 2], x: [&[f32]; 4], block_bytes: usize) {
+    let n = x[0].len();
+    assert!(
+        n.is_multiple_of(32),
+        "quantized rows hold whole 32-value blocks"
+    );
+    for r in &w {
+        assert_eq!(r.len(), n / 32 * block_bytes);
+    }
+    for t in &x {
+        assert_eq!(t.len(), n);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// Two rows of 32-value blocks against four tokens; per (row, token) the two accumulators
+    /// of `dot_q8_0` / `dot_q4_1`, fed in the same order.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_blocks_2x4<const BYTES: usize>(
+        w: [&[u8]; 2],
+        x: [&[f32]; 4],
+    ) -> [[f32; 4]; 2] {
+        let blocks = x[0].len() / 32;
+        let mut acc = [[[_mm512_setzero_ps(); 2]; 4]; 2];
+        // SAFETY: `check_2x4` checked that both rows hold `blocks` blocks and every token
+        // `32 * blocks` floats.
+        unsafe {
+            for b in 0..blocks {
+                // Each block's 32 weights as two vectors, computed exactly as the one-row
+                // kernels do: Q8_0 (34-byte blocks) `q * d`, Q4_1 (20-byte blocks) `q * d + m`.
+                // (Written out here: a helper function would not be inlined.)
+                let mut wv = [[_mm512_setzero_ps(); 2]; 2];
+                for (r, wr) in wv.iter_mut().enumerate() {
+                    let blk = w[r].as_ptr().add(b * BYTES);
+                    let d = half(u16::from_le_bytes([*blk, *blk.add(1)]));
+                    if BYTES == 34 {
+                        let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                        let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
+                        wr[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
+                        wr[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+                    } else {
+                        let m = half(u16::from_le_bytes([*blk.add(2), *blk.add(3)]));
+                        let bytes =
+                            _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
+                        let lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0xF));
+                        let hi = _mm512_srli_epi32(bytes, 4);
+                        wr[0] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m);
+                        wr[1] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m);
+                    }
+                }
+                for t in 0..4 {
+                    for h in 0..2 {
+                        let xv = _mm512_loadu_ps(x[t].as_ptr().add(32 * b + 16 * h));
+                        for r in 0..2 {
+                            acc[r][t][h] = _mm512_fmadd_ps(wv[r][h], xv, acc[r][t][h]);
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = [[0.0f32; 4]; 2];
+        for r in 0..2 {
+            for t in 0..4 {
+                out[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+            }
+        }
+        out
+    }
 
     /// Bytes ahead of the loads that the f16 row kernels prefetch into L2.
     const PREFETCH: usize = 8192;
@@ -406,6 +512,59 @@ mod tests {
                     (f64::from(g) - exact).abs() <= 1e-6 * mag + 1e-6,
                     "{g} vs {exact}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn two_by_four_block_dots_equal_single_row_dots_bitwise() {
+        let mut seed = 9u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for n in [32usize, 64, 576, 1536] {
+            let blocks = n / 32;
+            let mut rows8 = [Vec::new(), Vec::new()];
+            let mut rows41 = [Vec::new(), Vec::new()];
+            for r in 0..2 {
+                for _ in 0..blocks {
+                    let d = half::f16::from_f32((next() % 1000) as f32 * 1e-4 + 1e-4);
+                    let m = half::f16::from_f32(-((next() % 1000) as f32) * 1e-4);
+                    rows8[r].extend(d.to_le_bytes());
+                    rows8[r].extend((0..32).map(|_| next() as u8));
+                    rows41[r].extend(d.to_le_bytes());
+                    rows41[r].extend(m.to_le_bytes());
+                    rows41[r].extend((0..16).map(|_| next() as u8));
+                }
+            }
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|_| {
+                    (0..n)
+                        .map(|_| (next() % 2001) as f32 / 100.0 - 10.0)
+                        .collect()
+                })
+                .collect();
+            let x = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
+            let w8 = [&rows8[0][..], &rows8[1][..]];
+            let w41 = [&rows41[0][..], &rows41[1][..]];
+            if let Some(got) = dot_q8_0_2x4(w8, x) {
+                for r in 0..2 {
+                    for t in 0..4 {
+                        let one = dot_q8_0(w8[r], x[t]).unwrap();
+                        assert_eq!(got[r][t].to_bits(), one.to_bits(), "q8_0 n {n} [{r}][{t}]");
+                    }
+                }
+            }
+            if let Some(got) = dot_q4_1_2x4(w41, x) {
+                for r in 0..2 {
+                    for t in 0..4 {
+                        let one = dot_q4_1(w41[r], x[t]).unwrap();
+                        assert_eq!(got[r][t].to_bits(), one.to_bits(), "q4_1 n {n} [{r}][{t}]");
+                    }
+                }
             }
         }
     }

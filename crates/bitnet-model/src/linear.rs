@@ -124,16 +124,58 @@ impl DenseMatrix {
         debug_assert_eq!(out.len(), n * self.rows);
         let pool = pool::current();
         let cols = self.cols;
+        // Q8_0 / Q4_1 rows are multiplied in their blocks (no dequantized copy), one row alone
+        // or two rows against four tokens with the same sums: a token's numbers do not depend
+        // on its batch.
+        let blocks: Option<(BlockDot, BlockDot2x4)> = match self.ty {
+            GgmlType::Q8_0 if dense::block_dots_available() => {
+                Some((dense::dot_q8_0, dense::dot_q8_0_2x4))
+            }
+            GgmlType::Q4_1 if dense::block_dots_available() => {
+                Some((dense::dot_q4_1, dense::dot_q4_1_2x4))
+            }
+            _ => None,
+        };
         pool::par_columns(&pool, out, self.rows, self.rows, 16, &|rows, w| {
             let mut buf = vec![0.0f32; cols];
             let mut rows = rows;
+            let row =
+                |r: usize| &self.bytes.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes];
+            let xt = |t: usize| &x[t * cols..(t + 1) * cols];
+            if let Some((one, two_by_four)) = blocks {
+                let one = |r: usize, t: usize| one(row(r), xt(t)).expect("block dots available");
+                while n >= 4 && rows.len() >= 2 {
+                    let r = rows.start;
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        let v = two_by_four(
+                            [row(r), row(r + 1)],
+                            [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)],
+                        )
+                        .expect("block dots available");
+                        for (k, tk) in (t..t + 4).enumerate() {
+                            w.set(tk, r, v[0][k]);
+                            w.set(tk, r + 1, v[1][k]);
+                        }
+                        t += 4;
+                    }
+                    for t in t..n {
+                        w.set(t, r, one(r, t));
+                        w.set(t, r + 1, one(r + 1, t));
+                    }
+                    rows.start += 2;
+                }
+                for r in rows {
+                    for t in 0..n {
+                        w.set(t, r, one(r, t));
+                    }
+                }
+                return;
+            }
             if self.ty == GgmlType::F16 {
                 // Four rows at a time share each activation load (bitwise the same sums).
-                let row =
-                    |r: usize| &self.bytes.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes];
                 // Batches take four tokens at a time too (each weight widened once per four
                 // tokens); every (row, token) sum is bitwise the one-token result.
-                let xt = |t: usize| &x[t * cols..(t + 1) * cols];
                 while rows.len() >= 4 {
                     let r = rows.start;
                     let ws = [row(r), row(r + 1), row(r + 2), row(r + 3)];
@@ -160,17 +202,10 @@ impl DenseMatrix {
                 };
                 for t in 0..n {
                     let xt = &x[t * cols..(t + 1) * cols];
-                    // Decode reads each row once: quantized rows are multiplied in their blocks
-                    // directly. A batch dequantizes the row once and reuses it for every token.
-                    let direct = match self.ty {
-                        GgmlType::Q8_0 if n == 1 => dense::dot_q8_0(raw, xt),
-                        GgmlType::Q4_1 if n == 1 => dense::dot_q4_1(raw, xt),
-                        _ => None,
-                    };
-                    let v = match (self.ty, f32_row, direct) {
-                        (_, _, Some(v)) => v,
-                        (GgmlType::F16, _, _) => dense::dot_f16(raw, xt),
-                        (_, Some(row), _) => dense::dot_f32(row, xt),
+                    // Other types: a row is dequantized once and reused for every token.
+                    let v = match (self.ty, f32_row) {
+                        (GgmlType::F16, _) => dense::dot_f16(raw, xt),
+                        (_, Some(row)) => dense::dot_f32(row, xt),
                         _ => {
                             if t == 0 {
                                 self.row_into(r, &mut buf);
@@ -188,6 +223,11 @@ impl DenseMatrix {
         self.bytes.as_slice().len()
     }
 }
+
+/// A one-row block dot ([`dense::dot_q8_0`], [`dense::dot_q4_1`]).
+type BlockDot = fn(&[u8], &[f32]) -> Option<f32>;
+/// Its two-rows-by-four-tokens form.
+type BlockDot2x4 = fn([&[u8]; 2], [&[f32]; 4]) -> Option<[[f32; 4]; 2]>;
 
 /// Exact int8 × ternary dot product.
 #[inline]
