@@ -122,3 +122,54 @@ fn logits_greedy_and_template_match_transformers() {
         out.text
     );
 }
+
+/// A decode token of the quantized model gets bitwise the same logits alone as in a batch with
+/// other sequences (the server's continuous batching relies on it), and a prompt's last logits
+/// do not depend on the prompts fed beside it.
+#[test]
+fn batch_neighbours_do_not_change_a_sequences_logits() {
+    let Some(path) = smollm2() else { return };
+    let m = load(&path).unwrap().model;
+    let step = |seq: usize, token: u32, logits: bool| Step { seq, token, logits };
+    let prompt = [1u32, 504, 3458, 282, 4649, 314];
+    let alone = {
+        let mut c = m.new_cache();
+        let steps: Vec<Step> = prompt.iter().map(|&t| step(0, t, true)).collect();
+        let mut l = m.forward(&steps, std::slice::from_mut(&mut c)).unwrap();
+        let next = m
+            .forward(&[step(0, 42, true)], std::slice::from_mut(&mut c))
+            .unwrap();
+        l.extend(next);
+        l
+    };
+    // The same prompt with two other sequences' prompts in the same passes, then a decode step
+    // of all three (seven tokens: the 2x4 kernels and the one-token remainder both run).
+    let mut caches = vec![m.new_cache(), m.new_cache(), m.new_cache()];
+    let mut steps: Vec<Step> = Vec::new();
+    for (i, &t) in prompt.iter().enumerate() {
+        steps.push(step(1, 900 + i as u32, false));
+        steps.push(step(0, t, true));
+        steps.push(step(2, 7 + i as u32, i == 0));
+    }
+    let first = m.forward(&steps, &mut caches).unwrap();
+    // Logits come back in step order: seq 0 at every prompt step, seq 2 at its first.
+    assert_eq!(first.len(), prompt.len() + 1);
+    // Bitwise, reported by the first differing logit (not 49,152 values).
+    let same = |a: &[f32], b: &[f32], what: &str| {
+        assert_eq!(a.len(), b.len());
+        if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+            panic!("{what}: logit {i} is {} in the batch, {} alone", a[i], b[i]);
+        }
+    };
+    same(&first[0], &alone[0], "prompt position 0");
+    for p in 1..prompt.len() {
+        same(&first[p + 1], &alone[p], &format!("prompt position {p}"));
+    }
+    let second = m
+        .forward(
+            &[step(2, 5, true), step(0, 42, true), step(1, 8, true)],
+            &mut caches,
+        )
+        .unwrap();
+    same(&second[1], &alone[prompt.len()], "the decode step");
+}
