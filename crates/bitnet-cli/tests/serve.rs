@@ -775,3 +775,65 @@ fn request_traces_reach_an_otlp_collector_and_join_the_callers_trace() {
         Some(Value::IntValue(401))
     );
 }
+
+/// A prompt that starts like a finished one reuses its keys and values (the prefix cache), and
+/// the answer is exactly the fresh one: same text, same log-probabilities to the bit.
+#[test]
+fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
+    let cached = |server: &Server| -> f64 {
+        let (_, _, m) = server.http("GET", "/metrics", None, b"", "");
+        m.lines()
+            .find(|l| l.starts_with("bitnet_prompt_cached_tokens_total{model=\"smol\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let body = r#"{"model": "smol", "prompt": "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith from Mainz, combined movable metal type with", "max_tokens": 6, "temperature": 0, "logprobs": 3}"#;
+    let ask = |server: &Server| -> serde_json::Value {
+        let (s, b) = server.post_json("/v1/completions", body);
+        assert_eq!(s, 200, "{b}");
+        serde_json::from_str(&b).unwrap()
+    };
+    let fresh = ask(&server);
+    assert_eq!(
+        cached(&server),
+        0.0,
+        "nothing to reuse on the first request"
+    );
+    let again = ask(&server);
+    let reused = cached(&server);
+    let prompt_tokens = fresh["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert!(
+        reused >= 16.0 && reused < prompt_tokens,
+        "{reused} of {prompt_tokens} prompt tokens reused"
+    );
+    assert_eq!(again["choices"][0]["text"], fresh["choices"][0]["text"]);
+    assert_eq!(
+        again["choices"][0]["logprobs"], fresh["choices"][0]["logprobs"],
+        "log-probabilities after a reused prefix equal the fresh prefill's"
+    );
+    assert_eq!(
+        again["usage"], fresh["usage"],
+        "usage still counts the whole prompt"
+    );
+    // Off, nothing is reused.
+    drop(server);
+    let db2 = dir.path().join("off.db");
+    let off = Server::start(&model, &db2, &["--prefix-cache-mb", "0"]);
+    let first = ask(&off);
+    let second = ask(&off);
+    assert_eq!(cached(&off), 0.0);
+    assert_eq!(
+        second["choices"][0]["logprobs"],
+        fresh["choices"][0]["logprobs"]
+    );
+    assert_eq!(
+        first["choices"][0]["logprobs"],
+        fresh["choices"][0]["logprobs"]
+    );
+}

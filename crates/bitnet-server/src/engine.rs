@@ -8,8 +8,10 @@
 //! receiving end of their event channel is dropped), so a step never waits for the slowest.
 //!
 //! A sequence's numbers do not depend on its batch: every kernel computes each token's row with
-//! the same sums whatever the batch, and a prompt is always cut into the same chunks (a function
-//! of its own length). A request gives the same tokens alone or among fifteen others.
+//! the same sums whatever else is in the pass, so a request gives the same tokens alone or among
+//! fifteen others, and however its prompt was cut into passes. That is also what lets a new
+//! prompt reuse the keys and values of a finished sequence that began the same way (the prefix
+//! cache): they are bitwise what its own prefill would compute.
 
 use crate::metrics::{Metrics, ModelMetrics};
 use bitnet_formats::tokenizer::{DecodeStream, TextTokenizer};
@@ -32,6 +34,9 @@ pub struct EngineConfig {
     pub queue: usize,
     /// Prompt tokens a sequence feeds per step (longer prompts are fed in chunks of this size).
     pub prefill_chunk: usize,
+    /// Bytes of finished sequences' KV caches kept for prompts that start the same way
+    /// (0 disables the prefix cache).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +45,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             queue: 64,
             prefill_chunk: 512,
+            prefix_cache_bytes: 1 << 30,
         }
     }
 }
@@ -162,6 +168,7 @@ impl Engine {
             .name(format!("engine-{name}"))
             .spawn(move || {
                 Scheduler {
+                    prefixes: PrefixCache::new(config.prefix_cache_bytes),
                     model,
                     tokenizer,
                     config,
@@ -226,7 +233,78 @@ struct Draw<'a> {
     choice: Option<Choice>,
 }
 
+/// Shortest prefix worth keeping or reusing: below this a prefill costs next to nothing.
+const MIN_PREFIX: usize = 16;
+
+/// Finished sequences' KV caches, kept (least recently stored dropped first, within a byte
+/// budget) for new prompts that start with the same tokens: a chat's next turn, or a shared
+/// system prompt, skips the prefill of what it has in common. The keys and values of a position
+/// depend only on the tokens up to it, and every kernel gives a token the same numbers whatever
+/// else is in its pass, so a reused prefix is bitwise what a fresh prefill would compute.
+struct PrefixCache {
+    entries: std::collections::VecDeque<(Vec<u32>, KvCache)>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl PrefixCache {
+    fn new(budget: usize) -> Self {
+        Self {
+            entries: std::collections::VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    /// Keep `cache`, which holds the keys and values of `tokens`.
+    fn insert(&mut self, tokens: Vec<u32>, cache: KvCache) {
+        let size = cache.bytes();
+        if tokens.len() < MIN_PREFIX || tokens.len() != cache.len() || size > self.budget {
+            return;
+        }
+        // An entry whose tokens begin the new one's adds nothing any more.
+        let mut freed = 0;
+        self.entries.retain(|(t, c)| {
+            let keep = !tokens.starts_with(t);
+            if !keep {
+                freed += c.bytes();
+            }
+            keep
+        });
+        self.bytes -= freed;
+        self.bytes += size;
+        self.entries.push_back((tokens, cache));
+        while self.bytes > self.budget {
+            let Some((_, c)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= c.bytes();
+        }
+    }
+
+    /// Take the entry sharing the longest prefix with `prompt`, cut to the part it shares; at
+    /// least one prompt token is left to feed (its logits start the generation).
+    fn take(&mut self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+        let common = |t: &[u32]| t.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let (i, shared) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _))| (i, common(t)))
+            .max_by_key(|&(i, n)| (n, i))?;
+        let reuse = shared.min(prompt.len().saturating_sub(1));
+        if reuse < MIN_PREFIX {
+            return None;
+        }
+        let (_, mut cache) = self.entries.remove(i)?;
+        self.bytes -= cache.bytes();
+        cache.truncate(reuse);
+        Some((reuse, cache))
+    }
+}
+
 struct Scheduler {
+    prefixes: PrefixCache,
     model: Arc<Model>,
     tokenizer: Arc<TextTokenizer>,
     config: EngineConfig,
@@ -290,10 +368,17 @@ impl Scheduler {
         }
         let sampler = Sampler::new(req.sampling.clone());
         let history = req.prompt.clone();
+        let (fed, cache) = match self.prefixes.take(&req.prompt) {
+            Some((n, cache)) => {
+                self.metrics.prompt_tokens_cached.inc_by(n as u64);
+                (n, cache)
+            }
+            None => (0, self.model.new_cache()),
+        };
         self.seqs.push(Seq {
             req,
             sampler,
-            fed: 0,
+            fed,
             next: None,
             history,
             text: DecodeStream::new(true),
@@ -303,7 +388,7 @@ impl Scheduler {
             last_token_at: None,
             done: false,
         });
-        self.caches.push(self.model.new_cache());
+        self.caches.push(cache);
     }
 
     /// Drop sequences whose client left or whose deadline passed.
@@ -323,8 +408,12 @@ impl Scheduler {
         let mut i = 0;
         while i < self.seqs.len() {
             if self.seqs[i].done {
-                self.seqs.swap_remove(i);
-                self.caches.swap_remove(i);
+                let s = self.seqs.swap_remove(i);
+                let cache = self.caches.swap_remove(i);
+                // What it fed (its prompt, then the tokens it generated) may start a later prompt.
+                if let Some(tokens) = s.history.get(..cache.len()) {
+                    self.prefixes.insert(tokens.to_vec(), cache);
+                }
             } else {
                 i += 1;
             }
@@ -369,6 +458,9 @@ impl Scheduler {
                     ))));
                     s.done = true;
                 }
+                // A pass that failed may have written part of its keys and values: none of
+                // these caches is kept for reuse.
+                self.caches.iter_mut().for_each(KvCache::clear);
                 self.remove_done();
                 return;
             }

@@ -17,6 +17,8 @@ pub struct ModelMetrics {
     pub ttft: Histogram,
     pub itl: Histogram,
     pub prompt_tokens: Counter,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of a prefill.
+    pub prompt_tokens_cached: Counter,
     pub generation_tokens: Counter,
     pub queue_depth: Gauge,
     pub running: Gauge,
@@ -30,6 +32,7 @@ pub struct Metrics {
     ttft: Family<Labels, Histogram>,
     itl: Family<Labels, Histogram>,
     prompt: Family<Labels, Counter>,
+    prompt_cached: Family<Labels, Counter>,
     generated: Family<Labels, Counter>,
     queue: Family<Labels, Gauge>,
     running: Family<Labels, Gauge>,
@@ -57,7 +60,8 @@ impl Metrics {
         let token = || Histogram::new(exponential_buckets(0.001, 2.0, 17));
         let ttft = Family::<Labels, Histogram>::new_with_constructor(token);
         let itl = Family::<Labels, Histogram>::new_with_constructor(token);
-        let (prompt, generated) = (Family::default(), Family::default());
+        let (prompt, prompt_cached, generated) =
+            (Family::default(), Family::default(), Family::default());
         let (queue, running, kv) = (Family::default(), Family::default(), Family::default());
         registry.register(
             "http_request_duration_seconds",
@@ -75,6 +79,11 @@ impl Metrics {
             itl.clone(),
         );
         registry.register("prompt_tokens", "Prompt tokens processed", prompt.clone());
+        registry.register(
+            "prompt_cached_tokens",
+            "Prompt tokens taken from the prefix cache (not prefilled again)",
+            prompt_cached.clone(),
+        );
         registry.register("generation_tokens", "Tokens generated", generated.clone());
         registry.register(
             "queue_depth",
@@ -97,6 +106,7 @@ impl Metrics {
             ttft,
             itl,
             prompt,
+            prompt_cached,
             generated,
             queue,
             running,
@@ -121,6 +131,7 @@ impl Metrics {
             ttft: self.ttft.get_or_create(&l).clone(),
             itl: self.itl.get_or_create(&l).clone(),
             prompt_tokens: self.prompt.get_or_create(&l).clone(),
+            prompt_tokens_cached: self.prompt_cached.get_or_create(&l).clone(),
             generation_tokens: self.generated.get_or_create(&l).clone(),
             queue_depth: self.queue.get_or_create(&l).clone(),
             running: self.running.get_or_create(&l).clone(),

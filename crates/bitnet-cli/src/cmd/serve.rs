@@ -39,6 +39,10 @@ pub struct Args {
     /// Most sequences decoded together (continuous batching).
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
+    /// MiB of finished sequences' KV caches kept so that prompts starting the same way (a chat's
+    /// next turn, a shared system prompt) skip that part of the prefill; 0 disables it.
+    #[arg(long, default_value_t = 1024)]
+    pub prefix_cache_mb: usize,
     /// Most requests waiting for a place in the batch; more get 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
@@ -174,6 +178,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
     let engine = EngineConfig {
         max_batch: args.max_batch,
         queue: args.queue,
+        prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         ..EngineConfig::default()
     };
     let metrics = Arc::new(Metrics::new());
