@@ -821,6 +821,16 @@ fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
         again["usage"], fresh["usage"],
         "usage still counts the whole prompt"
     );
+    let (_, _, m) = server.http("GET", "/metrics", None, b"", "");
+    let kept: f64 = m
+        .lines()
+        .find(|l| l.starts_with("bitnet_prefix_cache_bytes{model=\"smol\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("the prefix cache gauge");
+    assert!(
+        kept > 0.0,
+        "the finished sequences' caches are kept: {kept} bytes"
+    );
     // Off, nothing is reused.
     drop(server);
     let db2 = dir.path().join("off.db");

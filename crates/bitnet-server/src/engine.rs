@@ -337,6 +337,9 @@ impl Scheduler {
             self.metrics
                 .kv_bytes
                 .set(self.caches.iter().map(KvCache::bytes).sum::<usize>() as i64);
+            self.metrics
+                .prefix_cache_bytes
+                .set(self.prefixes.bytes as i64);
         }
     }
 

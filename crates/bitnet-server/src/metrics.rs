@@ -23,6 +23,7 @@ pub struct ModelMetrics {
     pub queue_depth: Gauge,
     pub running: Gauge,
     pub kv_bytes: Gauge,
+    pub prefix_cache_bytes: Gauge,
 }
 
 #[derive(Debug)]
@@ -37,6 +38,7 @@ pub struct Metrics {
     queue: Family<Labels, Gauge>,
     running: Family<Labels, Gauge>,
     kv: Family<Labels, Gauge>,
+    prefix: Family<Labels, Gauge>,
 }
 
 fn model(m: &str) -> Labels {
@@ -63,6 +65,7 @@ impl Metrics {
         let (prompt, prompt_cached, generated) =
             (Family::default(), Family::default(), Family::default());
         let (queue, running, kv) = (Family::default(), Family::default(), Family::default());
+        let prefix = Family::default();
         registry.register(
             "http_request_duration_seconds",
             "HTTP request latency to the end of the response headers, by route, method and status",
@@ -100,6 +103,11 @@ impl Metrics {
             "Bytes held by the running sequences' KV caches",
             kv.clone(),
         );
+        registry.register(
+            "prefix_cache_bytes",
+            "Bytes held by finished sequences' KV caches kept for reuse",
+            prefix.clone(),
+        );
         Self {
             registry,
             http,
@@ -111,6 +119,7 @@ impl Metrics {
             queue,
             running,
             kv,
+            prefix,
         }
     }
 
@@ -136,6 +145,7 @@ impl Metrics {
             queue_depth: self.queue.get_or_create(&l).clone(),
             running: self.running.get_or_create(&l).clone(),
             kv_bytes: self.kv.get_or_create(&l).clone(),
+            prefix_cache_bytes: self.prefix.get_or_create(&l).clone(),
         }
     }
 
