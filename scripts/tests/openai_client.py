@@ -7,6 +7,8 @@ base_url and api_key are set), the way users point existing code at us.
 Checks, each with an assertion that can fail:
   * chat.completions and completions, non-streaming and streaming, with usage in both
     (stream_options.include_usage), the streamed text equal to the non-streamed text;
+  * a chat's second turn reports the prompt tokens the prefix cache reused
+    (usage.prompt_tokens_details.cached_tokens);
   * seeded sampling is reproducible; n choices; logprobs with top_logprobs;
   * errors arrive as the client's typed exceptions: 401 AuthenticationError, 404 NotFoundError
     (unknown model), 400 BadRequestError (bad parameters, context overflow, JSON mode),
@@ -76,6 +78,18 @@ assert "".join(parts) == text, ("".join(parts), text)
 assert usage is not None and usage.completion_tokens == u.completion_tokens, usage
 assert finish == r.choices[0].finish_reason, finish
 found["chat"] = text
+
+# A chat's next turn starts with the previous turn's prompt: the server's prefix cache reuses it,
+# and the client reads how much in usage.prompt_tokens_details.cached_tokens.
+turn1 = [{"role": "system", "content": "You are a careful assistant who answers in one short sentence about colours and paint."},
+         {"role": "user", "content": "What colour is the sky?"}]
+r1 = client.chat.completions.create(model=model, messages=turn1, max_tokens=8, temperature=0)
+turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "And grass?"}]
+r2 = client.chat.completions.create(model=model, messages=turn2, max_tokens=8, temperature=0)
+cached = r2.usage.prompt_tokens_details.cached_tokens
+assert 16 <= cached < r2.usage.prompt_tokens, r2.usage
+found["cached_tokens"] = cached
 
 # Completions, both ways.
 c = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)

@@ -211,6 +211,7 @@ fn openai_python_client_drives_the_server() {
     )
     .unwrap();
     assert_eq!(found["concurrent_identical"], 16);
+    assert!(found["cached_tokens"].as_u64() >= Some(16), "{found}");
     // Every request that reached the model left exactly one usage row, with its tokens.
     let rows = usage_rows(&db);
     let mut ids: Vec<&String> = rows.iter().map(|r| &r.0).collect();
@@ -817,20 +818,33 @@ fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
         again["choices"][0]["logprobs"], fresh["choices"][0]["logprobs"],
         "log-probabilities after a reused prefix equal the fresh prefill's"
     );
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(
+            again["usage"][k], fresh["usage"][k],
+            "usage still counts the whole prompt"
+        );
+    }
+    let cached_tokens =
+        |v: &serde_json::Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_f64();
+    assert_eq!(cached_tokens(&fresh), Some(0.0));
     assert_eq!(
-        again["usage"], fresh["usage"],
-        "usage still counts the whole prompt"
+        cached_tokens(&again),
+        Some(reused),
+        "usage reports the reused tokens"
     );
-    let (_, _, m) = server.http("GET", "/metrics", None, b"", "");
-    let kept: f64 = m
-        .lines()
-        .find(|l| l.starts_with("bitnet_prefix_cache_bytes{model=\"smol\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .expect("the prefix cache gauge");
-    assert!(
-        kept > 0.0,
-        "the finished sequences' caches are kept: {kept} bytes"
-    );
+    // The engine files a finished sequence's cache just after its last event: poll briefly.
+    let kept = || -> f64 {
+        let (_, _, m) = server.http("GET", "/metrics", None, b"", "");
+        m.lines()
+            .find(|l| l.starts_with("bitnet_prefix_cache_bytes{model=\"smol\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .expect("the prefix cache gauge")
+    };
+    let t = Instant::now();
+    while kept() == 0.0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(kept() > 0.0, "the finished sequences' caches are kept");
     // Off, nothing is reused.
     drop(server);
     let db2 = dir.path().join("off.db");

@@ -432,6 +432,7 @@ struct Gathered {
     tokens: Vec<crate::engine::TokenInfo>,
     finish: Finish,
     completion_tokens: usize,
+    cached_tokens: usize,
 }
 
 async fn gather(
@@ -441,6 +442,7 @@ async fn gather(
     let mut out: Vec<Gathered> = Vec::with_capacity(rxs.len());
     for mut rx in rxs {
         let (mut text, mut tokens, mut count, mut finish) = (String::new(), Vec::new(), 0, None);
+        let mut cached = 0;
         while let Some(e) = rx.recv().await {
             match e {
                 Event::Delta {
@@ -455,10 +457,12 @@ async fn gather(
                 Event::Done {
                     finish: f,
                     completion_tokens,
+                    cached_tokens,
                     ..
                 } => {
                     finish = Some(f);
                     count = completion_tokens;
+                    cached = cached_tokens;
                     break;
                 }
                 Event::Failed(f) => return Err(f.into()),
@@ -479,16 +483,20 @@ async fn gather(
             tokens,
             finish,
             completion_tokens: count,
+            cached_tokens: cached,
         });
     }
     Ok(out)
 }
 
-fn usage(prompt: usize, completion: usize) -> Usage {
+fn usage(prompt: usize, completion: usize, cached: usize) -> Usage {
     Usage {
         prompt_tokens: prompt as u64,
         completion_tokens: completion as u64,
         total_tokens: (prompt + completion) as u64,
+        prompt_tokens_details: PromptTokensDetails {
+            cached_tokens: cached as u64,
+        },
     }
 }
 
@@ -695,7 +703,8 @@ async fn run_plan(
         .inspect_err(|e| ticket.status(e.status().as_u16()))?;
     ticket.status(200);
     let completion = choices.iter().map(|g| g.completion_tokens).sum();
-    let usage = usage(plan.prompt.len(), completion);
+    let cached = choices.iter().map(|g| g.cached_tokens).min().unwrap_or(0);
+    let usage = usage(plan.prompt.len(), completion, cached);
     Ok(Ran::Gathered(
         plan,
         Done {
@@ -725,6 +734,8 @@ struct Streaming {
     include_usage: bool,
     prompt_tokens: usize,
     sampled: Vec<usize>,
+    /// Prompt tokens each choice took from the prefix cache.
+    cached: Vec<usize>,
     open: usize,
     failed: bool,
     /// The status metered for a failed stream.
@@ -779,7 +790,8 @@ impl Streaming {
     }
 
     fn usage_chunk(&self) -> SseEvent {
-        let u = usage(self.prompt_tokens, self.sampled.iter().sum());
+        let cached = self.cached.iter().copied().min().unwrap_or(0);
+        let u = usage(self.prompt_tokens, self.sampled.iter().sum(), cached);
         let json = match self.kind {
             StreamKind::Chat => serde_json::to_string(&ChatCompletionChunk {
                 id: self.id.clone(),
@@ -830,6 +842,7 @@ fn stream_response(
         include_usage: plan.include_usage,
         prompt_tokens: plan.prompt.len(),
         sampled: vec![0; n],
+        cached: vec![0; n],
         open: n,
         failed: false,
         fail_status: 500,
@@ -881,9 +894,11 @@ fn stream_response(
                     Event::Done {
                         finish,
                         completion_tokens,
+                        cached_tokens,
                         ..
                     } => {
                         st.sampled[i] = completion_tokens;
+                        st.cached[i] = cached_tokens;
                         let total = st.sampled.iter().sum::<usize>() as u64;
                         st.ticket.completion_tokens(total);
                         st.open -= 1;

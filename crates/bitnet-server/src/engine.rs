@@ -107,6 +107,8 @@ pub enum Event {
     Done {
         finish: Finish,
         prompt_tokens: usize,
+        /// Of `prompt_tokens`, how many came from the prefix cache.
+        cached_tokens: usize,
         completion_tokens: usize,
     },
     Failed(Failure),
@@ -208,6 +210,8 @@ struct Seq {
     sampler: Sampler,
     /// Prompt tokens fed so far.
     fed: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
     /// The token to feed next step (once the prompt is in).
     next: Option<u32>,
     /// The prompt and every token generated after it (what the penalties look at).
@@ -382,6 +386,7 @@ impl Scheduler {
             req,
             sampler,
             fed,
+            cached: fed,
             next: None,
             history,
             text: DecodeStream::new(true),
@@ -617,6 +622,7 @@ impl Scheduler {
         let _ = s.req.events.send(Event::Done {
             finish,
             prompt_tokens: s.req.prompt.len(),
+            cached_tokens: s.cached,
             completion_tokens: s.sampled,
         });
         s.done = true;

@@ -167,6 +167,14 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens taken from the prefix cache instead of being prefilled (counted in
+    /// `prompt_tokens` all the same). With `n` > 1, the fewest any choice reused.
+    pub cached_tokens: u64,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
