@@ -129,6 +129,13 @@ impl Server {
         (s, b)
     }
 
+    /// The value of one series of `/metrics` (name with its labels, as exposed).
+    fn metric(&self, series: &str) -> Option<f64> {
+        let (_, _, m) = self.http("GET", "/metrics", None, b"", "");
+        m.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
     fn rss_kb(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
@@ -787,11 +794,9 @@ fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
     let dir = tempfile::tempdir().unwrap();
     let db = temp_db(&dir);
     let server = Server::start(&model, &db, &[]);
-    let cached = |server: &Server| -> f64 {
-        let (_, _, m) = server.http("GET", "/metrics", None, b"", "");
-        m.lines()
-            .find(|l| l.starts_with("bitnet_prompt_cached_tokens_total{model=\"smol\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    let cached = |server: &Server| {
+        server
+            .metric("bitnet_prompt_cached_tokens_total{model=\"smol\"}")
             .unwrap_or(0.0)
     };
     let body = r#"{"model": "smol", "prompt": "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith from Mainz, combined movable metal type with", "max_tokens": 6, "temperature": 0, "logprobs": 3}"#;
@@ -833,11 +838,9 @@ fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
         "usage reports the reused tokens"
     );
     // The engine files a finished sequence's cache just after its last event: poll briefly.
-    let kept = || -> f64 {
-        let (_, _, m) = server.http("GET", "/metrics", None, b"", "");
-        m.lines()
-            .find(|l| l.starts_with("bitnet_prefix_cache_bytes{model=\"smol\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    let kept = || {
+        server
+            .metric("bitnet_prefix_cache_bytes{model=\"smol\"}")
             .expect("the prefix cache gauge")
     };
     let t = Instant::now();
