@@ -272,16 +272,10 @@ impl DecodeStream {
         &self.text
     }
 
-    /// Every id pushed.
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
-    }
-
     /// Add `id`; returns how many bytes of text it made final (appended to `text()`).
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<usize> {
         self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
-        let now = tok.decode(&self.ids[self.prefix..], self.skip_special)?;
+        let (before, now) = self.window(tok)?;
         if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
             return Ok(0);
         }
@@ -303,28 +297,28 @@ impl DecodeStream {
         Ok(self.text.len() - start)
     }
 
-    /// Text of the ids pushed but not final yet (an incomplete character shows as U+FFFD): what
-    /// to add to `text()` when the sequence ends.
-    pub fn pending(&self, tok: &TextTokenizer) -> Result<String> {
-        if self.read == self.ids.len() {
-            return Ok(String::new());
-        }
-        let before = tok.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
-        let now = tok.decode(&self.ids[self.prefix..], self.skip_special)?;
-        Ok(match now.strip_prefix(before.as_str()) {
-            Some(rest) => rest.to_string(),
-            None => tok
-                .decode(&self.ids, self.skip_special)?
-                .get(self.text.len()..)
-                .unwrap_or_default()
-                .to_string(),
-        })
+    /// The text of the window's final part, and of the whole window.
+    fn window(&self, tok: &TextTokenizer) -> Result<(String, String)> {
+        Ok((
+            tok.decode(&self.ids[self.prefix..self.read], self.skip_special)?,
+            tok.decode(&self.ids[self.prefix..], self.skip_special)?,
+        ))
     }
 
-    /// `text()` followed by [`pending`](Self::pending): the whole text of the ids pushed.
+    /// `text()` followed by what is not final yet (an incomplete character shows as U+FFFD):
+    /// the whole text of the ids pushed, once the sequence has ended.
     pub fn finish(&mut self, tok: &TextTokenizer) -> Result<&str> {
-        let rest = self.pending(tok)?;
-        self.text.push_str(&rest);
+        if self.read < self.ids.len() {
+            let (before, now) = self.window(tok)?;
+            match now.strip_prefix(before.as_str()) {
+                Some(rest) => self.text.push_str(rest),
+                None => {
+                    let all = tok.decode(&self.ids, self.skip_special)?;
+                    let rest = all.get(self.text.len()..).unwrap_or_default();
+                    self.text.push_str(rest);
+                }
+            }
+        }
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(&self.text)

@@ -56,7 +56,7 @@ pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
 pub fn dot_q8_0(row: &[u8], x: &[f32]) -> Option<f32> {
     assert_eq!(row.len() / 34 * 32, x.len());
     #[cfg(target_arch = "x86_64")]
-    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+    if block_dots_available() {
         #[allow(unsafe_code)]
         // SAFETY: AVX-512 detected; `row` holds `x.len() / 32` blocks of 34 bytes (asserted).
         return Some(unsafe { x86::dot_q8_0(row, x) });
@@ -104,7 +104,7 @@ pub fn dot_f16_4x4(w: [&[u8]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
 pub fn dot_q4_1(row: &[u8], x: &[f32]) -> Option<f32> {
     assert_eq!(row.len() / 20 * 32, x.len());
     #[cfg(target_arch = "x86_64")]
-    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
+    if block_dots_available() {
         #[allow(unsafe_code)]
         // SAFETY: AVX-512 detected; `row` holds `x.len() / 32` blocks of 20 bytes (asserted).
         return Some(unsafe { x86::dot_q4_1(row, x) });
@@ -126,41 +126,35 @@ pub fn block_dots_available() -> bool {
 /// for four tokens, and each result is bitwise what `dot_q8_0` gives (the same accumulators in
 /// the same order), so a batch gives every token its one-token numbers. `None` on other tiers.
 pub fn dot_q8_0_2x4(w: [&[u8]; 2], x: [&[f32]; 4]) -> Option<[[f32; 4]; 2]> {
-    check_2x4(w, x, 34);
-    #[cfg(target_arch = "x86_64")]
-    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: AVX-512 detected; both rows hold `n / 32` blocks of 34 bytes and every token
-        // `n` floats (checked).
-        return Some(unsafe { x86::dot_blocks_2x4::<34>(w, x) });
-    }
-    None
+    blocks_2x4::<34>(w, x)
 }
 
 /// [`dot_q4_1`] of two rows against four tokens, as [`dot_q8_0_2x4`].
 pub fn dot_q4_1_2x4(w: [&[u8]; 2], x: [&[f32]; 4]) -> Option<[[f32; 4]; 2]> {
-    check_2x4(w, x, 20);
-    #[cfg(target_arch = "x86_64")]
-    if features().avx512bw && crate::cpu::tier() >= Tier::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: as in `dot_q8_0_2x4`, with 20-byte blocks.
-        return Some(unsafe { x86::dot_blocks_2x4::<20>(w, x) });
-    }
-    None
+    blocks_2x4::<20>(w, x)
 }
 
-fn check_2x4(w: [&[u8]; 2], x: [&[f32]; 4], block_bytes: usize) {
+/// Two rows of `BYTES`-byte blocks (34: Q8_0, 20: Q4_1) against four tokens.
+fn blocks_2x4<const BYTES: usize>(w: [&[u8]; 2], x: [&[f32]; 4]) -> Option<[[f32; 4]; 2]> {
     let n = x[0].len();
     assert!(
         n.is_multiple_of(32),
         "quantized rows hold whole 32-value blocks"
     );
     for r in &w {
-        assert_eq!(r.len(), n / 32 * block_bytes);
+        assert_eq!(r.len(), n / 32 * BYTES);
     }
     for t in &x {
         assert_eq!(t.len(), n);
     }
+    #[cfg(target_arch = "x86_64")]
+    if block_dots_available() {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 detected; both rows hold `n / 32` blocks of `BYTES` bytes and every
+        // token `n` floats (asserted).
+        return Some(unsafe { x86::dot_blocks_2x4::<BYTES>(w, x) });
+    }
+    None
 }
 
 #[cfg(target_arch = "x86_64")]

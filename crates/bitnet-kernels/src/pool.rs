@@ -335,6 +335,8 @@ impl<T: Copy> ColumnWriter<'_, T> {
 
 /// Shares per thread that [`par_columns`] cuts a product into.
 const SHARES_PER_THREAD: usize = 4;
+/// Shares per thread, at most, that [`par_chunks_mut`] hands its chunks out in.
+const CHUNK_SHARES_PER_THREAD: usize = 16;
 
 /// Split columns `0..cols` of `out` (`[n, stride]`) into disjoint ranges aligned to `align`,
 /// and run `f(columns, writer)` for each on the pool.
@@ -383,11 +385,9 @@ pub fn par_chunks_mut<T: Send>(
 ) {
     assert!(chunk_len > 0, "chunks of length 0");
     let chunks = out.len().div_ceil(chunk_len);
-    let shares = if pool.threads() > 1 {
-        chunks.min(pool.threads() * 4 * SHARES_PER_THREAD)
-    } else {
-        chunks.min(1)
-    };
+    // Chunks are small units (a token's row, a head group): many shares balance them; a pool of
+    // one thread runs its shares in turn.
+    let shares = chunks.min(pool.threads() * CHUNK_SHARES_PER_THREAD);
     let ptr = SendPtr(out.as_mut_ptr());
     let len = out.len();
     pool.run_shares(shares, &|i, n| {
@@ -462,18 +462,29 @@ mod tests {
 
     #[test]
     fn a_stalled_thread_does_not_hold_up_the_others() {
-        // One share sleeps; the other shares must still all run, on whichever threads are free.
+        // Share 0 waits until the seven others have run. That only ends if the thread not stuck
+        // in it claims all of them; with a fixed part per thread, the stuck thread's part would
+        // never run and the wait would end by its timeout instead.
         let pool = ThreadPool::new(2);
-        let hits = AtomicUsize::new(0);
-        let t = std::time::Instant::now();
+        let others = AtomicUsize::new(0);
+        let saw_all = AtomicBool::new(false);
         pool.run_shares(8, &|i, _| {
             if i == 0 {
-                std::thread::sleep(std::time::Duration::from_millis(200));
+                let t = std::time::Instant::now();
+                while others.load(Ordering::Acquire) < 7
+                    && t.elapsed() < std::time::Duration::from_secs(20)
+                {
+                    std::thread::yield_now();
+                }
+                saw_all.store(others.load(Ordering::Acquire) == 7, Ordering::Release);
+            } else {
+                others.fetch_add(1, Ordering::AcqRel);
             }
-            hits.fetch_add(1, Ordering::Relaxed);
         });
-        assert_eq!(hits.load(Ordering::Relaxed), 8);
-        assert!(t.elapsed() >= std::time::Duration::from_millis(200));
+        assert!(
+            saw_all.load(Ordering::Acquire),
+            "the other shares waited for the stalled one"
+        );
     }
 
     #[test]

@@ -425,14 +425,8 @@ impl TernaryLinear {
             scales[t].store(s.to_bits(), Ordering::Relaxed);
             sums[t].store(dst.iter().map(|&v| i32::from(v)).sum(), Ordering::Relaxed);
         };
-        if n >= crate::ops::PARALLEL_ROWS {
-            pool::par_chunks_mut(&pool::current(), &mut batch.values, stride, &quantize);
-        } else {
-            for (t, dst) in batch.values.chunks_mut(stride).enumerate() {
-                quantize(t, dst);
-            }
-        }
-        // `run_shares` returned, so every store above happened before these loads.
+        crate::ops::for_each_row(&mut batch.values, stride, &quantize);
+        // Every row is done, so every store above happened before these loads.
         batch.sums = sums.into_iter().map(AtomicI32::into_inner).collect();
         let xs: Vec<f32> = scales
             .into_iter()

@@ -412,13 +412,7 @@ impl Model {
                         g.copy_from_slice(&row[..inter]);
                         gated_activation(s.activation, g, &row[inter..]);
                     };
-                    if n >= crate::ops::PARALLEL_ROWS {
-                        pool::par_chunks_mut(&kernel_pool, &mut gate, inter, &act);
-                    } else {
-                        gate.chunks_mut(inter)
-                            .enumerate()
-                            .for_each(|(t, g)| act(t, g));
-                    }
+                    crate::ops::for_each_row(&mut gate, inter, &act);
                 }
                 None => {
                     layer.gate.matmul(&buf, n, &mut gate);

@@ -3,38 +3,37 @@
 
 use crate::spec::{Activation, RopeStyle};
 
-/// `w * x / sqrt(mean(x^2) + eps)`, as transformers' `LlamaRMSNorm` (f32 throughout; the mean
-/// accumulated in f64 so that it is correctly rounded).
-pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+/// `x = w * x / sqrt(mean(x^2) + eps)` in place, as transformers' `LlamaRMSNorm` (f32
+/// throughout; the mean accumulated in f64 so that it is correctly rounded).
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     let ss: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
     let var = (ss / x.len() as f64) as f32;
     let r = 1.0 / (var + eps).sqrt();
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-        *o = g * (v * r);
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = g * (*v * r);
     }
 }
 
 /// In-place RMSNorm of each `dim`-long row.
-/// Rows are spread over the kernel threads when there are several (batched decode, prefill).
 pub fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
-    let dim = w.len();
-    let norm_rows = |rows: &mut [f32]| {
-        let mut tmp = vec![0.0f32; dim];
-        for row in rows.chunks_mut(dim) {
-            rms_norm(row, w, eps, &mut tmp);
-            row.copy_from_slice(&tmp);
-        }
-    };
-    if x.len() >= PARALLEL_ROWS * dim {
-        let pool = bitnet_kernels::pool::current();
-        bitnet_kernels::pool::par_chunks_mut(&pool, x, dim, &|_, row| norm_rows(row));
-    } else {
-        norm_rows(x);
-    }
+    for_each_row(x, w.len(), &|_, row| rms_norm(row, w, eps));
 }
 
 /// Rows from which per-row float work is worth handing to the pool.
-pub const PARALLEL_ROWS: usize = 4;
+const PARALLEL_ROWS: usize = 4;
+
+/// `f(index, row)` for every `row_len`-long row of `x`: on the kernel threads when there are
+/// several rows (batched decode, prefill), on this thread otherwise (one token's rows are too
+/// little work to hand out).
+pub fn for_each_row<T: Send>(x: &mut [T], row_len: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+    if x.len() >= PARALLEL_ROWS * row_len {
+        bitnet_kernels::pool::par_chunks_mut(&bitnet_kernels::pool::current(), x, row_len, f);
+    } else {
+        x.chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(t, row)| f(t, row));
+    }
+}
 
 /// Precomputed RoPE frequencies for one head dimension.
 #[derive(Debug, Clone)]
@@ -115,8 +114,8 @@ mod tests {
 
     #[test]
     fn rms_norm_unit() {
-        let mut out = [0.0; 2];
-        rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+        let mut out = [3.0, 4.0];
+        rms_norm(&mut out, &[1.0, 2.0], 0.0);
         let r = (12.5f32).sqrt();
         assert!((out[0] - 3.0 / r).abs() < 1e-6 && (out[1] - 8.0 / r).abs() < 1e-6);
     }

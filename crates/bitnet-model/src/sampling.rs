@@ -67,6 +67,13 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
+
+    /// Whether any repetition, frequency or presence penalty changes the logits.
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+    }
 }
 
 /// xoshiro256++ (Blackman & Vigna): small, fast, and the same stream on every platform, so a
@@ -175,7 +182,7 @@ impl Sampler {
     /// Apply the penalties for the tokens seen so far (`history`), in place.
     pub fn apply_penalties(&self, logits: &mut [f32], history: &[u32]) {
         let p = &self.params;
-        if p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 {
+        if !p.has_penalties() {
             return;
         }
         let mut counts = std::collections::HashMap::new();
@@ -215,8 +222,7 @@ impl Sampler {
     }
 
     fn penalized<'a>(&self, logits: &'a [f32], history: &[u32]) -> std::borrow::Cow<'a, [f32]> {
-        let p = &self.params;
-        if p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 {
+        if !self.params.has_penalties() {
             return std::borrow::Cow::Borrowed(logits);
         }
         let mut l = logits.to_vec();
@@ -238,17 +244,17 @@ impl Sampler {
             probs.extend(l.iter().map(|&v| f64::from(v / p.temperature - max).exp()));
             let total: f64 = probs.iter().sum();
             let mut u = self.rng.next_f64() * total;
-            // Rounding can leave `u` past the last weight: then the most likely token.
-            let mut pick = argmax(l);
+            let mut pick = None;
             for (i, &pr) in probs.iter().enumerate() {
                 if u < pr {
-                    pick = i;
+                    pick = Some(i);
                     break;
                 }
                 u -= pr;
             }
             self.probs = probs;
-            return pick;
+            // Rounding can leave `u` past the last weight: then the most likely token.
+            return pick.unwrap_or_else(|| argmax(l));
         }
         let p = p.clone();
         // Candidates sorted by logit, best first (stable: lower ids first on ties).

@@ -416,12 +416,12 @@ impl Scheduler {
         let mut i = 0;
         while i < self.seqs.len() {
             if self.seqs[i].done {
-                let s = self.seqs.swap_remove(i);
+                let mut fed = self.seqs.swap_remove(i).history;
                 let cache = self.caches.swap_remove(i);
-                // What it fed (its prompt, then the tokens it generated) may start a later prompt.
-                if let Some(tokens) = s.history.get(..cache.len()) {
-                    self.prefixes.insert(tokens.to_vec(), cache);
-                }
+                // What it fed (its prompt, then the tokens it generated but the last) may start
+                // a later prompt.
+                fed.truncate(cache.len());
+                self.prefixes.insert(fed, cache);
             } else {
                 i += 1;
             }
