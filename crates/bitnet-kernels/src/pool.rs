@@ -23,6 +23,10 @@ struct Shared {
     shutdown: AtomicBool,
     /// The current job, lifetime-erased; valid while a share of it is unfinished (see `run`).
     job: Mutex<Option<*const Job>>,
+    /// The first panic of the current job's shares, re-raised in the caller once every share
+    /// has finished (as rayon does): a panicking share still counts as done, so neither the
+    /// caller nor the other threads wait forever, and the borrowed job outlives every call.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     sleep: Mutex<()>,
     wake: Condvar,
 }
@@ -82,6 +86,7 @@ impl ThreadPool {
             done: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             job: Mutex::new(None),
+            panic: Mutex::new(None),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -115,6 +120,9 @@ impl ThreadPool {
 
     /// Run `f(i, shares)` for `i` in `0..shares` on the pool's threads, each share exactly once,
     /// and wait for all. More shares than threads balance uneven progress between threads.
+    ///
+    /// A share that panics does not stop the others: every share still runs, and once all have
+    /// finished the first panic is resumed on the calling thread. The pool stays usable.
     pub fn run_shares(&self, shares: usize, f: &(dyn Fn(usize, usize) + Sync)) {
         assert!(
             shares <= MAX_SHARES,
@@ -126,7 +134,7 @@ impl ThreadPool {
             }
             return;
         }
-        let _one_at_a_time = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = &self.shared;
         #[allow(unsafe_code)]
         // SAFETY: erasing the lifetime is sound because this function does not return until
@@ -145,6 +153,8 @@ impl ThreadPool {
             );
             s.wake.notify_all();
         }
+        // The caller's own shares are caught like the workers' (inside `take_shares`): it must
+        // not unwind out of here while a worker still runs the borrowed job.
         take_shares(s);
         let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) != shares {
@@ -156,6 +166,11 @@ impl ThreadPool {
             }
         }
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let panic = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(payload) = panic {
+            drop(turn);
+            std::panic::resume_unwind(payload);
+        }
     }
 }
 
@@ -174,7 +189,16 @@ fn take_shares(s: &Shared) {
             // SAFETY: `run_shares` keeps the job alive until every share is done, which happens
             // only after this call returns.
             let f = unsafe { &*job };
-            f(i, shares);
+            // `AssertUnwindSafe`: after a panic the caller never sees the job's state again
+            // except through the panic it re-raises, as a panic in a plain call would leave it.
+            if let Err(payload) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i, shares)))
+            {
+                s.panic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(payload);
+            }
         }
         s.done.fetch_add(1, Ordering::AcqRel);
     }
@@ -485,6 +509,54 @@ mod tests {
             saw_all.load(Ordering::Acquire),
             "the other shares waited for the stalled one"
         );
+    }
+
+    fn panics_in(pool: &ThreadPool, bad: usize, shares: usize) -> (usize, String) {
+        let ran = AtomicUsize::new(0);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run_shares(shares, &|i, _| {
+                // Every share is slow enough that the workers are still running when the bad
+                // one panics: an early return from `run_shares` would free what they borrow.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                if i == bad {
+                    panic!("share {i} fails");
+                }
+                ran.fetch_add(1, Ordering::AcqRel);
+            });
+        }));
+        let message = match result {
+            Ok(()) => String::new(),
+            Err(p) => p
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "non-string panic".into()),
+        };
+        (ran.load(Ordering::Acquire), message)
+    }
+
+    #[test]
+    fn a_panicking_share_is_raised_in_the_caller_after_the_others_finish() {
+        let pool = ThreadPool::new(3);
+        // Share 0 is usually the caller's, the last ones the workers': both sides panic.
+        for bad in [0, 5, 11] {
+            let (ran, message) = panics_in(&pool, bad, 12);
+            assert_eq!(message, format!("share {bad} fails"));
+            assert_eq!(ran, 11, "every other share ran before the panic was raised");
+        }
+        // The pool is not wedged: later jobs run every share.
+        let hits = AtomicUsize::new(0);
+        pool.run_shares(64, &|_, _| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 64);
+    }
+
+    #[test]
+    fn a_panic_on_a_single_thread_pool_is_a_plain_panic() {
+        let pool = ThreadPool::new(1);
+        let (ran, message) = panics_in(&pool, 1, 3);
+        assert_eq!(message, "share 1 fails");
+        assert_eq!(ran, 1, "share 0 ran, share 2 never started");
     }
 
     #[test]
