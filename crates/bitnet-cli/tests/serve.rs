@@ -25,6 +25,10 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, db: &Path, extra: &[&str]) -> Self {
+        Self::start_env(model, db, extra, &[])
+    }
+
+    fn start_env(model: &Path, db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = bitnet()
             .arg("serve")
             .arg("-m")
@@ -41,6 +45,7 @@ impl Server {
             .arg(format!("sqlite://{}", db.display()))
             .args(extra)
             .env("BITNET_CONFIG", db.with_extension("toml"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -400,6 +405,87 @@ fn hostile_traffic_gets_clear_errors_and_exact_usage() {
     assert!(vanished.iter().all(|r| r.3 > 0 && r.3 < 400), "{rows:?}");
     let rss = server.rss_kb();
     assert!(rss < rss0 + 200 * 1024, "RSS grew from {rss0} to {rss} kB");
+}
+
+#[test]
+fn a_panic_in_one_requests_work_fails_that_request_and_the_engine_serves_on() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    // The test binary is built with fault injection: any forward pass holding this token panics
+    // inside a thread-pool share (a worker's or the engine thread's own).
+    const BAD: u32 = 31337;
+    let server = Server::start_env(
+        &model,
+        &db,
+        &[],
+        &[("FAILPOINTS", "model-forward-token=return(31337)")],
+    );
+    // A long stream that counts (it will not stop early), running while the bad requests come.
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let body = r#"{"model": "smol", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 160, "stream": true, "temperature": 0}"#;
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", server.key, body.len()).unwrap();
+    let mut first = [0u8; 512];
+    assert!(s.read(&mut first).unwrap() > 0);
+
+    // The poisoned prompt, plain and streamed: a 500 each, with OpenAI's error shape.
+    let bad = format!(r#"{{"model": "smol", "prompt": [1, 2, {BAD}, 4], "max_tokens": 8}}"#);
+    let (st, b) = server.post_json("/v1/completions", &bad);
+    assert_eq!(st, 500, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{b}"
+    );
+    assert!(
+        !b.contains("failpoint"),
+        "the panic's text stays in the log: {b}"
+    );
+    let bad_stream = bad.replace("\"max_tokens\"", "\"stream\": true, \"max_tokens\"");
+    let (st, b) = server.post_json("/v1/completions", &bad_stream);
+    assert_eq!(st, 200, "a stream has begun before the pass runs: {b}");
+    assert!(b.contains("\"error\"") && b.contains("data: [DONE]"), "{b}");
+
+    // The stream that shared its passes with them ran to its end, untouched.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+    // And the engine serves new work.
+    let (st, b) = server.post_json(
+        "/v1/completions",
+        r#"{"model": "smol", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}"#,
+    );
+    assert_eq!(st, 200, "{b}");
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("failpoint model-forward-token"), "{log}");
+    assert!(
+        log.contains("running each sequence alone"),
+        "the bad requests never shared a pass with the stream: {log}"
+    );
+    // Every request has its one usage row: the two failures as 500s.
+    std::thread::sleep(Duration::from_millis(500));
+    let rows = usage_rows(&db);
+    let statuses: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    assert_eq!(statuses.len(), 4, "{rows:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&x| x == 500).count(),
+        2,
+        "{rows:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&x| x == 200).count(),
+        2,
+        "{rows:?}"
+    );
+    let stream_row = rows.iter().find(|r| r.1 == 200 && r.3 == 160);
+    assert!(stream_row.is_some(), "{rows:?}");
 }
 
 #[test]

@@ -32,3 +32,15 @@ pub mod synthetic;
 pub use error::{ModelError, Result};
 pub use load::{LoadedModel, load};
 pub use model::{HeadQuant, Model, Step};
+
+/// Read fault-injection settings from `FAILPOINTS` (builds with the `failpoints` feature only;
+/// a no-op otherwise). Tests use `model-forward-token=return(ID)`: a forward pass holding token
+/// `ID` panics inside a thread-pool share, as a kernel bug would.
+pub fn failpoints_from_env() {
+    #[cfg(feature = "failpoints")]
+    {
+        // The scenario holds the registry for the life of the process.
+        let scenario = fail::FailScenario::setup();
+        std::mem::forget(scenario);
+    }
+}

@@ -2,7 +2,7 @@
 //! request into engine requests (one per choice), then answer at once or stream the events as
 //! Server-Sent Events.
 
-use crate::engine::{Event, Finish, GenRequest, SubmitError};
+use crate::engine::{Event, GenRequest, SubmitError};
 use crate::error::ApiError;
 use crate::openai::*;
 use crate::store::Principal;
@@ -14,6 +14,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bitnet_model::chat::Message;
+use bitnet_model::generate::{FinishReason, GenerateOptions};
 use bitnet_model::sampling::SamplingParams;
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
@@ -405,10 +406,12 @@ fn launch(
         sampling.seed = sampling.seed.wrapping_add(u64::from(i));
         let req = GenRequest {
             prompt: p.prompt.clone(),
-            max_tokens: p.max_tokens,
-            sampling,
-            stop_tokens: p.model.stop_tokens.clone(),
-            stop_strings: p.stop_strings.clone(),
+            options: GenerateOptions {
+                max_new_tokens: p.max_tokens,
+                sampling,
+                stop_tokens: p.model.stop_tokens.clone(),
+                stop_strings: p.stop_strings.clone(),
+            },
             logprobs: p.logprobs,
             deadline: received + state.config.request_timeout,
             received,
@@ -430,7 +433,7 @@ fn launch(
 struct Gathered {
     text: String,
     tokens: Vec<crate::engine::TokenInfo>,
-    finish: Finish,
+    finish: FinishReason,
     completion_tokens: usize,
     cached_tokens: usize,
 }
@@ -473,7 +476,7 @@ async fn gather(
         };
         let before: usize = out.iter().map(|g| g.completion_tokens).sum();
         ticket.completion_tokens((before + count) as u64);
-        if finish == Finish::Timeout {
+        if finish == FinishReason::Timeout {
             return Err(ApiError::Timeout(
                 "the request took longer than the server's request timeout".into(),
             ));
@@ -902,7 +905,7 @@ fn stream_response(
                         let total = st.sampled.iter().sum::<usize>() as u64;
                         st.ticket.completion_tokens(total);
                         st.open -= 1;
-                        if finish == Finish::Timeout {
+                        if finish == FinishReason::Timeout {
                             st.failed = true;
                             st.fail_status = 504;
                         }

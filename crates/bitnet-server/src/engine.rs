@@ -14,12 +14,12 @@
 //! cache): they are bitwise what its own prefill would compute.
 
 use crate::metrics::{Metrics, ModelMetrics};
-use bitnet_formats::tokenizer::{DecodeStream, TextTokenizer};
+use bitnet_formats::tokenizer::TextTokenizer;
 use bitnet_kernels::pool;
-use bitnet_model::generate::held_back;
+use bitnet_model::generate::{FinishReason, GenerateOptions, Sequence};
 use bitnet_model::kv::KvCache;
 use bitnet_model::model::{Model, Step};
-use bitnet_model::sampling::{Choice, Sampler, SamplingParams};
+use bitnet_model::sampling::Choice;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -54,10 +54,8 @@ impl Default for EngineConfig {
 #[derive(Debug)]
 pub struct GenRequest {
     pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop_tokens: Vec<u32>,
-    pub stop_strings: Vec<String>,
+    /// Length, sampling and stops.
+    pub options: GenerateOptions,
     /// `Some(k)`: report each token's log-probability and the `k` most likely alternatives.
     pub logprobs: Option<usize>,
     /// Give up (finish reason `timeout`) at this instant.
@@ -77,23 +75,6 @@ pub struct TokenInfo {
     pub top: Vec<(String, f32)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    Stop,
-    Length,
-    Timeout,
-}
-
-impl Finish {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-            Finish::Timeout => "timeout",
-        }
-    }
-}
-
 /// What a request's channel receives.
 #[derive(Debug)]
 pub enum Event {
@@ -105,7 +86,7 @@ pub enum Event {
         sampled: usize,
     },
     Done {
-        finish: Finish,
+        finish: FinishReason,
         prompt_tokens: usize,
         /// Of `prompt_tokens`, how many came from the prefix cache.
         cached_tokens: usize,
@@ -166,10 +147,12 @@ impl Engine {
         let (tx, rx) = sync_channel(config.queue);
         let metrics = metrics.model(&name);
         let m = metrics.clone();
+        let thread_name = name.clone();
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
                 Scheduler {
+                    name: thread_name,
                     prefixes: PrefixCache::new(config.prefix_cache_bytes),
                     model,
                     tokenizer,
@@ -207,22 +190,11 @@ impl Engine {
 
 struct Seq {
     req: GenRequest,
-    sampler: Sampler,
-    /// Prompt tokens fed so far.
-    fed: usize,
+    seq: Sequence,
     /// Prompt tokens taken from the prefix cache.
     cached: usize,
-    /// The token to feed next step (once the prompt is in).
-    next: Option<u32>,
-    /// The prompt and every token generated after it (what the penalties look at).
-    history: Vec<u32>,
-    /// The generated tokens' text, decoded incrementally.
-    text: DecodeStream,
     /// Tokens sampled but not yet sent with a text delta.
     unsent: Vec<TokenInfo>,
-    /// Bytes of the decoded text already sent.
-    shown: usize,
-    sampled: usize,
     last_token_at: Option<Instant>,
     done: bool,
 }
@@ -231,9 +203,9 @@ struct Seq {
 struct Draw<'a> {
     seq: usize,
     logprob: bool,
-    sampler: &'a mut Sampler,
-    history: &'a [u32],
+    state: &'a mut Sequence,
     logits: &'a [f32],
+    /// `None` after a panic in the draw.
     choice: Option<Choice>,
 }
 
@@ -308,6 +280,7 @@ impl PrefixCache {
 }
 
 struct Scheduler {
+    name: String,
     prefixes: PrefixCache,
     model: Arc<Model>,
     tokenizer: Arc<TextTokenizer>,
@@ -315,6 +288,15 @@ struct Scheduler {
     metrics: ModelMetrics,
     seqs: Vec<Seq>,
     caches: Vec<KvCache>,
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl Scheduler {
@@ -373,26 +355,25 @@ impl Scheduler {
         if req.events.is_closed() {
             return;
         }
-        let sampler = Sampler::new(req.sampling.clone());
-        let history = req.prompt.clone();
-        let (fed, cache) = match self.prefixes.take(&req.prompt) {
-            Some((n, cache)) => {
-                self.metrics.prompt_tokens_cached.inc_by(n as u64);
-                (n, cache)
-            }
+        let (cached, cache) = match self.prefixes.take(&req.prompt) {
+            Some((n, cache)) => (n, cache),
             None => (0, self.model.new_cache()),
         };
+        let seq = match Sequence::new(req.prompt.clone(), req.options.clone(), cached) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = req.events.send(Event::Failed(Failure::Internal(format!(
+                    "cannot start the sequence: {e}"
+                ))));
+                return;
+            }
+        };
+        self.metrics.prompt_tokens_cached.inc_by(cached as u64);
         self.seqs.push(Seq {
             req,
-            sampler,
-            fed,
-            cached: fed,
-            next: None,
-            history,
-            text: DecodeStream::new(true),
+            seq,
+            cached,
             unsent: Vec::new(),
-            shown: 0,
-            sampled: 0,
             last_token_at: None,
             done: false,
         });
@@ -402,11 +383,14 @@ impl Scheduler {
     /// Drop sequences whose client left or whose deadline passed.
     fn retire_abandoned(&mut self) {
         let now = Instant::now();
-        for s in &mut self.seqs {
+        for i in 0..self.seqs.len() {
+            let s = &mut self.seqs[i];
             if s.req.events.is_closed() {
                 s.done = true;
             } else if now >= s.req.deadline {
-                Self::finish_seq(s, Finish::Timeout);
+                let text = s.seq.stop(Some(&self.tokenizer), FinishReason::Timeout);
+                Self::send_delta(s, text);
+                Self::finish_seq(s);
             }
         }
         self.remove_done();
@@ -416,7 +400,7 @@ impl Scheduler {
         let mut i = 0;
         while i < self.seqs.len() {
             if self.seqs[i].done {
-                let mut fed = self.seqs.swap_remove(i).history;
+                let mut fed = self.seqs.swap_remove(i).seq.into_history();
                 let cache = self.caches.swap_remove(i);
                 // What it fed (its prompt, then the tokens it generated but the last) may start
                 // a later prompt.
@@ -428,54 +412,87 @@ impl Scheduler {
         }
     }
 
+    /// End sequence `i` with an internal error (500 to its client). Its cache may hold part of
+    /// a pass, so it is not kept for reuse.
+    fn fail(&mut self, i: usize, why: String) {
+        tracing::error!(model = %self.model_name(), "{why}");
+        let s = &mut self.seqs[i];
+        let _ = s.req.events.send(Event::Failed(Failure::Internal(why)));
+        s.done = true;
+        self.caches[i].clear();
+    }
+
+    fn model_name(&self) -> &str {
+        &self.name
+    }
+
+    /// One forward pass over `steps` with the caches, a panic caught (the caches may then hold
+    /// part of the pass).
+    fn forward(
+        model: &Model,
+        steps: &[Step],
+        caches: &mut [KvCache],
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let _turn = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.forward(steps, caches)
+        })) {
+            Ok(Ok(l)) => Ok(l),
+            Ok(Err(e)) => Err(format!("inference failed: {e}")),
+            Err(p) => Err(format!("inference panicked: {}", panic_message(&*p))),
+        }
+    }
+
+    /// The pass of `steps` failed: run each sequence's own steps alone (their numbers are the
+    /// same alone or batched), so only the sequences whose work fails are failed. Returns the
+    /// logits in step order, as the batched pass would have.
+    fn isolate(&mut self, steps: &[Step], lens: &[usize]) -> Vec<Vec<f32>> {
+        for (c, &n) in self.caches.iter_mut().zip(lens) {
+            c.truncate(n);
+        }
+        let mut logits = Vec::new();
+        for i in 0..self.seqs.len() {
+            let own: Vec<Step> = steps
+                .iter()
+                .filter(|s| s.seq == i)
+                .map(|s| Step { seq: 0, ..*s })
+                .collect();
+            if own.is_empty() {
+                continue;
+            }
+            let cache = std::slice::from_mut(&mut self.caches[i]);
+            match Self::forward(&self.model, &own, cache) {
+                Ok(l) => logits.extend(l),
+                Err(why) => self.fail(i, why),
+            }
+        }
+        logits
+    }
+
     fn step(&mut self) {
         let chunk = self.config.prefill_chunk.max(1);
         let mut steps = Vec::new();
         let mut prefill = 0;
         for (i, s) in self.seqs.iter_mut().enumerate() {
-            if let Some(t) = s.next {
-                steps.push(Step {
-                    seq: i,
-                    token: t,
-                    logits: true,
-                });
-            } else {
-                let end = (s.fed + chunk).min(s.req.prompt.len());
-                for (j, &token) in s.req.prompt[s.fed..end].iter().enumerate() {
-                    steps.push(Step {
-                        seq: i,
-                        token,
-                        logits: s.fed + j + 1 == s.req.prompt.len(),
-                    });
-                }
-                prefill += end - s.fed;
-                s.fed = end;
-            }
+            prefill += s.seq.push_steps(i, chunk, &mut steps);
         }
-        let result = {
-            let _turn = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
-            self.model.forward(&steps, &mut self.caches)
-        };
+        let lens: Vec<usize> = self.caches.iter().map(KvCache::len).collect();
         self.metrics.prompt_tokens.inc_by(prefill as u64);
-        let logits = match result {
+        let logits = match Self::forward(&self.model, &steps, &mut self.caches) {
             Ok(l) => l,
-            Err(e) => {
-                for s in &mut self.seqs {
-                    let _ = s.req.events.send(Event::Failed(Failure::Internal(format!(
-                        "inference failed: {e}"
-                    ))));
-                    s.done = true;
-                }
-                // A pass that failed may have written part of its keys and values: none of
-                // these caches is kept for reuse.
-                self.caches.iter_mut().for_each(KvCache::clear);
-                self.remove_done();
-                return;
+            Err(why) => {
+                tracing::warn!(model = %self.model_name(), "{why}; running each sequence alone");
+                self.isolate(&steps, &lens)
             }
         };
-        // Logits come back in step order: one per sequence that asked (in sequence order).
+        // Logits come back in step order: one per sequence that asked (in sequence order),
+        // failed sequences left out.
         let askers: Vec<usize> = {
-            let mut v: Vec<usize> = steps.iter().filter(|s| s.logits).map(|s| s.seq).collect();
+            let mut v: Vec<usize> = steps
+                .iter()
+                .filter(|s| s.logits && !self.seqs[s.seq].done)
+                .map(|s| s.seq)
+                .collect();
             v.dedup();
             v
         };
@@ -492,8 +509,7 @@ impl Scheduler {
                 draws.push(Draw {
                     seq: i,
                     logprob: s.req.logprobs.is_some(),
-                    sampler: &mut s.sampler,
-                    history: &s.history,
+                    state: &mut s.seq,
                     logits: l,
                     choice: None,
                 });
@@ -501,31 +517,44 @@ impl Scheduler {
         }
         pool::par_chunks_mut(&pool::current(), &mut draws, 1, &|_, d| {
             let d = &mut d[0];
-            d.choice = Some(if d.logprob {
-                d.sampler.sample(d.logits, d.history)
-            } else {
-                Choice {
-                    token: d.sampler.draw(d.logits, d.history),
-                    logprob: f32::NAN,
-                }
-            });
+            d.choice = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                d.state.draw(d.logits, d.logprob)
+            }))
+            .ok();
         });
-        let picked: Vec<(usize, Choice)> = draws
-            .into_iter()
-            .filter_map(|d| Some((d.seq, d.choice?)))
-            .collect();
+        let picked: Vec<(usize, Option<Choice>)> =
+            draws.into_iter().map(|d| (d.seq, d.choice)).collect();
         for ((i, choice), l) in picked.into_iter().zip(&logits) {
+            let Some(choice) = choice else {
+                self.fail(i, "sampling panicked".into());
+                continue;
+            };
             let full = self.caches[i].len() >= self.model.spec.context;
-            self.sample(i, choice, l, full);
+            let took = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.take(i, choice, l, full)
+            }));
+            match took {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => self.fail(i, why),
+                Err(p) => self.fail(
+                    i,
+                    format!("taking a token panicked: {}", panic_message(&*p)),
+                ),
+            }
         }
         self.remove_done();
     }
 
-    /// Take sequence `i`'s drawn token: stop, or stream what text became final.
-    fn sample(&mut self, i: usize, choice: Choice, logits: &[f32], context_full: bool) {
+    /// Take sequence `i`'s drawn token: stream what text became final, or end it.
+    fn take(
+        &mut self,
+        i: usize,
+        choice: Choice,
+        logits: &[f32],
+        context_full: bool,
+    ) -> Result<(), String> {
         let (tok, metrics) = (&self.tokenizer, &self.metrics);
         let s = &mut self.seqs[i];
-        s.sampled += 1;
         metrics.generation_tokens.inc();
         let now = Instant::now();
         match s.last_token_at {
@@ -535,13 +564,11 @@ impl Scheduler {
             Some(t) => metrics.itl.observe(now.duration_since(t).as_secs_f64()),
         }
         s.last_token_at = Some(now);
-        if s.req.stop_tokens.contains(&choice.token) {
-            self.flush(i);
-            Self::finish_seq(&mut self.seqs[i], Finish::Stop);
-            return;
-        }
-        s.history.push(choice.token);
-        if let Some(k) = s.req.logprobs {
+        let step = s
+            .seq
+            .accept(choice.token, Some(tok), context_full)
+            .map_err(|e| format!("detokenization failed: {e}"))?;
+        if let (true, Some(k)) = (step.kept, s.req.logprobs) {
             let piece = |id: u32| tok.decode(&[id], false).unwrap_or_default();
             s.unsent.push(TokenInfo {
                 id: choice.token,
@@ -553,50 +580,11 @@ impl Scheduler {
                     .collect(),
             });
         }
-        if let Err(e) = s.text.push(tok, choice.token) {
-            let _ = s.req.events.send(Event::Failed(Failure::Internal(format!(
-                "detokenization failed: {e}"
-            ))));
-            s.done = true;
-            return;
+        Self::send_delta(s, step.text);
+        if step.finish.is_some() {
+            Self::finish_seq(s);
         }
-        let text = s.text.text();
-        if let Some(at) = s
-            .req
-            .stop_strings
-            .iter()
-            .filter_map(|x| text.find(x.as_str()))
-            .min()
-        {
-            let delta = text.get(s.shown..at).unwrap_or_default().to_string();
-            Self::send_delta(s, delta);
-            Self::finish_seq(s, Finish::Stop);
-            return;
-        }
-        let last = s.sampled >= s.req.max_tokens || context_full;
-        if last {
-            self.flush(i);
-            Self::finish_seq(&mut self.seqs[i], Finish::Length);
-            return;
-        }
-        // Hold back an incomplete UTF-8 sequence and anything that may begin a stop string.
-        let stable = text.trim_end_matches('\u{FFFD}');
-        let upto = stable.len() - held_back(stable, &s.req.stop_strings);
-        if upto > s.shown && text.is_char_boundary(upto) {
-            let delta = text[s.shown..upto].to_string();
-            s.shown = upto;
-            Self::send_delta(s, delta);
-        }
-        s.next = Some(choice.token);
-    }
-
-    /// Send everything not sent yet: at the end all the decoded text is final.
-    fn flush(&mut self, i: usize) {
-        let s = &mut self.seqs[i];
-        let text = s.text.finish(&self.tokenizer).unwrap_or_default();
-        let delta = text.get(s.shown..).unwrap_or_default().to_string();
-        s.shown = text.len();
-        Self::send_delta(s, delta);
+        Ok(())
     }
 
     fn send_delta(s: &mut Seq, text: String) {
@@ -604,7 +592,7 @@ impl Scheduler {
             return;
         }
         let tokens = std::mem::take(&mut s.unsent);
-        let sampled = s.sampled;
+        let sampled = s.seq.sampled();
         if s.req
             .events
             .send(Event::Delta {
@@ -618,12 +606,12 @@ impl Scheduler {
         }
     }
 
-    fn finish_seq(s: &mut Seq, finish: Finish) {
+    fn finish_seq(s: &mut Seq) {
         let _ = s.req.events.send(Event::Done {
-            finish,
+            finish: s.seq.finish().unwrap_or(FinishReason::Stop),
             prompt_tokens: s.req.prompt.len(),
             cached_tokens: s.cached,
-            completion_tokens: s.sampled,
+            completion_tokens: s.seq.sampled(),
         });
         s.done = true;
     }

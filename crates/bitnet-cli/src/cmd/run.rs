@@ -2,7 +2,7 @@
 
 use super::common::{ModelArgs, PromptArgs, SamplingArgs, peak_rss_bytes};
 use anyhow::{Result, bail};
-use bitnet_model::generate::{FinishReason, GenerateOptions, generate};
+use bitnet_model::generate::{GenerateOptions, generate};
 use std::io::Write;
 
 #[derive(Debug, clap::Args)]
@@ -79,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
             "prompt_tokens": prompt,
             "tokens": g.tokens,
             "text": g.text,
-            "finish_reason": match g.finish { FinishReason::Length => "length", FinishReason::Stop => "stop", FinishReason::ContextFull => "context_full" },
+            "finish_reason": g.finish.as_str(),
             "timings": {"prompt_tokens_per_sec": g.prompt_tok_per_sec(), "generation_tokens_per_sec": g.gen_tok_per_sec(),
                         "prompt_secs": g.prompt_secs, "generation_secs": g.gen_secs},
             "peak_rss_bytes": peak_rss_bytes(),
