@@ -31,28 +31,23 @@ fn float_master(dir: &Path) {
             .collect();
         tensors.push((name, shape, b));
     };
-    add("model.embed_tokens.weight".into(), vec![vocab, h], 2.0, 0.0);
-    add("model.norm.weight".into(), vec![h], 0.2, 1.0);
+    use bitnet_formats::names;
+    add(names::EMBED.hf.into(), vec![vocab, h], 2.0, 0.0);
+    add(names::OUTPUT_NORM.hf.into(), vec![h], 0.2, 1.0);
+    let d = names::Dims {
+        hidden: h,
+        q: h,
+        kv: kv * hd,
+        inter,
+    };
     for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (n, len) in [
-            ("input_layernorm", h),
-            ("post_attention_layernorm", h),
-            ("self_attn.attn_sub_norm", h),
-            ("mlp.ffn_sub_norm", inter),
-        ] {
-            add(format!("{p}.{n}.weight"), vec![len], 0.2, 1.0);
-        }
-        for (n, r, c) in [
-            ("self_attn.q_proj", h, h),
-            ("self_attn.k_proj", kv * hd, h),
-            ("self_attn.v_proj", kv * hd, h),
-            ("self_attn.o_proj", h, h),
-            ("mlp.gate_proj", inter, h),
-            ("mlp.up_proj", inter, h),
-            ("mlp.down_proj", h, inter),
-        ] {
-            add(format!("{p}.{n}.weight"), vec![r, c], 0.1, 0.0);
+        for t in names::LAYER {
+            let (scale, offset) = if t.is_linear() {
+                (0.1, 0.0)
+            } else {
+                (0.2, 1.0)
+            };
+            add(t.hf_weight(l), t.shape(&d), scale, offset);
         }
     }
     let views: Vec<(String, TensorView)> = tensors

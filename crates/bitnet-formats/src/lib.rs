@@ -21,6 +21,7 @@
 pub mod atomic;
 pub mod error;
 pub mod gguf;
+pub mod names;
 
 pub use error::{FormatError, Result};
 pub mod config;

@@ -14,6 +14,7 @@ use bitnet_core::packed::{self, Fidelity, TernaryFormat};
 use bitnet_core::quant::{ScaleConvention, TernaryMatrix};
 use bitnet_formats::FormatError;
 use bitnet_formats::gguf::{GgmlType, GgufWriter, TensorData, quantize_q8_0};
+use bitnet_formats::names::{self, key};
 use bitnet_formats::safetensors_dir::HfModelDir;
 use bitnet_formats::tokenizer::TextTokenizer;
 use std::cell::RefCell;
@@ -112,118 +113,53 @@ pub fn convert_hf_to_gguf(
     };
     let arch = gguf_arch(s);
     let mut w = GgufWriter::new();
-    w.set("general.architecture", arch)
+    let k = |suffix: &str| key::arch(arch, suffix);
+    w.set(key::ARCHITECTURE, arch)
         .set(
-            "general.name",
+            key::NAME,
             dir.config
                 .architectures
                 .first()
                 .cloned()
                 .unwrap_or_else(|| s.arch_name.clone()),
         )
-        .set("general.quantization_version", 2u32)
-        .set(format!("{arch}.context_length"), s.context as u32)
-        .set(format!("{arch}.embedding_length"), s.hidden as u32)
-        .set(format!("{arch}.feed_forward_length"), s.intermediate as u32)
-        .set(format!("{arch}.block_count"), s.n_layers as u32)
-        .set(format!("{arch}.attention.head_count"), s.n_heads as u32)
-        .set(
-            format!("{arch}.attention.head_count_kv"),
-            s.n_kv_heads as u32,
-        )
-        .set(format!("{arch}.attention.key_length"), s.head_dim as u32)
-        .set(format!("{arch}.attention.value_length"), s.head_dim as u32)
-        .set(format!("{arch}.rope.dimension_count"), s.head_dim as u32)
-        .set(format!("{arch}.rope.freq_base"), s.rope_theta)
-        .set(
-            format!("{arch}.attention.layer_norm_rms_epsilon"),
-            s.rms_eps,
-        )
-        .set(format!("{arch}.vocab_size"), s.vocab as u32);
+        .set(key::QUANTIZATION_VERSION, 2u32)
+        .set(k(key::CONTEXT_LENGTH), s.context as u32)
+        .set(k(key::EMBEDDING_LENGTH), s.hidden as u32)
+        .set(k(key::FEED_FORWARD_LENGTH), s.intermediate as u32)
+        .set(k(key::BLOCK_COUNT), s.n_layers as u32)
+        .set(k(key::HEAD_COUNT), s.n_heads as u32)
+        .set(k(key::HEAD_COUNT_KV), s.n_kv_heads as u32)
+        .set(k(key::KEY_LENGTH), s.head_dim as u32)
+        .set(k(key::VALUE_LENGTH), s.head_dim as u32)
+        .set(k(key::ROPE_DIMENSION_COUNT), s.head_dim as u32)
+        .set(k(key::ROPE_FREQ_BASE), s.rope_theta)
+        .set(k(key::RMS_EPS), s.rms_eps)
+        .set(k(key::VOCAB_SIZE), s.vocab as u32);
     if let Some(p) = dir.tokenizer_json() {
         let tok = TextTokenizer::from_file(p)?;
         for (k, v) in tok.to_gguf_metadata()? {
             w.set(k, v);
         }
     }
-    plan.float(
-        "token_embd.weight",
-        "model.embed_tokens.weight",
-        s.vocab,
-        s.hidden,
-    )?;
+    plan.float(names::EMBED.gguf, names::EMBED.hf, s.vocab, s.hidden)?;
+    let d = s.dims();
     for i in 0..s.n_layers {
-        let (p, b) = (format!("model.layers.{i}"), format!("blk.{i}"));
-        plan.norm(
-            format!("{b}.attn_norm.weight"),
-            format!("{p}.input_layernorm.weight"),
-            s.hidden,
-        )?;
-        plan.linear(
-            format!("{b}.attn_q.weight"),
-            format!("{p}.self_attn.q_proj"),
-            s.q_dim(),
-            s.hidden,
-        )?;
-        plan.linear(
-            format!("{b}.attn_k.weight"),
-            format!("{p}.self_attn.k_proj"),
-            s.kv_dim(),
-            s.hidden,
-        )?;
-        plan.linear(
-            format!("{b}.attn_v.weight"),
-            format!("{p}.self_attn.v_proj"),
-            s.kv_dim(),
-            s.hidden,
-        )?;
-        plan.linear(
-            format!("{b}.attn_output.weight"),
-            format!("{p}.self_attn.o_proj"),
-            s.hidden,
-            s.q_dim(),
-        )?;
-        plan.norm(
-            format!("{b}.attn_sub_norm.weight"),
-            format!("{p}.self_attn.attn_sub_norm.weight"),
-            s.q_dim(),
-        )?;
-        plan.norm(
-            format!("{b}.ffn_norm.weight"),
-            format!("{p}.post_attention_layernorm.weight"),
-            s.hidden,
-        )?;
-        plan.linear(
-            format!("{b}.ffn_gate.weight"),
-            format!("{p}.mlp.gate_proj"),
-            s.intermediate,
-            s.hidden,
-        )?;
-        plan.linear(
-            format!("{b}.ffn_up.weight"),
-            format!("{p}.mlp.up_proj"),
-            s.intermediate,
-            s.hidden,
-        )?;
-        plan.linear(
-            format!("{b}.ffn_down.weight"),
-            format!("{p}.mlp.down_proj"),
-            s.hidden,
-            s.intermediate,
-        )?;
-        plan.norm(
-            format!("{b}.ffn_sub_norm.weight"),
-            format!("{p}.mlp.ffn_sub_norm.weight"),
-            s.intermediate,
-        )?;
+        for t in names::LAYER {
+            let rows = d.get(t.rows);
+            match t.cols {
+                Some(c) => plan.linear(t.gguf_weight(i), t.hf_module(i), rows, d.get(c))?,
+                None => plan.norm(t.gguf_weight(i), t.hf_weight(i), rows)?,
+            }
+        }
     }
     plan.norm(
-        "output_norm.weight".into(),
-        "model.norm.weight".into(),
+        names::OUTPUT_NORM.gguf.into(),
+        names::OUTPUT_NORM.hf.into(),
         s.hidden,
     )?;
-    if !s.tied_embeddings && dir.weights.get("lm_head.weight").is_some() {
-        plan.float("output.weight", "lm_head.weight", s.vocab, s.hidden)?;
+    if !s.tied_embeddings && dir.weights.get(names::LM_HEAD.hf).is_some() {
+        plan.float(names::LM_HEAD.gguf, names::LM_HEAD.hf, s.vocab, s.hidden)?;
     }
     let tensors = write_planned(w, plan.tensors, dst, progress)?;
     Ok(ConvertReport {
@@ -518,25 +454,6 @@ fn ternary_format(ty: GgmlType) -> Option<TernaryFormat> {
     }
 }
 
-/// A block's linear layers: GGUF name, Hugging Face module (below `model.layers.N.`).
-pub const LINEARS: [(&str, &str); 7] = [
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-];
-
-/// Whether a GGUF tensor name is one of a BitNet block's BitLinear weights.
-pub fn is_bitlinear(name: &str) -> bool {
-    name.starts_with("blk.")
-        && LINEARS
-            .iter()
-            .any(|(g, _)| name.ends_with(&format!(".{g}.weight")))
-}
-
 /// Convert a BitNet GGUF to another GGUF: ternary tensors are re-packed through their exact
 /// codes (TQ2_0 ↔ TQ1_0 ↔ I2_S; what a target format changes about the scales is reported),
 /// float BitLinear weights are ternarized (absmean per tensor, as BitNet does), the embeddings
@@ -582,7 +499,7 @@ pub fn convert_gguf_to_gguf(
     // Declared after everything its tensor closures borrow, so it is dropped first.
     let mut w = GgufWriter::new();
     for (k, v) in &h.metadata {
-        if k != "general.alignment" {
+        if k != key::ALIGNMENT {
             w.set(k.clone(), v.clone());
         }
     }
@@ -592,9 +509,9 @@ pub fn convert_gguf_to_gguf(
             (t.n_elements() / t.row_len().max(1)) as usize,
         );
         let name = t.name.clone();
-        let is_float_io = matches!(name.as_str(), "token_embd.weight" | "output.weight");
+        let is_float_io = name == names::EMBED.gguf || name == names::LM_HEAD.gguf;
         let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
-        if is_bitlinear(&name) && t.dims.len() == 2 {
+        if names::is_gguf_linear(&name) && t.dims.len() == 2 {
             format.check_shape(rows, cols)?;
             *total.borrow_mut() += tensor_bytes(opts.ternary, &shape);
             let src_format = ternary_format(t.ty);
@@ -705,29 +622,6 @@ pub struct VerifyReport {
     pub max_rel_scale_change: f64,
 }
 
-/// The Hugging Face tensor a GGUF tensor of a converted BitNet model came from.
-fn hf_source(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_sub_norm.weight" => "self_attn.attn_sub_norm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_sub_norm.weight" => "mlp.ffn_sub_norm.weight",
-        _ => {
-            let g = part.strip_suffix(".weight")?;
-            LINEARS.iter().find(|(name, _)| *name == g)?.1
-        }
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
-}
-
 /// Compare a written ternary tensor with the source's codes and scales: codes must be equal,
 /// and every weight's scale within `tol` (relative) of the source's.
 fn check_ternary(name: &str, want: &TernaryMatrix, got: &TernaryMatrix, tol: f64) -> Result<f64> {
@@ -803,11 +697,13 @@ pub fn verify(src: &Path, dst: &Path) -> Result<VerifyReport> {
                 t.row_len() as usize,
                 (t.n_elements() / t.row_len()) as usize,
             );
-            let hf = hf_source(&t.name).ok_or_else(|| {
+            let hf = names::hf_for_gguf(&t.name).ok_or_else(|| {
                 ModelError::Invalid(format!("verify: {} has no source tensor", t.name))
             })?;
             if ternary_format(t.ty).is_some() {
-                let Some((mut want, conv)) = loader.ternary(&hf, rows, cols)? else {
+                // A linear's module: `.weight` and `.weight_scale` hang below it.
+                let hf = hf.strip_suffix(".weight").unwrap_or(&hf);
+                let Some((mut want, conv)) = loader.ternary(hf, rows, cols)? else {
                     return Err(mismatch(&t.name, "type (the source is not ternary)"));
                 };
                 if conv == ScaleConvention::Divide {
@@ -844,7 +740,7 @@ pub fn verify(src: &Path, dst: &Path) -> Result<VerifyReport> {
     }
     let inp = GgufFile::open(src)?;
     for (k, v) in &inp.header.metadata {
-        if k != "general.alignment" && out.header.get(k) != Some(v) {
+        if k != key::ALIGNMENT && out.header.get(k) != Some(v) {
             return Err(mismatch(k, "metadata value"));
         }
     }

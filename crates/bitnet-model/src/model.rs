@@ -123,6 +123,23 @@ pub struct Step {
     pub logits: bool,
 }
 
+/// `FAILPOINTS=model-forward-token=return(ID)`: panic inside a pool share when a step feeds
+/// token `ID` (see [`crate::failpoints_from_env`]).
+#[cfg(feature = "failpoints")]
+fn failpoint_forward_token(steps: &[Step]) {
+    let bad = fail::eval("model-forward-token", |arg| arg?.parse::<u32>().ok()).flatten();
+    if let Some(bad) = bad {
+        bitnet_kernels::pool::current().run_shares(steps.len().min(64), &|i, n| {
+            for st in &steps[bitnet_kernels::pool::share(steps.len(), i, n)] {
+                assert!(
+                    st.token != bad,
+                    "failpoint model-forward-token: token {bad}"
+                );
+            }
+        });
+    }
+}
+
 impl Model {
     pub fn new(
         spec: ModelSpec,
@@ -225,17 +242,17 @@ impl Model {
         if path == "lm_head" {
             return Some(&self.lm_head);
         }
-        let rest = path.strip_prefix("model.layers.")?;
-        let (i, name) = rest.split_once('.')?;
-        let l = self.layers.get(i.parse::<usize>().ok()?)?;
-        Some(match name {
-            "self_attn.q_proj" => &l.q,
-            "self_attn.k_proj" => &l.k,
-            "self_attn.v_proj" => &l.v,
-            "self_attn.o_proj" => &l.o,
-            "mlp.gate_proj" => &l.gate,
-            "mlp.up_proj" => &l.up,
-            "mlp.down_proj" => &l.down,
+        let (i, t) = bitnet_formats::names::parse_hf(path)?;
+        let l = self.layers.get(i)?;
+        use bitnet_formats::names::{DOWN, GATE, K, O, Q, UP, V};
+        Some(match t {
+            Q => &l.q,
+            K => &l.k,
+            V => &l.v,
+            O => &l.o,
+            GATE => &l.gate,
+            UP => &l.up,
+            DOWN => &l.down,
             _ => return None,
         })
     }
@@ -322,6 +339,8 @@ impl Model {
             pos.push(*p);
             *p += 1;
         }
+        #[cfg(feature = "failpoints")]
+        failpoint_forward_token(steps);
         let (hd, qd, kvd, h) = (s.head_dim, s.q_dim(), s.kv_dim(), s.hidden);
         let mut x = vec![0.0f32; n * h];
         for (t, st) in steps.iter().enumerate() {

@@ -7,12 +7,12 @@
 //! whose linear weights are in a float or block-quantized type. One tensor is in memory at a
 //! time and its mapped pages are released behind it.
 
-use crate::convert::{LINEARS, is_bitlinear};
 use crate::error::{ModelError, Result};
 use crate::load::HfLoader;
 use bitnet_core::metrics::{ErrorMetrics, error_metrics};
 use bitnet_core::quant::{Granularity, ternarize};
 use bitnet_formats::gguf::{GgufFile, can_dequantize, dequantize};
+use bitnet_formats::names::{LINEARS, is_gguf_linear};
 use bitnet_formats::safetensors_dir::HfModelDir;
 use std::path::Path;
 
@@ -59,8 +59,8 @@ pub fn report(
         let (loader, spec) = HfLoader::new(&dir)?;
         let total = spec.n_layers * LINEARS.len();
         for i in 0..spec.n_layers {
-            for (j, (_, lin)) in LINEARS.iter().enumerate() {
-                let name = format!("model.layers.{i}.{lin}.weight");
+            for (j, lin) in LINEARS.iter().enumerate() {
+                let name = lin.hf_weight(i);
                 let Some(t) = dir.weights.get(&name) else {
                     return Err(ModelError::MissingTensor(name));
                 };
@@ -91,7 +91,7 @@ pub fn report(
         .header
         .tensors
         .iter()
-        .filter(|t| t.dims.len() == 2 && is_bitlinear(&t.name))
+        .filter(|t| t.dims.len() == 2 && is_gguf_linear(&t.name))
         .collect();
     if names.is_empty() {
         return Err(ModelError::Invalid(format!(

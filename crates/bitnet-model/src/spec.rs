@@ -3,6 +3,7 @@
 use crate::error::{ModelError, Result};
 use bitnet_formats::config::ModelConfig;
 use bitnet_formats::gguf::GgufHeader;
+use bitnet_formats::names::{self, Dims, key};
 
 /// Which transformer block the model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,10 +136,10 @@ impl ModelSpec {
                 .map(|v| v as usize)
                 .ok_or_else(|| ModelError::Invalid(format!("GGUF metadata {arch}.{k} is missing")))
         };
-        let hidden = req("embedding_length")?;
-        let n_heads = req("attention.head_count")?;
+        let hidden = req(key::EMBEDDING_LENGTH)?;
+        let n_heads = req(key::HEAD_COUNT)?;
         let n_kv_heads = h
-            .arch_get("attention.head_count_kv")
+            .arch_get(key::HEAD_COUNT_KV)
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
             .unwrap_or(n_heads);
@@ -148,18 +149,18 @@ impl ModelSpec {
             )));
         }
         let head_dim = h
-            .arch_get("attention.key_length")
+            .arch_get(key::KEY_LENGTH)
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
             .unwrap_or(hidden / n_heads);
-        let vocab = match h.arch_get("vocab_size").and_then(|v| v.as_u64()) {
+        let vocab = match h.arch_get(key::VOCAB_SIZE).and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
             None => h
-                .get("tokenizer.ggml.tokens")
+                .get(key::TOKENS)
                 .and_then(|v| v.as_array())
                 .map(<[_]>::len)
                 .or_else(|| {
-                    h.tensor("token_embd.weight")
+                    h.tensor(names::EMBED.gguf)
                         .map(|t| t.dims.get(1).copied().unwrap_or(0) as usize)
                 })
                 .ok_or_else(|| ModelError::Invalid("cannot tell the vocabulary size".into()))?,
@@ -168,19 +169,19 @@ impl ModelSpec {
             family,
             arch_name: arch.to_string(),
             hidden,
-            intermediate: req("feed_forward_length")?,
-            n_layers: req("block_count")?,
+            intermediate: req(key::FEED_FORWARD_LENGTH)?,
+            n_layers: req(key::BLOCK_COUNT)?,
             n_heads,
             n_kv_heads,
             head_dim,
             vocab,
-            context: req("context_length").unwrap_or(2048),
+            context: req(key::CONTEXT_LENGTH).unwrap_or(2048),
             rms_eps: h
-                .arch_get("attention.layer_norm_rms_epsilon")
+                .arch_get(key::RMS_EPS)
                 .and_then(|v| v.as_f64())
                 .unwrap_or(1e-5) as f32,
             rope_theta: h
-                .arch_get("rope.freq_base")
+                .arch_get(key::ROPE_FREQ_BASE)
                 .and_then(|v| v.as_f64())
                 .unwrap_or(10_000.0) as f32,
             // llama.cpp permutes Q/K of llama models for its pairwise RoPE; no BitNet converter
@@ -195,7 +196,7 @@ impl ModelSpec {
                 "bitnet-b1.58" | "bitnet-25" => Activation::Relu2,
                 _ => Activation::Silu,
             },
-            tied_embeddings: h.tensor("output.weight").is_none(),
+            tied_embeddings: h.tensor(names::LM_HEAD.gguf).is_none(),
         };
         spec.validate()?;
         Ok(spec)
@@ -226,5 +227,15 @@ impl ModelSpec {
 
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
+    }
+
+    /// The sizes the tensor table's shapes are given in.
+    pub fn dims(&self) -> Dims {
+        Dims {
+            hidden: self.hidden,
+            q: self.q_dim(),
+            kv: self.kv_dim(),
+            inter: self.intermediate,
+        }
     }
 }
