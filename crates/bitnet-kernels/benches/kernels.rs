@@ -77,8 +77,8 @@ fn ternary_gemm_64_tokens(b: Bencher, tier: Tier) {
         });
 }
 
-#[divan::bench]
-fn f16_gemv_lm_head(b: Bencher) {
+#[divan::bench(args = tiers())]
+fn f16_gemv_lm_head(b: Bencher, tier: Tier) {
     let (rows, cols) = (128256usize, 2560usize);
     let w: Vec<u8> = (0..rows * cols * 2)
         .map(|i| (i % 97) as u8 & 0x3b)
@@ -87,7 +87,12 @@ fn f16_gemv_lm_head(b: Bencher) {
     let mut o = vec![0f32; rows];
     b.counter(BytesCount::new(w.len())).bench_local(|| {
         for (r, v) in o.iter_mut().enumerate() {
-            *v = dense::dot_f16(&w[r * cols * 2..(r + 1) * cols * 2], &x);
+            *v = dense::dot(
+                tier,
+                dense::DenseType::F16,
+                &w[r * cols * 2..(r + 1) * cols * 2],
+                &x,
+            );
         }
         black_box(&o);
     });

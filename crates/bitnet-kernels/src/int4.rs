@@ -151,6 +151,33 @@ impl Int4Rows {
     }
 }
 
+/// `out[t, r] = (w[r, :] . x_t) / xs[t]` for every token's prepared activations `acts[t]`
+/// (its int8 values, see [`Int4Acts::new`]) and multiplier `xs[t]`, the 4-row groups split
+/// between the pool's threads.
+pub fn gemm_par(
+    pool: &crate::pool::ThreadPool,
+    tier: Tier,
+    w: &Int4Rows,
+    acts: &[Int4Acts],
+    xs: &[f32],
+    out: &mut [f32],
+) {
+    let (rows, n) = (w.rows(), acts.len());
+    assert_eq!(xs.len(), n, "a multiplier per token");
+    assert_eq!(out.len(), n * rows, "{n} tokens of {rows} outputs");
+    crate::pool::par_columns(pool, out, rows, rows, ROWS, &|cols, wr| {
+        for g in cols.start / ROWS..cols.end.div_ceil(ROWS) {
+            let valid = (rows - ROWS * g).min(ROWS);
+            for (t, a) in acts.iter().enumerate() {
+                let mut d = [0.0f32; ROWS];
+                w.group_dot(tier, g, a, &mut d);
+                let run: [f32; ROWS] = std::array::from_fn(|i| d[i] / xs[t]);
+                wr.set_run(t, ROWS * g, &run[..valid]);
+            }
+        }
+    });
+}
+
 /// The scale of one block: starting from Q4_0's `m / -8`, the candidate scales
 /// `m / -(8 + k / 10)` for `k` in `-9..=9` are each refitted by least squares to the codes
 /// they give, and the one with the smallest squared error is kept (the search llama.cpp's
@@ -345,6 +372,26 @@ mod tests {
                         want.map(f32::to_bits),
                         "{tier} {rows}x{cols} group {g}"
                     );
+                }
+            }
+            // The product over tokens: each token's row of outputs is its groups' dots.
+            let pool = crate::pool::ThreadPool::new(2);
+            let xs = [3.0f32, 0.5];
+            let acts2 = [Int4Acts::new(&x, m.blocks()), acts];
+            for tier in crate::cpu::available_tiers() {
+                let mut out = vec![0.0f32; 2 * rows];
+                gemm_par(&pool, tier, &m, &acts2, &xs, &mut out);
+                for (t, a) in acts2.iter().enumerate() {
+                    for g in 0..m.groups() {
+                        let mut d = [0.0f32; 4];
+                        m.group_dot(Tier::Scalar, g, a, &mut d);
+                        for i in 0..(rows - 4 * g).min(4) {
+                            assert_eq!(
+                                out[t * rows + 4 * g + i].to_bits(),
+                                (d[i] / xs[t]).to_bits()
+                            );
+                        }
+                    }
                 }
             }
         }

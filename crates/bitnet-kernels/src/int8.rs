@@ -110,6 +110,61 @@ impl Int8Rows {
     }
 }
 
+/// `out[t, r] = (w[r, :] . xq[t, :]) * scale[r] / xs[t]` for the `n = xs.len()` tokens of `xq`
+/// (`[n, cols]` int8 activations, `xs` their per-token multipliers `127 / max|x|`), the rows
+/// split between the pool's threads; batches take four rows against four tokens per pass (the
+/// same integer sums).
+pub fn gemm_par(
+    pool: &crate::pool::ThreadPool,
+    tier: Tier,
+    w: &Int8Rows,
+    xq: &[i8],
+    xs: &[f32],
+    out: &mut [f32],
+) {
+    let (rows, cols, n) = (w.rows, w.cols, xs.len());
+    assert_eq!(xq.len(), n * cols, "{n} tokens of {cols}");
+    assert_eq!(out.len(), n * rows, "{n} tokens of {rows} outputs");
+    // The unsigned form VNNI multiplies (x + 128), once per product.
+    let xu: Vec<u8> = xq.iter().map(|&v| (v as u8) ^ 0x80).collect();
+    let q = |t: usize| &xq[t * cols..(t + 1) * cols];
+    let u = |t: usize| &xu[t * cols..(t + 1) * cols];
+    let value = |d: i32, r: usize, t: usize| d as f32 * w.scales[r] / xs[t];
+    crate::pool::par_columns(pool, out, rows, rows, 16, &|range, wr| {
+        let mut r = range.start;
+        if n >= 4 {
+            while r + 4 <= range.end {
+                let mut t = 0;
+                while t + 4 <= n {
+                    let d = w.dot_4x4(
+                        tier,
+                        r,
+                        [q(t), q(t + 1), q(t + 2), q(t + 3)],
+                        [u(t), u(t + 1), u(t + 2), u(t + 3)],
+                    );
+                    for (k, dk) in d.iter().enumerate() {
+                        for (j, &v) in dk.iter().enumerate() {
+                            wr.set(t + j, r + k, value(v, r + k, t + j));
+                        }
+                    }
+                    t += 4;
+                }
+                for t in t..n {
+                    for k in r..r + 4 {
+                        wr.set(t, k, value(w.dot(tier, k, q(t), u(t)), k, t));
+                    }
+                }
+                r += 4;
+            }
+        }
+        for r in r..range.end {
+            for t in 0..n {
+                wr.set(t, r, value(w.dot(tier, r, q(t), u(t)), r, t));
+            }
+        }
+    });
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(unsafe_code)]
@@ -225,6 +280,23 @@ mod tests {
             for (k, gk) in got.iter().enumerate() {
                 for (t, &g) in gk.iter().enumerate() {
                     assert_eq!(g, m.dot(tier, 2 + k, &xs[t], &xus[t]), "{tier}");
+                }
+            }
+        }
+        // The product: batches of 1 to 6 tokens give every token its one-row sums, scaled.
+        let pool = crate::pool::ThreadPool::new(2);
+        for n in 1..=6 {
+            let xq: Vec<i8> = (0..n).flat_map(|t| xs[t % 4].clone()).collect();
+            let scales: Vec<f32> = (0..n).map(|t| 1.0 + t as f32).collect();
+            for tier in crate::cpu::available_tiers() {
+                let mut out = vec![0.0f32; n * rows];
+                gemm_par(&pool, tier, &m, &xq, &scales, &mut out);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let d = m.dot(Tier::Scalar, r, &xs[t % 4], &xus[t % 4]);
+                        let want = d as f32 * m.scales[r] / scales[t];
+                        assert_eq!(out[t * rows + r].to_bits(), want.to_bits(), "{tier} n {n}");
+                    }
                 }
             }
         }

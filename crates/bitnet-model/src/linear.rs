@@ -7,11 +7,11 @@
 use crate::error::{ModelError, Result};
 use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, quantize_row_i8};
 use bitnet_formats::gguf::{GgmlType, dequantize_into};
-pub use bitnet_kernels::dense::dot_f32;
+use bitnet_kernels::dense::{self, DenseRows, DenseType};
 use bitnet_kernels::int4::{Int4Acts, Int4Rows};
 use bitnet_kernels::int8::Int8Rows;
 use bitnet_kernels::ternary::{PackedTernary, QuantizedBatch, gemm_par_map};
-use bitnet_kernels::{cpu, dense, pool};
+use bitnet_kernels::{cpu, pool};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
@@ -118,116 +118,39 @@ impl DenseMatrix {
         Ok(dequantize_into("weights", self.ty, raw, out)?)
     }
 
-    /// `out[t, r] = x[t, :] . W[r, :]` for `t` in `0..n`, rows split between the pool's threads.
+    /// `out[t, r] = x[t, :] . W[r, :]` for `t` in `0..n`, rows split between the pool's threads
+    /// (`bitnet_kernels::dense`: F32, F16, Q8_0 and Q4_1 rows in place, each token's numbers
+    /// the same alone or batched; other types dequantized a row at a time).
     pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        debug_assert_eq!(x.len(), n * self.cols);
-        debug_assert_eq!(out.len(), n * self.rows);
-        let pool = pool::current();
-        let cols = self.cols;
-        // Q8_0 / Q4_1 rows are multiplied in their blocks (no dequantized copy), one row alone
-        // or two rows against four tokens with the same sums: a token's numbers do not depend
-        // on its batch.
-        let blocks: Option<(BlockDot, BlockDot2x4)> = match self.ty {
-            GgmlType::Q8_0 if dense::block_dots_available() => {
-                Some((dense::dot_q8_0, dense::dot_q8_0_2x4))
-            }
-            GgmlType::Q4_1 if dense::block_dots_available() => {
-                Some((dense::dot_q4_1, dense::dot_q4_1_2x4))
-            }
+        let (pool, tier) = (pool::current(), cpu::tier());
+        let ty = match self.ty {
+            GgmlType::F32 => Some(DenseType::F32),
+            GgmlType::F16 => Some(DenseType::F16),
+            GgmlType::Q8_0 => Some(DenseType::Q8_0),
+            GgmlType::Q4_1 => Some(DenseType::Q4_1),
             _ => None,
         };
-        pool::par_columns(&pool, out, self.rows, self.rows, 16, &|rows, w| {
-            let mut buf = vec![0.0f32; cols];
-            let mut rows = rows;
-            let row =
-                |r: usize| &self.bytes.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes];
-            let xt = |t: usize| &x[t * cols..(t + 1) * cols];
-            if let Some((one, two_by_four)) = blocks {
-                let one = |r: usize, t: usize| one(row(r), xt(t)).expect("block dots available");
-                while n >= 4 && rows.len() >= 2 {
-                    let r = rows.start;
-                    let mut t = 0;
-                    while t + 4 <= n {
-                        let v = two_by_four(
-                            [row(r), row(r + 1)],
-                            [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)],
-                        )
-                        .expect("block dots available");
-                        for (k, tk) in (t..t + 4).enumerate() {
-                            w.set(tk, r, v[0][k]);
-                            w.set(tk, r + 1, v[1][k]);
-                        }
-                        t += 4;
-                    }
-                    for t in t..n {
-                        w.set(t, r, one(r, t));
-                        w.set(t, r + 1, one(r + 1, t));
-                    }
-                    rows.start += 2;
-                }
-                for r in rows {
-                    for t in 0..n {
-                        w.set(t, r, one(r, t));
-                    }
-                }
-                return;
-            }
-            if self.ty == GgmlType::F16 {
-                // Four rows at a time share each activation load (bitwise the same sums).
-                // Batches take four tokens at a time too (each weight widened once per four
-                // tokens); every (row, token) sum is bitwise the one-token result.
-                while rows.len() >= 4 {
-                    let r = rows.start;
-                    let ws = [row(r), row(r + 1), row(r + 2), row(r + 3)];
-                    let mut t = 0;
-                    while t + 4 <= n {
-                        let v = dense::dot_f16_4x4(ws, [xt(t), xt(t + 1), xt(t + 2), xt(t + 3)]);
-                        for (k, tk) in (t..t + 4).enumerate() {
-                            w.set_run(tk, r, &v.map(|row| row[k]));
-                        }
-                        t += 4;
-                    }
-                    for t in t..n {
-                        w.set_run(t, r, &dense::dot_f16_x4(ws, xt(t)));
-                    }
-                    rows.start += 4;
-                }
-            }
-            for r in rows {
-                let raw = &self.bytes.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes];
-                let f32_row: Option<&[f32]> = if self.ty == GgmlType::F32 {
-                    bytemuck::try_cast_slice(raw).ok()
-                } else {
-                    None
-                };
-                for t in 0..n {
-                    let xt = &x[t * cols..(t + 1) * cols];
-                    // Other types: a row is dequantized once and reused for every token.
-                    let v = match (self.ty, f32_row) {
-                        (GgmlType::F16, _) => dense::dot_f16(raw, xt),
-                        (_, Some(row)) => dense::dot_f32(row, xt),
-                        _ => {
-                            if t == 0 {
-                                self.row_into(r, &mut buf);
-                            }
-                            dense::dot_f32(&buf, xt)
-                        }
-                    };
-                    w.set(t, r, v);
-                }
-            }
-        });
+        let rows =
+            ty.and_then(|ty| DenseRows::new(ty, self.rows, self.cols, self.bytes.as_slice()));
+        match rows {
+            Some(w) => dense::gemm_par(&pool, tier, &w, x, n, &mut out[..n * self.rows]),
+            None => dense::gemm_par_rows(
+                &pool,
+                tier,
+                self.rows,
+                self.cols,
+                &|r, buf| self.row_into(r, buf),
+                x,
+                n,
+                &mut out[..n * self.rows],
+            ),
+        }
     }
 
     pub fn bytes(&self) -> usize {
         self.bytes.as_slice().len()
     }
 }
-
-/// A one-row block dot ([`dense::dot_q8_0`], [`dense::dot_q4_1`]).
-type BlockDot = fn(&[u8], &[f32]) -> Option<f32>;
-/// Its two-rows-by-four-tokens form.
-type BlockDot2x4 = fn([&[u8]; 2], [&[f32]; 4]) -> Option<[[f32; 4]; 2]>;
 
 /// Exact int8 × ternary dot product.
 #[inline]
@@ -436,67 +359,29 @@ impl TernaryLinear {
     }
 }
 
+/// Each token of `x` (`[n, cols]`) quantized to int8 on its own (transformers' absmax), with its
+/// multiplier `127 / max|x|`.
+fn quantize_tokens(x: &[f32], n: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut xq = vec![0i8; n * cols];
+    let xs = (0..n)
+        .map(|t| {
+            let row = t * cols..(t + 1) * cols;
+            quantize_row_i8(&x[row.clone()], &mut xq[row]).expect("row length matches")
+        })
+        .collect();
+    (xq, xs)
+}
+
 /// Int8 weights with a scale per row (the compact lm_head), times per-token int8 activations.
 pub fn int8_matmul(w: &Int8Rows, x: &[f32], n: usize, out: &mut [f32]) {
-    let cols = w.cols();
-    let mut xq = vec![0i8; n * cols];
-    let mut xs = Vec::with_capacity(n);
-    for t in 0..n {
-        xs.push(
-            quantize_row_i8(
-                &x[t * cols..(t + 1) * cols],
-                &mut xq[t * cols..(t + 1) * cols],
-            )
-            .expect("row length matches"),
-        );
-    }
-    let xu: Vec<u8> = xq.iter().map(|&v| (v as u8) ^ 0x80).collect();
-    let tier = cpu::tier();
-    pool::par_columns(
+    let (xq, xs) = quantize_tokens(x, n, w.cols());
+    bitnet_kernels::int8::gemm_par(
         &pool::current(),
-        out,
-        w.rows(),
-        w.rows(),
-        16,
-        &|rows, wr| {
-            let q = |t: usize| &xq[t * cols..(t + 1) * cols];
-            let u = |t: usize| &xu[t * cols..(t + 1) * cols];
-            let mut rows = rows;
-            // Batches: four rows against four tokens per pass (the same integer sums).
-            if n >= 4 {
-                while rows.len() >= 4 {
-                    let r = rows.start;
-                    let mut t = 0;
-                    while t + 4 <= n {
-                        let d = w.dot_4x4(
-                            tier,
-                            r,
-                            [q(t), q(t + 1), q(t + 2), q(t + 3)],
-                            [u(t), u(t + 1), u(t + 2), u(t + 3)],
-                        );
-                        for (k, dk) in d.iter().enumerate() {
-                            for (j, &v) in dk.iter().enumerate() {
-                                wr.set(t + j, r + k, v as f32 * w.scales[r + k] / xs[t + j]);
-                            }
-                        }
-                        t += 4;
-                    }
-                    for (t, &s) in xs.iter().enumerate().skip(t) {
-                        for k in r..r + 4 {
-                            let d = w.dot(tier, k, q(t), u(t));
-                            wr.set(t, k, d as f32 * w.scales[k] / s);
-                        }
-                    }
-                    rows.start += 4;
-                }
-            }
-            for r in rows {
-                for (t, &s) in xs.iter().enumerate() {
-                    let d = w.dot(tier, r, q(t), u(t));
-                    wr.set(t, r, d as f32 * w.scales[r] / s);
-                }
-            }
-        },
+        cpu::tier(),
+        w,
+        &xq,
+        &xs,
+        &mut out[..n * w.rows()],
     );
 }
 
@@ -504,28 +389,18 @@ pub fn int8_matmul(w: &Int8Rows, x: &[f32], n: usize, out: &mut [f32]) {
 /// activations.
 pub fn int4_matmul(w: &Int4Rows, x: &[f32], n: usize, out: &mut [f32]) {
     let cols = w.cols();
-    let mut acts = Vec::with_capacity(n);
-    let mut xs = Vec::with_capacity(n);
-    let mut xq = vec![0i8; cols];
-    for t in 0..n {
-        xs.push(
-            quantize_row_i8(&x[t * cols..(t + 1) * cols], &mut xq).expect("row length matches"),
-        );
-        acts.push(Int4Acts::new(&xq, w.blocks()));
-    }
-    let tier = cpu::tier();
-    let rows = w.rows();
-    pool::par_columns(&pool::current(), out, rows, rows, 4, &|cols, wr| {
-        for g in cols.start / 4..cols.end.div_ceil(4) {
-            let valid = (rows - 4 * g).min(4);
-            for (t, a) in acts.iter().enumerate() {
-                let mut d = [0.0f32; 4];
-                w.group_dot(tier, g, a, &mut d);
-                let run: [f32; 4] = std::array::from_fn(|i| d[i] / xs[t]);
-                wr.set_run(t, 4 * g, &run[..valid]);
-            }
-        }
-    });
+    let (xq, xs) = quantize_tokens(x, n, cols);
+    let acts: Vec<Int4Acts> = (0..n)
+        .map(|t| Int4Acts::new(&xq[t * cols..(t + 1) * cols], w.blocks()))
+        .collect();
+    bitnet_kernels::int4::gemm_par(
+        &pool::current(),
+        cpu::tier(),
+        w,
+        &acts,
+        &xs,
+        &mut out[..n * w.rows()],
+    );
 }
 
 /// Any linear layer of a model.
