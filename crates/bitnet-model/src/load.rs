@@ -8,6 +8,7 @@ use bitnet_core::packed::{self, PackedTensor, TernaryFormat};
 use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, ternarize_read};
 use bitnet_core::reduce::TorchReduce;
 use bitnet_formats::gguf::{GgmlType, GgufFile, TensorInfo};
+use bitnet_formats::names::{self, LayerTensor};
 use bitnet_formats::safetensors_dir::{Dtype, HfModelDir, StTensorInfo};
 use bitnet_formats::tokenizer::TextTokenizer;
 use std::path::Path;
@@ -49,10 +50,11 @@ enum HfQuant {
     None,
     /// Float master weights, ternarized at load (`quantization_mode: online`).
     Online,
-    /// Packed uint8 `[out/4, in]` + `weight_scale` (2B-4T, `linear_class: bitlinear`).
-    Packed(ScaleConvention),
-    /// Ternary values stored as floats + `weight_scale` (`autobitlinear`, offline).
-    TernaryFloat(ScaleConvention),
+    /// Ternary weights stored with a `weight_scale` (`quantization_mode: offline`), applied as
+    /// the class says (`bitlinear` divides, `autobitlinear` multiplies). Each weight is read as
+    /// it is stored, as transformers' loader does: packed uint8 `[out/4, in]` (the 2B-4T
+    /// layout, four rows per byte) or ternary values as floats `[out, in]`.
+    Offline(ScaleConvention),
 }
 
 pub(crate) struct HfLoader<'a> {
@@ -160,40 +162,48 @@ impl HfLoader<'_> {
                 }
                 Ok(Some((m, ScaleConvention::Multiply)))
             }
-            HfQuant::Packed(conv) => {
+            HfQuant::Offline(conv) => {
                 let t = self.info(&wname)?;
-                if t.dtype != Dtype::U8 || t.shape != [rows.div_ceil(4), cols] {
-                    return Err(ModelError::Shape {
-                        name: wname,
-                        expected: vec![rows.div_ceil(4), cols],
-                        found: t.shape.clone(),
-                    });
-                }
-                let scale = self.scale(module)?;
-                let p = PackedTensor {
-                    format: TernaryFormat::HfPacked,
-                    rows,
-                    cols,
-                    data: self.dir.weights.bytes(t).to_vec(),
-                    scale: Some(scale),
+                let m = if t.dtype == Dtype::U8 {
+                    if t.shape != [rows.div_ceil(4), cols] {
+                        return Err(ModelError::Shape {
+                            name: wname,
+                            expected: vec![rows.div_ceil(4), cols],
+                            found: t.shape.clone(),
+                        });
+                    }
+                    let p = PackedTensor {
+                        format: TernaryFormat::HfPacked,
+                        rows,
+                        cols,
+                        data: self.dir.weights.bytes(t).to_vec(),
+                        scale: Some(self.scale(module)?),
+                    };
+                    packed::unpack(&p)?
+                } else {
+                    let w = self.dense(&wname, rows, cols)?;
+                    let mut codes = Vec::with_capacity(rows * cols);
+                    let mut row = vec![0.0f32; cols];
+                    for r in 0..rows {
+                        w.row_into(r, &mut row);
+                        for (c, &v) in row.iter().enumerate() {
+                            if v != -1.0 && v != 0.0 && v != 1.0 {
+                                return Err(ModelError::Invalid(format!(
+                                    "{wname}[{r}, {c}] is {v}: an offline BitNet checkpoint stores \
+                                     ternary values (-1, 0, 1) or packed uint8 codes"
+                                )));
+                            }
+                            codes.push(v as i8);
+                        }
+                    }
+                    TernaryMatrix::new(
+                        rows,
+                        cols,
+                        codes,
+                        Granularity::PerTensor,
+                        vec![self.scale(module)?],
+                    )?
                 };
-                Ok(Some((packed::unpack(&p)?, conv)))
-            }
-            HfQuant::TernaryFloat(conv) => {
-                let w = self.dense(&wname, rows, cols)?;
-                let mut codes = Vec::with_capacity(rows * cols);
-                let mut row = vec![0.0f32; cols];
-                for r in 0..rows {
-                    w.row_into(r, &mut row);
-                    codes.extend(row.iter().map(|&v| v as i8));
-                }
-                let m = TernaryMatrix::new(
-                    rows,
-                    cols,
-                    codes,
-                    Granularity::PerTensor,
-                    vec![self.scale(module)?],
-                )?;
                 Ok(Some((m, conv)))
             }
         }
@@ -228,11 +238,10 @@ fn hf_quant(dir: &HfModelDir) -> Result<(HfQuant, Vec<String>)> {
             let conv = ScaleConvention::from_linear_class(
                 q.linear_class.as_deref().unwrap_or("bitlinear"),
             )?;
-            let online = q.quantization_mode.as_deref() == Some("online");
-            let mode = match (online, conv) {
-                (true, _) => HfQuant::Online,
-                (false, ScaleConvention::Divide) => HfQuant::Packed(conv),
-                (false, ScaleConvention::Multiply) => HfQuant::TernaryFloat(conv),
+            let mode = if q.quantization_mode.as_deref() == Some("online") {
+                HfQuant::Online
+            } else {
+                HfQuant::Offline(conv)
             };
             (
                 mode,
@@ -250,40 +259,54 @@ fn hf_quant(dir: &HfModelDir) -> Result<(HfQuant, Vec<String>)> {
     })
 }
 
+/// A model's layers from its tensors, named by the table: `vector(tensor, layer, len)` and
+/// `linear(tensor, layer, rows, cols)` read one from the file at hand.
+fn build_layers(
+    s: &ModelSpec,
+    vector: impl Fn(&LayerTensor, usize, usize) -> Result<Vec<f32>>,
+    linear: impl Fn(&LayerTensor, usize, usize, usize) -> Result<Linear>,
+) -> Result<Vec<Layer>> {
+    let d = s.dims();
+    let bitnet = s.family == Family::BitNet;
+    (0..s.n_layers)
+        .map(|i| {
+            let v = |t: LayerTensor| vector(&t, i, d.get(t.rows));
+            let lin = |t: LayerTensor| linear(&t, i, d.get(t.rows), t.cols.map_or(0, |c| d.get(c)));
+            let sub = |t: LayerTensor| bitnet.then(|| v(t)).transpose();
+            Ok(Layer {
+                attn_norm: v(names::ATTN_NORM)?,
+                q: lin(names::Q)?,
+                k: lin(names::K)?,
+                v: lin(names::V)?,
+                o: lin(names::O)?,
+                attn_sub_norm: sub(names::ATTN_SUB_NORM)?,
+                ffn_norm: v(names::FFN_NORM)?,
+                gate: lin(names::GATE)?,
+                up: lin(names::UP)?,
+                down: lin(names::DOWN)?,
+                ffn_sub_norm: sub(names::FFN_SUB_NORM)?,
+            })
+        })
+        .collect()
+}
+
 fn load_hf(path: &Path) -> Result<LoadedModel> {
     let dir = HfModelDir::open(path)?;
     let (l, spec) = HfLoader::new(&dir)?;
     let quant = l.quant;
     let s = &spec;
-    let mut layers = Vec::with_capacity(s.n_layers);
-    for i in 0..s.n_layers {
-        let p = format!("model.layers.{i}");
-        let bitnet = s.family == Family::BitNet;
-        layers.push(Layer {
-            attn_norm: l.vector(&format!("{p}.input_layernorm.weight"), s.hidden)?,
-            q: l.linear(&format!("{p}.self_attn.q_proj"), s.q_dim(), s.hidden)?,
-            k: l.linear(&format!("{p}.self_attn.k_proj"), s.kv_dim(), s.hidden)?,
-            v: l.linear(&format!("{p}.self_attn.v_proj"), s.kv_dim(), s.hidden)?,
-            o: l.linear(&format!("{p}.self_attn.o_proj"), s.hidden, s.q_dim())?,
-            attn_sub_norm: bitnet
-                .then(|| l.vector(&format!("{p}.self_attn.attn_sub_norm.weight"), s.q_dim()))
-                .transpose()?,
-            ffn_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), s.hidden)?,
-            gate: l.linear(&format!("{p}.mlp.gate_proj"), s.intermediate, s.hidden)?,
-            up: l.linear(&format!("{p}.mlp.up_proj"), s.intermediate, s.hidden)?,
-            down: l.linear(&format!("{p}.mlp.down_proj"), s.hidden, s.intermediate)?,
-            ffn_sub_norm: bitnet
-                .then(|| l.vector(&format!("{p}.mlp.ffn_sub_norm.weight"), s.intermediate))
-                .transpose()?,
-        });
-    }
-    let embed = l.dense("model.embed_tokens.weight", s.vocab, s.hidden)?;
-    let lm_head = if s.tied_embeddings || dir.weights.get("lm_head.weight").is_none() {
+    let layers = build_layers(
+        s,
+        |t, i, n| l.vector(&t.hf_weight(i), n),
+        |t, i, rows, cols| l.linear(&t.hf_module(i), rows, cols),
+    )?;
+    let embed = l.dense(names::EMBED.hf, s.vocab, s.hidden)?;
+    let lm_head = if s.tied_embeddings || dir.weights.get(names::LM_HEAD.hf).is_none() {
         Linear::Dense(embed.clone())
     } else {
-        Linear::Dense(l.dense("lm_head.weight", s.vocab, s.hidden)?)
+        Linear::Dense(l.dense(names::LM_HEAD.hf, s.vocab, s.hidden)?)
     };
-    let norm = l.vector("model.norm.weight", s.hidden)?;
+    let norm = l.vector(names::OUTPUT_NORM.hf, s.hidden)?;
     let tokenizer = dir
         .tokenizer_json()
         .map(TextTokenizer::from_file)
@@ -402,37 +425,20 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let spec = ModelSpec::from_gguf(&f.header)?;
     let l = GgufLoader { f: &f };
     let s = &spec;
-    let bitnet = s.family == Family::BitNet;
-    let mut layers = Vec::with_capacity(s.n_layers);
-    for i in 0..s.n_layers {
-        let p = format!("blk.{i}");
-        layers.push(Layer {
-            attn_norm: l.vector(&format!("{p}.attn_norm.weight"), s.hidden)?,
-            q: l.linear(&format!("{p}.attn_q.weight"), s.q_dim(), s.hidden)?,
-            k: l.linear(&format!("{p}.attn_k.weight"), s.kv_dim(), s.hidden)?,
-            v: l.linear(&format!("{p}.attn_v.weight"), s.kv_dim(), s.hidden)?,
-            o: l.linear(&format!("{p}.attn_output.weight"), s.hidden, s.q_dim())?,
-            attn_sub_norm: bitnet
-                .then(|| l.vector(&format!("{p}.attn_sub_norm.weight"), s.q_dim()))
-                .transpose()?,
-            ffn_norm: l.vector(&format!("{p}.ffn_norm.weight"), s.hidden)?,
-            gate: l.linear(&format!("{p}.ffn_gate.weight"), s.intermediate, s.hidden)?,
-            up: l.linear(&format!("{p}.ffn_up.weight"), s.intermediate, s.hidden)?,
-            down: l.linear(&format!("{p}.ffn_down.weight"), s.hidden, s.intermediate)?,
-            ffn_sub_norm: bitnet
-                .then(|| l.vector(&format!("{p}.ffn_sub_norm.weight"), s.intermediate))
-                .transpose()?,
-        });
-    }
-    let embed = l.dense("token_embd.weight", s.vocab, s.hidden)?;
-    let lm_head = match f.header.tensor("output.weight") {
-        Some(_) => l.linear("output.weight", s.vocab, s.hidden)?,
+    let layers = build_layers(
+        s,
+        |t, i, n| l.vector(&t.gguf_weight(i), n),
+        |t, i, rows, cols| l.linear(&t.gguf_weight(i), rows, cols),
+    )?;
+    let embed = l.dense(names::EMBED.gguf, s.vocab, s.hidden)?;
+    let lm_head = match f.header.tensor(names::LM_HEAD.gguf) {
+        Some(_) => l.linear(names::LM_HEAD.gguf, s.vocab, s.hidden)?,
         None => Linear::Dense(embed.clone()),
     };
-    let norm = l.vector("output_norm.weight", s.hidden)?;
+    let norm = l.vector(names::OUTPUT_NORM.gguf, s.hidden)?;
     let tokenizer = match TextTokenizer::from_gguf(&f.header) {
         Ok(t) => Some(t),
-        Err(_) if f.header.get("tokenizer.ggml.model").is_none() => None,
+        Err(_) if f.header.get(names::key::TOKENIZER_MODEL).is_none() => None,
         Err(e) => return Err(e.into()),
     };
     let description = format!(

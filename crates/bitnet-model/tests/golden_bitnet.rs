@@ -64,16 +64,29 @@ impl Golden {
 
 const MODELS: [&str; 2] = ["tiny-bitnet-a", "tiny-bitnet-b"];
 
+/// Every (model, form) with a golden: both models packed (`bitlinear`, uint8) and float
+/// (`autobitlinear`, online), and model a as an offline `autobitlinear` checkpoint (uint8 packed
+/// weights whose `weight_scale` multiplies, which transformers' `AutoBitLinear` unpacks at load:
+/// `scripts/golden/make_autobitlinear_golden.py`).
+fn forms(name: &str) -> &'static [&'static str] {
+    if name == "tiny-bitnet-a" {
+        &["packed", "float", "autobitlinear"]
+    } else {
+        &["packed", "float"]
+    }
+}
+
 /// Every BitLinear: the int8 activations and their scale bit for bit; the output bit for bit in the
 /// packed form (transformers computes `f32(dot) / f32(weight_scale * input_scale)` with an exact
 /// integer dot, and so do we). The float form's output comes from a float GEMM over dequantized
-/// values (MKL), whose summation order no formula reproduces: there the bound is the GEMM's own
+/// values (MKL), whose summation order no formula reproduces (as in the offline `autobitlinear`
+/// form, `F.linear(ActQuant(x), codes) * weight_scale`): there the bound is the GEMM's own
 /// rounding error, `n * eps * sum|x_i w_i|` with n = 4 accumulation roundings of slack, which is
 /// 2x the largest error the generator measured for transformers against the exact dot (2.4).
 #[test]
 fn every_bitlinear_matches_transformers() {
     for name in MODELS {
-        for form in ["packed", "float"] {
+        for &form in forms(name) {
             let g = Golden::open(&format!("{name}-{form}"));
             let m = load(root().join(format!("testdata/models/{name}-{form}"))).unwrap();
             let modules = g.modules();
@@ -154,7 +167,7 @@ fn logits_and_greedy_tokens_match_transformers() {
             .as_f64()
             .expect("spread recorded") as f32;
         let tol = spread.max(1e-4);
-        for form in ["packed", "float"] {
+        for &form in forms(name) {
             let g = Golden::open(&format!("{name}-{form}"));
             let m = load(root().join(format!("testdata/models/{name}-{form}"))).unwrap();
             let ids: Vec<u32> = g.i64("ids").iter().map(|&v| v as u32).collect();
