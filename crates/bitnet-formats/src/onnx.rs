@@ -7,7 +7,8 @@
 //! for safetensors and GGUF. Only the fields needed are read (`onnx/onnx.proto`: ModelProto 1
 //! ir_version, 2 producer_name, 7 graph, 8 opset_import; GraphProto 1 node, 5 initializer;
 //! NodeProto 1 input, 3 name, 4 op_type; TensorProto 1 dims, 2 data_type, 4 float_data,
-//! 8 name, 9 raw_data, 13 external_data, 14 data_location); every other field, node attributes
+//! 8 name, 9 raw_data, 13 external_data, 14 data_location; NodeProto 9 and ValueInfoProto 4
+//! metadata_props, GraphProto 13 value_info); every other field, node attributes
 //! (and so subgraphs) included, is skipped by its wire type without being parsed. Every length
 //! is checked against the bytes left, and external data locations must be plain file names in
 //! the model's directory.
@@ -18,6 +19,15 @@
 //! (`onnx::MatMul_123`, shape `[in, out]`) are named from the node's module path
 //! (`/model/layers.0/self_attn/q_proj/MatMul` → `model.layers.0.self_attn.q_proj.weight`) and
 //! transposed back into memory.
+//!
+//! torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`, the default since torch 2.9)
+//! names nodes `node_linear_3` and folds each Linear's transpose into an initializer `val_76`
+//! (`[in, out]`, a `MatMul` operand); the parameter it came from is in the metadata instead:
+//! the value's `pkg.onnxscript.optimizer.folded_from` (`['model.layers.0.self_attn.q_proj.weight']`),
+//! else the node's `pkg.torch.onnx.name_scopes`, whose second-to-last scope is the module
+//! (`[..., 'model.layers.0.self_attn.q_proj', 'linear']`). A tied embedding is exported once,
+//! as `lm_head.weight`; the initializer a `Gather` reads rows of is also named
+//! `model.embed_tokens.weight` when no initializer has that name.
 
 use crate::error::{FormatError, Result, io_err};
 use crate::safetensors_dir::{Dtype, SafetensorsSet, StTensorInfo};
@@ -49,6 +59,8 @@ pub struct OnnxNode {
     pub name: String,
     pub op_type: String,
     pub inputs: Vec<String>,
+    /// The dynamo exporter's `pkg.torch.onnx.name_scopes` (a Python list literal).
+    pub name_scopes: Option<String>,
 }
 
 /// A parsed ONNX model over its mapped files.
@@ -61,6 +73,9 @@ pub struct OnnxModel {
     pub opset: i64,
     pub initializers: Vec<OnnxTensor>,
     pub nodes: Vec<OnnxNode>,
+    /// Value name → the `pkg.onnxscript.optimizer.folded_from` of its value_info (the
+    /// parameters a constant-folded initializer was computed from, as a Python list literal).
+    pub folded_from: HashMap<String, String>,
     files: Vec<Arc<MappedFile>>,
 }
 
@@ -166,6 +181,46 @@ struct RawTensor {
     location_external: bool,
 }
 
+/// The metadata key of a dynamo export's node module scopes.
+const NAME_SCOPES: &str = "pkg.torch.onnx.name_scopes";
+/// The metadata key naming the parameters a folded constant came from.
+const FOLDED_FROM: &str = "pkg.onnxscript.optimizer.folded_from";
+
+/// A `StringStringEntryProto` (1 key, 2 value).
+fn string_entry(
+    b: &[u8],
+    r: Range<usize>,
+) -> std::result::Result<Option<(String, String)>, String> {
+    let (mut k, mut v) = (None, String::new());
+    let mut w = Wire::new(&b[r.clone()], r.start);
+    while let Some((f, val)) = w.next()? {
+        match (f, val) {
+            (1, Field::Bytes(q)) => k = Some(text(b, &q, "metadata key")?),
+            (2, Field::Bytes(q)) => v = text(b, &q, "metadata value")?,
+            _ => {}
+        }
+    }
+    Ok(k.map(|k| (k, v)))
+}
+
+/// The quoted strings of a Python list literal of strings (`['a', 'b']`), as the exporters write
+/// their list-valued metadata; `None` when it is not one.
+fn py_strings(s: &str) -> Option<Vec<&str>> {
+    let inner = s.trim().strip_prefix('[')?.strip_suffix(']')?.trim();
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    inner
+        .split(',')
+        .map(|p| {
+            let p = p.trim();
+            p.strip_prefix('\'')
+                .and_then(|q| q.strip_suffix('\''))
+                .or_else(|| p.strip_prefix('"').and_then(|q| q.strip_suffix('"')))
+        })
+        .collect()
+}
+
 fn parse_tensor(b: &[u8], r: Range<usize>) -> std::result::Result<RawTensor, String> {
     let mut t = RawTensor::default();
     let mut w = Wire::new(&b[r.clone()], r.start);
@@ -225,6 +280,7 @@ impl OnnxModel {
             opset: 0,
             initializers: Vec::new(),
             nodes: Vec::new(),
+            folded_from: HashMap::new(),
             files: Vec::new(),
         };
         let mut graph = None;
@@ -273,12 +329,41 @@ impl OnnxModel {
                             (4, Field::Bytes(q)) => {
                                 node.op_type = text(b, &q, "op_type").map_err(&err)?
                             }
+                            (9, Field::Bytes(q)) => {
+                                if let Some((k, v)) = string_entry(b, q).map_err(&err)?
+                                    && k == NAME_SCOPES
+                                {
+                                    node.name_scopes = Some(v);
+                                }
+                            }
                             _ => {}
                         }
                     }
                     model.nodes.push(node);
                 }
                 (5, Field::Bytes(r)) => raw.push(parse_tensor(b, r).map_err(&err)?),
+                (13, Field::Bytes(r)) => {
+                    let (mut name, mut folded) = (String::new(), None);
+                    let mut vw = Wire::new(&b[r.clone()], r.start);
+                    while let Some((vf, vv)) = vw.next().map_err(&err)? {
+                        match (vf, vv) {
+                            (1, Field::Bytes(q)) => {
+                                name = text(b, &q, "value name").map_err(&err)?
+                            }
+                            (4, Field::Bytes(q)) => {
+                                if let Some((k, v)) = string_entry(b, q).map_err(&err)?
+                                    && k == FOLDED_FROM
+                                {
+                                    folded = Some(v);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(f) = folded {
+                        model.folded_from.insert(name, f);
+                    }
+                }
                 _ => {}
             }
         }
@@ -383,7 +468,7 @@ impl OnnxModel {
             if t.dims.len() != 2 || t.name.ends_with(".weight") {
                 continue;
             }
-            let Some(module) = module_path(&node.name) else {
+            let Some(weight) = self.matmul_weight_name(node, &t.name) else {
                 continue;
             };
             let (k, n) = (t.dims[0], t.dims[1]);
@@ -402,7 +487,7 @@ impl OnnxModel {
                 out,
             )));
             tensors.push(StTensorInfo {
-                name: format!("{module}.weight"),
+                name: weight,
                 dtype: dtype(t),
                 shape: vec![n, k],
                 shard: shards.len() - 1,
@@ -422,7 +507,46 @@ impl OnnxModel {
                 range: t.range.clone(),
             });
         }
+        // A tied embedding exported once under the head's name: the matrix a Gather reads rows
+        // of is the embedding too.
+        const EMBED: &str = "model.embed_tokens.weight";
+        if !tensors.iter().any(|x| x.name == EMBED) {
+            let gathered = self.nodes.iter().find_map(|n| {
+                let data = n.inputs.first()?;
+                let t = tensors
+                    .iter()
+                    .find(|x| &x.name == data && x.shape.len() == 2)?;
+                (n.op_type == "Gather").then(|| t.clone())
+            });
+            if let Some(t) = gathered {
+                tensors.push(StTensorInfo {
+                    name: EMBED.into(),
+                    ..t
+                });
+            }
+        }
         SafetensorsSet::from_parts(shards, tensors)
+    }
+
+    /// The Hugging Face name of the weight a `MatMul` reads as `initializer` (stored `[in, out]`).
+    fn matmul_weight_name(&self, node: &OnnxNode, initializer: &str) -> Option<String> {
+        // Dynamo export: the folded constant names its parameter...
+        if let Some(from) = self.folded_from.get(initializer)
+            && let Some([p]) = py_strings(from).as_deref()
+            && p.ends_with(".weight")
+        {
+            return Some((*p).to_string());
+        }
+        // ...or the node's scopes name the module (the last scope is the op itself).
+        if let Some(scopes) = &node.name_scopes
+            && let Some(s) = py_strings(scopes)
+            && s.len() >= 2
+            && !s[s.len() - 2].is_empty()
+        {
+            return Some(format!("{}.weight", s[s.len() - 2]));
+        }
+        // TorchScript export: the node name is the module path.
+        module_path(&node.name).map(|m| format!("{m}.weight"))
     }
 }
 

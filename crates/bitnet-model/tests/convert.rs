@@ -43,52 +43,49 @@ fn synthetic_packed_dir(dir: &std::path::Path) {
             .flat_map(|x| x.to_le_bytes())
             .collect::<Vec<u8>>()
     };
+    use bitnet_formats::names;
     tensors.push((
-        "model.embed_tokens.weight".into(),
+        names::EMBED.hf.into(),
         Dtype::F32,
         vec![vocab, h],
         f32s((0..vocab * h).map(|_| (rnd() - 0.5) * 2.0).collect()),
     ));
     tensors.push((
-        "model.norm.weight".into(),
+        names::OUTPUT_NORM.hf.into(),
         Dtype::F32,
         vec![h],
         f32s((0..h).map(|_| 1.0 + (rnd() - 0.5) * 0.2).collect()),
     ));
+    let d = names::Dims {
+        hidden: h,
+        q: h,
+        kv: kv * hd,
+        inter,
+    };
     for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (n, len) in [
-            ("input_layernorm", h),
-            ("post_attention_layernorm", h),
-            ("self_attn.attn_sub_norm", h),
-            ("mlp.ffn_sub_norm", inter),
-        ] {
-            tensors.push((
-                format!("{p}.{n}.weight"),
-                Dtype::F32,
-                vec![len],
-                f32s((0..len).map(|_| 1.0 + (rnd() - 0.5) * 0.2).collect()),
-            ));
-        }
-        for (n, rows, cols) in [
-            ("self_attn.q_proj", h, h),
-            ("self_attn.k_proj", kv * hd, h),
-            ("self_attn.v_proj", kv * hd, h),
-            ("self_attn.o_proj", h, h),
-            ("mlp.gate_proj", inter, h),
-            ("mlp.up_proj", inter, h),
-            ("mlp.down_proj", h, inter),
-        ] {
+        for t in names::LAYER {
+            let shape = t.shape(&d);
+            let Some(cols) = t.cols.map(|c| d.get(c)) else {
+                let len = shape[0];
+                tensors.push((
+                    t.hf_weight(l),
+                    Dtype::F32,
+                    shape,
+                    f32s((0..len).map(|_| 1.0 + (rnd() - 0.5) * 0.2).collect()),
+                ));
+                continue;
+            };
+            let rows = d.get(t.rows);
             let codes: Vec<i8> = (0..rows * cols).map(|_| (rnd() * 3.0) as i8 - 1).collect();
             tensors.push((
-                format!("{p}.{n}.weight"),
+                t.hf_weight(l),
                 Dtype::U8,
                 vec![rows / 4, cols],
                 hf::pack(&codes, rows, cols).unwrap(),
             ));
             // BitLinear divides by weight_scale: 1 / mean|W| for weights of mean magnitude ~0.03.
             tensors.push((
-                format!("{p}.{n}.weight_scale"),
+                format!("{}_scale", t.hf_weight(l)),
                 Dtype::F32,
                 vec![1],
                 f32s(vec![30.0 + rnd() * 10.0]),
@@ -322,36 +319,63 @@ fn tq_files_read_back_in_gguf_py_as_transformers_ternarized_them() {
     }
 }
 
-/// An ONNX export of tiny-bitnet-c (`scripts/golden/make_onnx_model.py`: torch.onnx's TorchScript
-/// exporter, every Linear weight stored transposed under a generated name, all initializers in
-/// an external data file) loads and converts exactly like the safetensors directory it came
-/// from: the same GGUF bytes, the same greedy tokens.
+/// ONNX exports of tiny-bitnet-c load and convert exactly like the safetensors directory they
+/// came from: the same GGUF bytes, the same greedy tokens. Two exporters:
+/// - `scripts/golden/make_onnx_model.py`: torch.onnx's TorchScript exporter, every Linear weight
+///   stored transposed under a generated name (`onnx::MatMul_123`), named by the node path;
+/// - `scripts/golden/make_onnx_dynamo_model.py`: the dynamo exporter (the default since torch 2.9),
+///   weights folded into `val_N` initializers named only in the metadata, the tied embedding
+///   exported once as `lm_head.weight`.
 #[test]
-fn onnx_export_converts_like_its_safetensors() {
-    let onnx = root().join("testdata/models/tiny-bitnet-c-onnx");
+fn onnx_exports_convert_like_their_safetensors() {
     let st = root().join("testdata/models/tiny-bitnet-c-float");
-    let m = bitnet_formats::onnx::OnnxModel::open(onnx.join("model.onnx")).unwrap();
-    assert!(
-        m.initializers
-            .iter()
-            .any(|t| t.name.starts_with("onnx::MatMul")),
-        "the export should hold transposed MatMul weights"
-    );
-    assert!(m.initializers.iter().all(|t| t.file == 1), "external data");
     let tmp = tempfile::tempdir().unwrap();
-    for ty in [GgmlType::TQ2_0, GgmlType::I2_S] {
-        let o = ConvertOptions {
-            ternary: ty,
-            float_type: GgmlType::F16,
-        };
-        let (a, b) = (tmp.path().join("a.gguf"), tmp.path().join("b.gguf"));
-        convert_hf_to_gguf(&onnx, &a, &o, &mut |_, _, _| {}).unwrap();
-        convert_hf_to_gguf(&st, &b, &o, &mut |_, _, _| {}).unwrap();
+    for (dir, generated) in [
+        ("tiny-bitnet-c-onnx", "onnx::MatMul"),
+        ("tiny-bitnet-c-onnx-dynamo", "val_"),
+    ] {
+        let onnx = root().join("testdata/models").join(dir);
+        let m = bitnet_formats::onnx::OnnxModel::open(onnx.join("model.onnx")).unwrap();
+        let transposed = m
+            .initializers
+            .iter()
+            .filter(|t| t.name.starts_with(generated) && t.dims.len() == 2)
+            .count();
+        // The 7 linears (the TorchScript export also stores the tied head transposed).
         assert!(
-            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
-            "{ty}: ONNX and safetensors conversions differ"
+            transposed >= 7,
+            "{dir}: {transposed} transposed MatMul weights"
+        );
+        assert!(
+            m.initializers.iter().any(|t| t.file == 1),
+            "{dir}: external data"
+        );
+        let set = m.to_safetensors_set().unwrap();
+        for lin in bitnet_formats::names::LINEARS {
+            assert!(
+                set.get(&lin.hf_weight(0)).is_some(),
+                "{dir}: {}",
+                lin.hf_weight(0)
+            );
+        }
+        for ty in [GgmlType::TQ2_0, GgmlType::I2_S] {
+            let o = ConvertOptions {
+                ternary: ty,
+                float_type: GgmlType::F16,
+            };
+            let (a, b) = (tmp.path().join("a.gguf"), tmp.path().join("b.gguf"));
+            convert_hf_to_gguf(&onnx, &a, &o, &mut |_, _, _| {}).unwrap();
+            convert_hf_to_gguf(&st, &b, &o, &mut |_, _, _| {}).unwrap();
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{dir} {ty}: ONNX and safetensors conversions differ"
+            );
+        }
+        let prompt = [3u32, 50, 100, 7];
+        assert_eq!(
+            greedy(&onnx, &prompt, 8).0,
+            greedy(&st, &prompt, 8).0,
+            "{dir}"
         );
     }
-    let prompt = [3u32, 50, 100, 7];
-    assert_eq!(greedy(&onnx, &prompt, 8).0, greedy(&st, &prompt, 8).0);
 }
