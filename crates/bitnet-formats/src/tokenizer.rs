@@ -171,14 +171,36 @@ impl TextTokenizer {
                     h.get_str("tokenizer.ggml.pre").unwrap_or("default"),
                 )?
             }
+            "llama" => {
+                let scores: Vec<f32> = h
+                    .get("tokenizer.ggml.scores")
+                    .and_then(MetaValue::as_array)
+                    .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect())
+                    .unwrap_or_default();
+                let merges = match h.get("tokenizer.ggml.merges") {
+                    Some(_) => Some(strings("tokenizer.ggml.merges")?),
+                    None => None,
+                };
+                let specials = [
+                    "tokenizer.ggml.bos_token_id",
+                    "tokenizer.ggml.eos_token_id",
+                    "tokenizer.ggml.unknown_token_id",
+                    "tokenizer.ggml.padding_token_id",
+                ]
+                .map(|k| id(k));
+                sentencepiece_bpe(&tokens, &scores, &types, merges.as_deref(), &specials)?
+            }
             other => {
                 return Err(tok_err(format!(
-                    "GGUF tokenizer model {other:?} is not supported yet (supported: \"gpt2\" byte-level BPE); \
-                     use the model's tokenizer.json instead"
+                    "GGUF tokenizer model {other:?} is not supported yet (supported: \"gpt2\" byte-level BPE, \
+                     \"llama\" SentencePiece BPE); use the model's tokenizer.json instead"
                 )));
             }
         };
         let flag = |key: &str| h.get(key).and_then(MetaValue::as_bool);
+        // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise, and
+        // transformers follows it (`get_gguf_tokenizer`).
+        let bos_default = model == "llama";
         Ok(Self {
             vocab: inner.get_vocab_size(true),
             inner,
@@ -186,7 +208,7 @@ impl TextTokenizer {
             eos_id: id("tokenizer.ggml.eos_token_id"),
             pad_id: id("tokenizer.ggml.padding_token_id"),
             unk_id: id("tokenizer.ggml.unknown_token_id"),
-            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(bos_default),
             add_eos: flag("tokenizer.ggml.add_eos_token").unwrap_or(false),
             chat_template: h.get_str("tokenizer.chat_template").map(str::to_string),
             source: format!("gguf:{model}"),
@@ -386,6 +408,116 @@ fn byte_level_bpe(
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
                   "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    doc.to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(tok_err)
+}
+
+/// The merges a SentencePiece BPE vocabulary implies when the file lists none, as transformers
+/// recovers them (`generate_merges` in `tokenization_utils_base.py` / `convert_slow_tokenizer.py`):
+/// every split of a token into two tokens of the vocabulary is a merge with the token's score;
+/// within a token, splits in vocabulary order of their halves; then all of them best score first,
+/// longer left and right halves first on equal scores, the order so far kept on full ties.
+pub fn sentencepiece_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> {
+    use std::collections::HashMap;
+    // Python dicts: a repeated token keeps its first position and its last index / score.
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    let mut score: HashMap<&str, f32> = HashMap::with_capacity(tokens.len());
+    let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
+    for (i, &t) in tokens.iter().enumerate() {
+        if index.insert(t, i).is_none() {
+            order.push(t);
+        }
+        score.insert(t, scores.get(i).copied().unwrap_or(0.0));
+    }
+    let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    for &piece in &order {
+        let mut local: Vec<(&str, &str, f32)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| (&piece[..at], &piece[at..]))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .map(|(l, r)| (l, r, score[piece]))
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (index[l], index[r]));
+        merges.extend(local);
+    }
+    let len = |s: &str| s.chars().count();
+    // Descending, stable: Python's `sorted(..., reverse=True)` keeps equal keys in order.
+    merges.sort_by(|a, b| {
+        b.2.partial_cmp(&a.2)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(len(b.0).cmp(&len(a.0)))
+            .then(len(b.1).cmp(&len(a.1)))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
+}
+
+/// A SentencePiece BPE tokenizer (`tokenizer.ggml.model = llama`: LLaMA 1/2, Mistral, the older
+/// BitNet GGUFs) as transformers' `LlamaTokenizer` rebuilds it from a GGUF: BPE over the file's
+/// tokens with byte fallback (`<0x41>` tokens) and merges from the file or recovered from the
+/// scores, `Metaspace` (`▁`, prefixed to the first word), and the decoder that turns `▁` back
+/// into spaces, joins byte tokens and drops the one leading space the prefix added.
+fn sentencepiece_bpe(
+    tokens: &[&str],
+    scores: &[f32],
+    types: &[i64],
+    merges: Option<&[&str]>,
+    specials: &[Option<u32>],
+) -> Result<tokenizers::Tokenizer> {
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert((*t).to_string(), json!(i));
+    }
+    let merges: Vec<Value> = match merges {
+        Some(m) => m
+            .iter()
+            .map(|m| {
+                let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                json!([a, b])
+            })
+            .collect(),
+        None => sentencepiece_merges(tokens, scores)
+            .into_iter()
+            .map(|(a, b)| json!([a, b]))
+            .collect(),
+    };
+    let mut added = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        // The named special tokens and CONTROL (3) tokens whole and special, USER_DEFINED (4)
+        // tokens whole and not special (`add_gguf_special_tokens`).
+        let ty = types.get(i).copied().unwrap_or(1);
+        let special = match ty {
+            _ if specials.contains(&Some(i as u32)) => true,
+            3 => true,
+            4 => false,
+            _ => continue,
+        };
+        added.push(
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": special}),
+        );
+    }
+    let doc = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     });
     doc.to_string()
