@@ -187,7 +187,7 @@ impl TextTokenizer {
                     "tokenizer.ggml.unknown_token_id",
                     "tokenizer.ggml.padding_token_id",
                 ]
-                .map(|k| id(k));
+                .map(&id);
                 sentencepiece_bpe(&tokens, &scores, &types, merges.as_deref(), &specials)?
             }
             other => {

@@ -69,8 +69,8 @@ pub(super) unsafe fn dot<const W: usize>(w: &[u8], x: &[f32]) -> f32 {
         }
     }
     let mut s = reduce(lo, hi);
-    for j in i..n {
-        s += weight::<W>(w, j) * x[j];
+    for (j, &xj) in x.iter().enumerate().skip(i) {
+        s += weight::<W>(w, j) * xj;
     }
     s
 }

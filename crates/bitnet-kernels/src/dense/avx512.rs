@@ -62,8 +62,8 @@ pub(super) unsafe fn dot<const W: usize>(w: &[u8], x: &[f32]) -> f32 {
         }
     }
     let mut s = reduce(acc);
-    for j in i..n {
-        s += weight::<W>(w, j) * x[j];
+    for (j, &xj) in x.iter().enumerate().skip(i) {
+        s += weight::<W>(w, j) * xj;
     }
     s
 }
@@ -97,8 +97,8 @@ pub(super) unsafe fn dot_f16_x4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
     let mut out = [0.0f32; 4];
     for r in 0..4 {
         let mut s = reduce(acc[r]);
-        for j in i..n {
-            s += weight::<2>(w[r], j) * x[j];
+        for (j, &xj) in x.iter().enumerate().skip(i) {
+            s += weight::<2>(w[r], j) * xj;
         }
         out[r] = s;
     }
@@ -133,8 +133,8 @@ pub(super) unsafe fn dot_f16_4x4(w: [&[u8]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4]
     for r in 0..4 {
         for t in 0..4 {
             let mut s = reduce(acc[r][t]);
-            for j in i..n {
-                s += weight::<2>(w[r], j) * x[t][j];
+            for (j, &xj) in x[t].iter().enumerate().skip(i) {
+                s += weight::<2>(w[r], j) * xj;
             }
             out[r][t] = s;
         }

@@ -291,6 +291,7 @@ pub fn gemm_par(
 
 /// [`gemm_par`] for row types without a kernel of their own: each thread dequantizes a row
 /// once (`row(r, buf)`, `cols` floats) and multiplies it with every token as f32.
+#[allow(clippy::too_many_arguments)] // the product's shape, as gemm_par's plus the row source
 pub fn gemm_par_rows(
     pool: &ThreadPool,
     tier: Tier,

@@ -24,8 +24,8 @@ fn lanes16(n: usize, weight: impl Fn(usize) -> f32, x: &[f32]) -> f32 {
         }
     }
     let mut s = reduce16(&acc);
-    for i in full..n {
-        s += weight(i) * x[i];
+    for (i, &xi) in x.iter().enumerate().skip(full) {
+        s += weight(i) * xi;
     }
     s
 }

@@ -14,7 +14,7 @@ impl Rng {
     /// Values spread over a few binades, both signs, some exact zeros.
     fn value(&mut self) -> f32 {
         let v = self.next();
-        if v % 17 == 0 {
+        if v.is_multiple_of(17) {
             return 0.0;
         }
         let mag = (v >> 8) as f32 / (1u32 << 24) as f32 * 4.0;
