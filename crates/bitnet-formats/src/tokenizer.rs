@@ -4,6 +4,7 @@
 
 use crate::error::{FormatError, Result};
 use crate::gguf::{GgufHeader, MetaValue};
+use crate::names::key;
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -135,7 +136,7 @@ impl TextTokenizer {
 
     /// Rebuild the tokenizer a GGUF file describes in its `tokenizer.*` metadata.
     pub fn from_gguf(h: &GgufHeader) -> Result<Self> {
-        let model = h.get_str("tokenizer.ggml.model").ok_or_else(|| {
+        let model = h.get_str(key::TOKENIZER_MODEL).ok_or_else(|| {
             tok_err("the GGUF file has no tokenizer.ggml.model: it carries no tokenizer")
         })?;
         let strings = |key: &str| -> Result<Vec<&str>> {
@@ -150,9 +151,9 @@ impl TextTokenizer {
                 })
                 .collect()
         };
-        let tokens = strings("tokenizer.ggml.tokens")?;
+        let tokens = strings(key::TOKENS)?;
         let types: Vec<i64> = h
-            .get("tokenizer.ggml.token_type")
+            .get(key::TOKEN_TYPE)
             .and_then(MetaValue::as_array)
             .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect())
             .unwrap_or_default();
@@ -163,31 +164,25 @@ impl TextTokenizer {
         };
         let inner = match model {
             "gpt2" => {
-                let merges = strings("tokenizer.ggml.merges")?;
+                let merges = strings(key::MERGES)?;
                 byte_level_bpe(
                     &tokens,
                     &merges,
                     &types,
-                    h.get_str("tokenizer.ggml.pre").unwrap_or("default"),
+                    h.get_str(key::TOKENIZER_PRE).unwrap_or("default"),
                 )?
             }
             "llama" => {
                 let scores: Vec<f32> = h
-                    .get("tokenizer.ggml.scores")
+                    .get(key::SCORES)
                     .and_then(MetaValue::as_array)
                     .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect())
                     .unwrap_or_default();
-                let merges = match h.get("tokenizer.ggml.merges") {
-                    Some(_) => Some(strings("tokenizer.ggml.merges")?),
+                let merges = match h.get(key::MERGES) {
+                    Some(_) => Some(strings(key::MERGES)?),
                     None => None,
                 };
-                let specials = [
-                    "tokenizer.ggml.bos_token_id",
-                    "tokenizer.ggml.eos_token_id",
-                    "tokenizer.ggml.unknown_token_id",
-                    "tokenizer.ggml.padding_token_id",
-                ]
-                .map(&id);
+                let specials = [key::BOS_ID, key::EOS_ID, key::UNK_ID, key::PAD_ID].map(&id);
                 sentencepiece_bpe(&tokens, &scores, &types, merges.as_deref(), &specials)?
             }
             other => {
@@ -204,13 +199,13 @@ impl TextTokenizer {
         Ok(Self {
             vocab: inner.get_vocab_size(true),
             inner,
-            bos_id: id("tokenizer.ggml.bos_token_id"),
-            eos_id: id("tokenizer.ggml.eos_token_id"),
-            pad_id: id("tokenizer.ggml.padding_token_id"),
-            unk_id: id("tokenizer.ggml.unknown_token_id"),
-            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(bos_default),
-            add_eos: flag("tokenizer.ggml.add_eos_token").unwrap_or(false),
-            chat_template: h.get_str("tokenizer.chat_template").map(str::to_string),
+            bos_id: id(key::BOS_ID),
+            eos_id: id(key::EOS_ID),
+            pad_id: id(key::PAD_ID),
+            unk_id: id(key::UNK_ID),
+            add_bos: flag(key::ADD_BOS).unwrap_or(bos_default),
+            add_eos: flag(key::ADD_EOS).unwrap_or(false),
+            chat_template: h.get_str(key::CHAT_TEMPLATE).map(str::to_string),
             source: format!("gguf:{model}"),
         })
     }
@@ -574,35 +569,26 @@ impl TextTokenizer {
             })
             .collect();
         let mut out: Vec<(String, MetaValue)> = vec![
-            ("tokenizer.ggml.model".into(), "gpt2".into()),
-            ("tokenizer.ggml.pre".into(), "default".into()),
-            (
-                "tokenizer.ggml.tokens".into(),
-                array(ValueType::String, tokens),
-            ),
-            (
-                "tokenizer.ggml.token_type".into(),
-                array(ValueType::I32, types),
-            ),
-            (
-                "tokenizer.ggml.merges".into(),
-                array(ValueType::String, merges),
-            ),
-            ("tokenizer.ggml.add_bos_token".into(), self.add_bos.into()),
-            ("tokenizer.ggml.add_eos_token".into(), self.add_eos.into()),
+            (key::TOKENIZER_MODEL.into(), "gpt2".into()),
+            (key::TOKENIZER_PRE.into(), "default".into()),
+            (key::TOKENS.into(), array(ValueType::String, tokens)),
+            (key::TOKEN_TYPE.into(), array(ValueType::I32, types)),
+            (key::MERGES.into(), array(ValueType::String, merges)),
+            (key::ADD_BOS.into(), self.add_bos.into()),
+            (key::ADD_EOS.into(), self.add_eos.into()),
         ];
-        for (key, id) in [
-            ("bos_token_id", self.bos_id),
-            ("eos_token_id", self.eos_id),
-            ("padding_token_id", self.pad_id),
-            ("unknown_token_id", self.unk_id),
+        for (k, id) in [
+            (key::BOS_ID, self.bos_id),
+            (key::EOS_ID, self.eos_id),
+            (key::PAD_ID, self.pad_id),
+            (key::UNK_ID, self.unk_id),
         ] {
             if let Some(i) = id {
-                out.push((format!("tokenizer.ggml.{key}"), i.into()));
+                out.push((k.into(), i.into()));
             }
         }
         if let Some(t) = &self.chat_template {
-            out.push(("tokenizer.chat_template".into(), t.as_str().into()));
+            out.push((key::CHAT_TEMPLATE.into(), t.as_str().into()));
         }
         Ok(out)
     }

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use bitnet_formats::gguf::{GgufFile, MetaValue};
+use bitnet_formats::names::key;
 use bitnet_formats::safetensors_dir::{HfModelDir, SafetensorsSet};
 use bitnet_formats::tokenizer::TextTokenizer;
 use serde::Serialize;
@@ -147,12 +148,12 @@ fn inspect_gguf(path: &Path, full: bool) -> Result<Report> {
     let tokenizer = match TextTokenizer::from_gguf(h) {
         Ok(t) => json!({
             "source": t.source,
-            "pre": h.get_str("tokenizer.ggml.pre"),
+            "pre": h.get_str(key::TOKENIZER_PRE),
             "vocab_size": t.vocab_size(),
             "bos": t.bos_id.map(|i| json!({"id": i, "token": t.id_to_token(i)})),
             "eos": t.eos_id.map(|i| json!({"id": i, "token": t.id_to_token(i)})),
             "add_bos": t.add_bos,
-            "merges": h.get("tokenizer.ggml.merges").and_then(MetaValue::as_array).map(<[_]>::len),
+            "merges": h.get(key::MERGES).and_then(MetaValue::as_array).map(<[_]>::len),
             "chat_template": t.chat_template.is_some(),
         }),
         Err(e) => json!({"error": e.to_string()}),
@@ -161,7 +162,7 @@ fn inspect_gguf(path: &Path, full: bool) -> Result<Report> {
         path: path.display().to_string(),
         format: "gguf",
         architecture: h.architecture().to_string(),
-        name: h.get_str("general.name").map(str::to_string),
+        name: h.get_str(key::NAME).map(str::to_string),
         gguf_version: Some(h.version),
         dialect: Some(h.dialect.to_string()),
         alignment: Some(h.alignment),

@@ -10,6 +10,7 @@
 use super::types::{Dialect, GgmlType};
 use super::value::{MetaValue, ValueType};
 use crate::error::{FormatError, Result};
+use crate::names::key;
 use std::collections::HashMap;
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -219,11 +220,11 @@ impl GgufHeader {
             }
             metadata.push((key, value));
         }
-        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        let alignment = match metadata.iter().find(|(k, _)| k == key::ALIGNMENT) {
             None => DEFAULT_ALIGNMENT,
             Some((_, v)) => {
                 let a = v.as_u64().ok_or(FormatError::WrongType {
-                    key: "general.alignment".into(),
+                    key: key::ALIGNMENT.into(),
                     expected: "an unsigned integer",
                     found: v.value_type().name(),
                 })?;
@@ -265,7 +266,7 @@ impl GgufHeader {
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let arch = metadata
             .iter()
-            .find(|(k, _)| k == "general.architecture")
+            .find(|(k, _)| k == key::ARCHITECTURE)
             .and_then(|(_, v)| v.as_str())
             .unwrap_or("");
         let dialect = detect_dialect(&raw, arch);
@@ -353,7 +354,7 @@ impl GgufHeader {
 
     /// `general.architecture`, or "" when absent.
     pub fn architecture(&self) -> &str {
-        self.get_str("general.architecture").unwrap_or("")
+        self.get_str(key::ARCHITECTURE).unwrap_or("")
     }
 
     /// A key under the architecture's namespace, e.g. `arch_key("context_length")`.

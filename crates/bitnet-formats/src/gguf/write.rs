@@ -4,6 +4,7 @@ use super::read::{DEFAULT_ALIGNMENT, MAGIC};
 use super::types::GgmlType;
 use super::value::{MetaValue, ValueType};
 use crate::error::{FormatError, Result, io_err};
+use crate::names::key;
 use std::io::Write;
 use std::path::Path;
 
@@ -53,7 +54,7 @@ impl<'a> GgufWriter<'a> {
     pub fn set(&mut self, key: impl Into<String>, value: impl Into<MetaValue>) -> &mut Self {
         let key = key.into();
         let value = value.into();
-        if key == "general.alignment" {
+        if key == key::ALIGNMENT {
             self.alignment = value.as_u64();
         }
         match self.metadata.iter_mut().find(|(k, _)| *k == key) {

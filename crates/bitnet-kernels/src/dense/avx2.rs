@@ -24,19 +24,16 @@ fn reduce(lo: __m256, hi: __m256) -> f32 {
     reduce8(_mm256_add_ps(lo, hi))
 }
 
-/// 8 weights at element `i` of a row of `W`-byte floats.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-#[allow(unsafe_code)]
-unsafe fn load<const W: usize>(p: *const u8, i: usize) -> __m256 {
-    // SAFETY: the caller guarantees 8 weights at element `i`.
-    unsafe {
-        if W == 2 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i))
+/// 8 weights at element `i` of a row of `W`-byte floats, from pointer `p` (a macro: see
+/// `avx512::load16`).
+macro_rules! load8 {
+    ($w:expr, $p:expr, $i:expr) => {
+        if $w == 2 {
+            _mm256_cvtph_ps(_mm_loadu_si128($p.add(2 * $i) as *const __m128i))
         } else {
-            _mm256_loadu_ps(p.add(4 * i) as *const f32)
+            _mm256_loadu_ps($p.add(4 * $i) as *const f32)
         }
-    }
+    };
 }
 
 #[inline]
@@ -63,8 +60,8 @@ pub(super) unsafe fn dot<const W: usize>(w: &[u8], x: &[f32]) -> f32 {
             if (W * i).is_multiple_of(128) {
                 _mm_prefetch::<_MM_HINT_T1>(pw.wrapping_add(W * i + PREFETCH) as *const i8);
             }
-            lo = _mm256_fmadd_ps(load::<W>(pw, i), _mm256_loadu_ps(px.add(i)), lo);
-            hi = _mm256_fmadd_ps(load::<W>(pw, i + 8), _mm256_loadu_ps(px.add(i + 8)), hi);
+            lo = _mm256_fmadd_ps(load8!(W, pw, i), _mm256_loadu_ps(px.add(i)), lo);
+            hi = _mm256_fmadd_ps(load8!(W, pw, i + 8), _mm256_loadu_ps(px.add(i + 8)), hi);
             i += 16;
         }
     }
@@ -75,21 +72,18 @@ pub(super) unsafe fn dot<const W: usize>(w: &[u8], x: &[f32]) -> f32 {
     s
 }
 
-/// 8 of a block's weights (`part` 0..4: values `8 * part ..`), rounded as the dequantized
-/// values are: Q8_0 `q * d`, Q4_1 `q * d + m`.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-#[allow(unsafe_code)]
-unsafe fn block_part<const BYTES: usize>(blk: *const u8, part: usize) -> __m256 {
-    // SAFETY: the caller guarantees a whole block at `blk`.
-    unsafe {
+/// 8 of a block's weights (`$part` 0..4: values `8 * part ..`) at pointer `$blk`, rounded as
+/// the dequantized values are: Q8_0 `q * d`, Q4_1 `q * d + m` (a macro: see `load8`).
+macro_rules! block8 {
+    ($bytes:expr, $blk:expr, $part:expr) => {{
+        let (blk, part): (*const u8, usize) = ($blk, $part);
         let d =
             _mm256_set1_ps(half::f16::from_bits(u16::from_le_bytes([*blk, *blk.add(1)])).to_f32());
-        if BYTES == Q8_0_BYTES {
+        if $bytes == Q8_0_BYTES {
             let q = _mm_loadl_epi64(blk.add(2 + 8 * part) as *const __m128i);
             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
         } else {
-            debug_assert_eq!(BYTES, Q4_1_BYTES);
+            debug_assert_eq!($bytes, Q4_1_BYTES);
             let m = _mm256_set1_ps(
                 half::f16::from_bits(u16::from_le_bytes([*blk.add(2), *blk.add(3)])).to_f32(),
             );
@@ -103,7 +97,7 @@ unsafe fn block_part<const BYTES: usize>(blk: *const u8, part: usize) -> __m256 
             };
             _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m)
         }
-    }
+    }};
 }
 
 /// A row of Q8_0 / Q4_1 blocks: the two block-half accumulators as four registers.
@@ -118,7 +112,7 @@ pub(super) unsafe fn dot_blocks<const BYTES: usize>(row: &[u8], x: &[f32]) -> f3
             let blk = row.as_ptr().add(b * BYTES);
             for (part, a) in acc.iter_mut().flatten().enumerate() {
                 let xv = _mm256_loadu_ps(x.as_ptr().add(32 * b + 8 * part));
-                *a = _mm256_fmadd_ps(block_part::<BYTES>(blk, part), xv, *a);
+                *a = _mm256_fmadd_ps(block8!(BYTES, blk, part), xv, *a);
             }
         }
     }

@@ -17,19 +17,17 @@ pub(super) fn reduce(v: __m512) -> f32 {
     super::avx2::reduce8(s8)
 }
 
-/// 16 weights at element `i` of a row of `W` (f32: 4 bytes each, f16: 2).
-#[inline]
-#[target_feature(enable = "avx512f")]
-#[allow(unsafe_code)]
-unsafe fn load<const W: usize>(p: *const u8, i: usize) -> __m512 {
-    // SAFETY: the caller guarantees 16 weights at element `i`.
-    unsafe {
-        if W == 2 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i) as *const __m256i))
+/// 16 weights at element `i` of a row of `W`-byte floats (f32: 4, f16: 2), from pointer `p`.
+/// A macro, not a function: LLVM does not inline `#[target_feature]` helpers reliably, and a
+/// call per vector that returns through memory halves the kernel's speed (measured).
+macro_rules! load16 {
+    ($w:expr, $p:expr, $i:expr) => {
+        if $w == 2 {
+            _mm512_cvtph_ps(_mm256_loadu_si256($p.add(2 * $i) as *const __m256i))
         } else {
-            _mm512_loadu_ps(p.add(4 * i) as *const f32)
+            _mm512_loadu_ps($p.add(4 * $i) as *const f32)
         }
-    }
+    };
 }
 
 #[inline]
@@ -57,7 +55,7 @@ pub(super) unsafe fn dot<const W: usize>(w: &[u8], x: &[f32]) -> f32 {
                 _mm_prefetch::<_MM_HINT_T1>(pw.wrapping_add(W * i + PREFETCH) as *const i8);
                 _mm_prefetch::<_MM_HINT_T1>(pw.wrapping_add(W * i + PREFETCH + 64) as *const i8);
             }
-            acc = _mm512_fmadd_ps(load::<W>(pw, i), _mm512_loadu_ps(px.add(i)), acc);
+            acc = _mm512_fmadd_ps(load16!(W, pw, i), _mm512_loadu_ps(px.add(i)), acc);
             i += 16;
         }
     }
@@ -89,7 +87,7 @@ pub(super) unsafe fn dot_f16_x4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
                         pw[r].wrapping_add(2 * i + PREFETCH + 64) as *const i8
                     );
                 }
-                *a = _mm512_fmadd_ps(load::<2>(pw[r], i), xv, *a);
+                *a = _mm512_fmadd_ps(load16!(2, pw[r], i), xv, *a);
             }
             i += 16;
         }
@@ -119,7 +117,12 @@ pub(super) unsafe fn dot_f16_4x4(w: [&[u8]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4]
     // floats of each token of `n` floats (the caller checks the lengths).
     unsafe {
         while i + 16 <= n {
-            let wv: [__m512; 4] = std::array::from_fn(|r| load::<2>(pw[r], i));
+            let wv = [
+                load16!(2, pw[0], i),
+                load16!(2, pw[1], i),
+                load16!(2, pw[2], i),
+                load16!(2, pw[3], i),
+            ];
             for t in 0..4 {
                 let xv = _mm512_loadu_ps(px[t].add(i));
                 for r in 0..4 {
@@ -142,17 +145,15 @@ pub(super) unsafe fn dot_f16_4x4(w: [&[u8]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4]
     out
 }
 
-/// A Q8_0 (`BYTES` = 34) or Q4_1 (20) block's 32 weights as two vectors, rounded as the
-/// dequantized values are: `q * d`, or `q * d + m`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-#[allow(unsafe_code)]
-unsafe fn block<const BYTES: usize>(blk: *const u8) -> [__m512; 2] {
-    // SAFETY: the caller guarantees a whole block at `blk`.
-    unsafe {
+/// A Q8_0 (`$bytes` = 34) or Q4_1 (20) block's 32 weights at pointer `$blk` as two vectors,
+/// rounded as the dequantized values are: `q * d`, or `q * d + m` (a macro for the reason
+/// [`load16`] is one).
+macro_rules! block32 {
+    ($bytes:expr, $blk:expr) => {{
+        let blk: *const u8 = $blk;
         let d =
             _mm512_set1_ps(half::f16::from_bits(u16::from_le_bytes([*blk, *blk.add(1)])).to_f32());
-        if BYTES == Q8_0_BYTES {
+        if $bytes == Q8_0_BYTES {
             let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
             let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
             [
@@ -160,7 +161,7 @@ unsafe fn block<const BYTES: usize>(blk: *const u8) -> [__m512; 2] {
                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d),
             ]
         } else {
-            debug_assert_eq!(BYTES, Q4_1_BYTES);
+            debug_assert_eq!($bytes, Q4_1_BYTES);
             let m = _mm512_set1_ps(
                 half::f16::from_bits(u16::from_le_bytes([*blk.add(2), *blk.add(3)])).to_f32(),
             );
@@ -172,7 +173,7 @@ unsafe fn block<const BYTES: usize>(blk: *const u8) -> [__m512; 2] {
                 _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m),
             ]
         }
-    }
+    }};
 }
 
 /// A row of Q8_0 / Q4_1 blocks: two accumulators (the block halves), added, reduced.
@@ -183,7 +184,7 @@ pub(super) unsafe fn dot_blocks<const BYTES: usize>(row: &[u8], x: &[f32]) -> f3
     for b in 0..row.len() / BYTES {
         // SAFETY: block `b` lies in `row`, and its 32 activations in `x` (the caller checks).
         unsafe {
-            let wv = block::<BYTES>(row.as_ptr().add(b * BYTES));
+            let wv = block32!(BYTES, row.as_ptr().add(b * BYTES));
             for h in 0..2 {
                 let xv = _mm512_loadu_ps(x.as_ptr().add(32 * b + 16 * h));
                 acc[h] = _mm512_fmadd_ps(wv[h], xv, acc[h]);
@@ -208,8 +209,8 @@ pub(super) unsafe fn dot_blocks_2x4<const BYTES: usize>(
         // caller checks).
         unsafe {
             let wv = [
-                block::<BYTES>(w[0].as_ptr().add(b * BYTES)),
-                block::<BYTES>(w[1].as_ptr().add(b * BYTES)),
+                block32!(BYTES, w[0].as_ptr().add(b * BYTES)),
+                block32!(BYTES, w[1].as_ptr().add(b * BYTES)),
             ];
             for t in 0..4 {
                 for h in 0..2 {

@@ -84,6 +84,79 @@ fn level(tier: Tier) -> Level {
     Level::Scalar
 }
 
+/// One row's dot product: `sum w[i] * x[i]`, `w` the row's bytes, `x` its activations.
+pub type RowDot = fn(&[u8], &[f32]) -> f32;
+
+/// A SIMD row kernel behind a safe signature: it checks the row's length itself, and is only
+/// handed out by [`row_dot`] once its tier's features were detected.
+macro_rules! checked {
+    ($name:ident, $ty:expr, $kernel:expr) => {
+        pub(super) fn $name(w: &[u8], x: &[f32]) -> f32 {
+            assert_eq!(
+                $ty.row_bytes(x.len()),
+                Some(w.len()),
+                "{:?} row of {}",
+                $ty,
+                x.len()
+            );
+            #[allow(unsafe_code)]
+            // SAFETY: `row_dot` returns this function only after detecting the features the
+            // kernel is compiled for, and the row holds exactly `x.len()` weights (asserted).
+            unsafe {
+                $kernel(w, x)
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod checked {
+    use super::*;
+    checked!(avx512_f32, DenseType::F32, avx512::dot::<4>);
+    checked!(avx512_f16, DenseType::F16, avx512::dot::<2>);
+    checked!(
+        avx512_q8_0,
+        DenseType::Q8_0,
+        avx512::dot_blocks::<Q8_0_BYTES>
+    );
+    checked!(
+        avx512_q4_1,
+        DenseType::Q4_1,
+        avx512::dot_blocks::<Q4_1_BYTES>
+    );
+    checked!(avx2_f32, DenseType::F32, avx2::dot::<4>);
+    checked!(avx2_f16, DenseType::F16, avx2::dot::<2>);
+    checked!(avx2_q8_0, DenseType::Q8_0, avx2::dot_blocks::<Q8_0_BYTES>);
+    checked!(avx2_q4_1, DenseType::Q4_1, avx2::dot_blocks::<Q4_1_BYTES>);
+}
+
+/// The row kernel for `ty` on `tier`, chosen once per product (a product calls it per row and
+/// token: short rows make a per-call dispatch visible).
+pub fn row_dot(tier: Tier, ty: DenseType) -> RowDot {
+    match level(tier) {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => match ty {
+            DenseType::F32 => checked::avx512_f32,
+            DenseType::F16 => checked::avx512_f16,
+            DenseType::Q8_0 => checked::avx512_q8_0,
+            DenseType::Q4_1 => checked::avx512_q4_1,
+        },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => match ty {
+            DenseType::F32 => checked::avx2_f32,
+            DenseType::F16 => checked::avx2_f16,
+            DenseType::Q8_0 => checked::avx2_q8_0,
+            DenseType::Q4_1 => checked::avx2_q4_1,
+        },
+        Level::Scalar => match ty {
+            DenseType::F32 => scalar::dot_f32,
+            DenseType::F16 => scalar::dot_f16,
+            DenseType::Q8_0 => scalar::dot_q8_0,
+            DenseType::Q4_1 => scalar::dot_q4_1,
+        },
+    }
+}
+
 /// `sum w[i] * x[i]` over one row of `ty` (`w` its bytes, `x` its `cols` activations).
 pub fn dot(tier: Tier, ty: DenseType, w: &[u8], x: &[f32]) -> f32 {
     assert_eq!(
@@ -92,42 +165,7 @@ pub fn dot(tier: Tier, ty: DenseType, w: &[u8], x: &[f32]) -> f32 {
         "{ty:?} row of {}",
         x.len()
     );
-    match level(tier) {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => {
-            #[allow(unsafe_code)]
-            // SAFETY: AVX-512 was detected, and the row holds exactly `x.len()` weights of
-            // `ty` (asserted above).
-            unsafe {
-                match ty {
-                    DenseType::F32 => avx512::dot::<4>(w, x),
-                    DenseType::F16 => avx512::dot::<2>(w, x),
-                    DenseType::Q8_0 => avx512::dot_blocks::<Q8_0_BYTES>(w, x),
-                    DenseType::Q4_1 => avx512::dot_blocks::<Q4_1_BYTES>(w, x),
-                }
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => {
-            #[allow(unsafe_code)]
-            // SAFETY: AVX2, FMA and F16C were detected, and the row holds exactly `x.len()`
-            // weights of `ty` (asserted above).
-            unsafe {
-                match ty {
-                    DenseType::F32 => avx2::dot::<4>(w, x),
-                    DenseType::F16 => avx2::dot::<2>(w, x),
-                    DenseType::Q8_0 => avx2::dot_blocks::<Q8_0_BYTES>(w, x),
-                    DenseType::Q4_1 => avx2::dot_blocks::<Q4_1_BYTES>(w, x),
-                }
-            }
-        }
-        Level::Scalar => match ty {
-            DenseType::F32 => scalar::dot_f32(w, x),
-            DenseType::F16 => scalar::dot_f16(w, x),
-            DenseType::Q8_0 => scalar::dot_q8_0(w, x),
-            DenseType::Q4_1 => scalar::dot_q4_1(w, x),
-        },
-    }
+    row_dot(tier, ty)(w, x)
 }
 
 /// `sum a[i] * b[i]` of two f32 slices, in the shared order.
@@ -201,6 +239,7 @@ pub struct DenseRows<'a> {
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    row_bytes: usize,
 }
 
 impl<'a> DenseRows<'a> {
@@ -212,12 +251,12 @@ impl<'a> DenseRows<'a> {
             rows,
             cols,
             data,
+            row_bytes: rb,
         })
     }
 
     pub fn row(&self, r: usize) -> &'a [u8] {
-        let rb = self.data.len() / self.rows.max(1);
-        &self.data[r * rb..(r + 1) * rb]
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 }
 
@@ -237,6 +276,7 @@ pub fn gemm_par(
     assert_eq!(x.len(), n * cols, "{n} tokens of {cols}");
     assert_eq!(out.len(), n * rows, "{n} tokens of {rows} outputs");
     let xt = |t: usize| &x[t * cols..(t + 1) * cols];
+    let one = row_dot(tier, w.ty);
     pool::par_columns(pool, out, rows, rows, 16, &|range, wr| {
         let mut r = range.start;
         match w.ty {
@@ -257,7 +297,7 @@ pub fn gemm_par(
                         t += 4;
                     }
                     for t in t..n {
-                        wr.set_run(t, r, &ws.map(|row| dot(tier, w.ty, row, xt(t))));
+                        wr.set_run(t, r, &ws.map(|row| one(row, xt(t))));
                     }
                     r += 2;
                 }
@@ -283,7 +323,7 @@ pub fn gemm_par(
         }
         for r in r..range.end {
             for t in 0..n {
-                wr.set(t, r, dot(tier, w.ty, w.row(r), xt(t)));
+                wr.set(t, r, one(w.row(r), xt(t)));
             }
         }
     });
@@ -304,12 +344,14 @@ pub fn gemm_par_rows(
 ) {
     assert_eq!(x.len(), n * cols, "{n} tokens of {cols}");
     assert_eq!(out.len(), n * rows, "{n} tokens of {rows} outputs");
+    let one = row_dot(tier, DenseType::F32);
     pool::par_columns(pool, out, rows, rows, 16, &|range, wr| {
         let mut buf = vec![0.0f32; cols];
         for r in range {
             row(r, &mut buf);
+            let w: &[u8] = bytemuck::cast_slice(&buf);
             for t in 0..n {
-                wr.set(t, r, dot_f32(tier, &buf, &x[t * cols..(t + 1) * cols]));
+                wr.set(t, r, one(w, &x[t * cols..(t + 1) * cols]));
             }
         }
     });
