@@ -950,3 +950,359 @@ fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
         fresh["choices"][0]["logprobs"]
     );
 }
+
+/// Usage rows as (request_id, client_request_id, status, completion_tokens).
+fn usage_ids(db: &Path) -> Vec<(String, Option<String>, i64, i64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query_as(
+            "SELECT request_id, client_request_id, status, completion_tokens FROM usage ORDER BY id",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+    })
+}
+
+/// Poll `f` every 200 ms until it gives `Some`, for at most `secs` (generous: CI machines are
+/// slow and shared).
+fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn error_code(body: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    v["error"]["code"].as_str().unwrap_or_default().to_string()
+}
+
+/// Issue 12: connections that never send a request are closed after the header timeout, the
+/// connection cap holds (new connections wait, the server keeps answering), and the limit is
+/// logged, not once per connection.
+#[test]
+fn idle_connections_are_closed_and_the_connection_cap_holds() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&model, &temp_db(&dir), &["--max-connections", "6"]);
+    let idle: Vec<TcpStream> = (0..12)
+        .map(|_| TcpStream::connect(&server.addr).unwrap())
+        .collect();
+    // The server still answers: the idle ones are cut after the 2 s header timeout and the
+    // waiting connections get their turn.
+    let t = Instant::now();
+    let (s, _, _) = server.http("GET", "/healthz", None, b"", "");
+    assert_eq!(s, 200);
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    // Every idle connection is closed by the server (a read sees the end), none left hanging.
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut b = [0u8; 16];
+        let n = c.read(&mut b).unwrap_or(0);
+        assert_eq!(n, 0, "an idle connection got data instead of being closed");
+    }
+    let log = server.log.lock().unwrap().clone();
+    let limit_lines = log.matches("connection limit reached").count();
+    assert!(limit_lines >= 1, "{log}");
+    assert!(
+        limit_lines <= 3,
+        "the limit was logged {limit_lines} times:\n{log}"
+    );
+}
+
+/// Issue 12: junk methods and paths do not become metric series (`/metrics` stays small).
+#[test]
+fn metrics_labels_stay_bounded_under_junk_methods_and_paths() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&model, &temp_db(&dir), &[]);
+    let (_, _, before) = server.http("GET", "/metrics", None, b"", "");
+    for i in 0..150 {
+        let method = format!("XJUNK{i}{}", "A".repeat(500));
+        let (s, _, b) = server.http(&method, "/v1/models", Some(&server.key), b"", "");
+        assert!(s == 405 || s == 400, "{s} {b}");
+        let path = format!("/junk/{i}/{}", "b".repeat(200));
+        let (s, _, _) = server.http("GET", &path, Some(&server.key), b"", "");
+        assert_eq!(s, 404);
+    }
+    let (_, _, after) = server.http("GET", "/metrics", None, b"", "");
+    assert!(!after.contains("XJUNK"), "a junk method became a label");
+    assert!(!after.contains("/junk/"), "a junk path became a label");
+    assert!(
+        after.len() < before.len() + 16 * 1024,
+        "/metrics grew from {} to {} bytes",
+        before.len(),
+        after.len()
+    );
+}
+
+/// Issue 12: every request gets the server's own id (usage rows are keyed by it), the client's
+/// `x-request-id` is kept beside it; three requests with one client id are three rows.
+#[test]
+fn repeated_client_request_ids_are_three_rows_under_server_ids() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
+    let body = br#"{"model": "smol", "prompt": "Hello", "max_tokens": 2, "temperature": 0}"#;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (s, head, b) = server.http(
+            "POST",
+            "/v1/completions",
+            Some(&server.key),
+            body,
+            "Content-Type: application/json\r\nx-request-id: same-id\r\n",
+        );
+        assert_eq!(s, 200, "{b}");
+        let id = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_default()
+            .to_string();
+        assert!(id.starts_with("req_"), "{head}");
+        ids.push(id);
+    }
+    let rows = wait_for(30, || {
+        let r = usage_ids(&db);
+        (r.len() == 3).then_some(r)
+    })
+    .expect("three usage rows");
+    for (row, id) in rows.iter().zip(&ids) {
+        assert_eq!(&row.0, id);
+        assert_eq!(row.1.as_deref(), Some("same-id"));
+        assert_eq!(row.2, 200);
+    }
+}
+
+/// Issue 12: a client that gives up on a non-streaming request is billed what was generated,
+/// and the generation stops soon after.
+#[test]
+fn an_abandoned_plain_request_is_billed_what_it_generated() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
+    let body =
+        r#"{"model": "smol", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 3000, "temperature": 0}"#;
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", server.key, body.len()).unwrap();
+    let generated = wait_for(60, || {
+        server
+            .metric("bitnet_generation_tokens_total{model=\"smol\"}")
+            .filter(|&n| n >= 20.0)
+    });
+    assert!(generated.is_some(), "nothing was generated");
+    drop(s);
+    let row = wait_for(90, || usage_ids(&db).into_iter().next()).expect("a usage row");
+    assert_eq!(row.2, 499, "{row:?}");
+    assert!(row.3 >= 20 && row.3 < 3000, "billed {} tokens", row.3);
+    // The sequence left the batch (it was not run to its 3000 tokens).
+    let idle = wait_for(60, || {
+        server
+            .metric("bitnet_running_sequences{model=\"smol\"}")
+            .filter(|&n| n == 0.0)
+    });
+    assert!(idle.is_some(), "the abandoned generation kept running");
+}
+
+/// Issue 12: the body has one deadline (not one per read): a body trickling in a byte at a time,
+/// each within the 2 s timeout, is cut off with a 408 in the OpenAI shape.
+#[test]
+fn a_trickling_body_gets_408_at_the_body_deadline() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&model, &temp_db(&dir), &[]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{", server.key).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_millis(700));
+            if w.write_all(b" ").is_err() {
+                break;
+            }
+        }
+    });
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let body = text.split_once("\r\n\r\n").map_or("", |p| p.1);
+    assert_eq!(error_code(body), "request_timeout");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    trickle.join().unwrap();
+}
+
+/// Issue 12: refusals at the HTTP level answer in OpenAI's error shape; a text part without
+/// text says so; key names count characters; echo keeps special tokens.
+#[test]
+fn protocol_refusals_and_small_faults() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&model, &temp_db(&dir), &[]);
+    let (s, head, b) = server.http("PUT", "/v1/models", Some(&server.key), b"", "");
+    assert_eq!(s, 405, "{b}");
+    assert_eq!(error_code(&b), "method_not_allowed");
+    assert!(head.to_ascii_lowercase().contains("allow:"), "{head}");
+    let long = format!("/v1/models?q={}", "x".repeat(10 << 10));
+    let (s, _, b) = server.http("GET", &long, Some(&server.key), b"", "");
+    assert_eq!(s, 414, "{b}");
+    assert_eq!(error_code(&b), "uri_too_long");
+    let big = format!("x-filler: {}\r\n", "y".repeat(40 << 10));
+    let (s, _, b) = server.http("GET", "/v1/models", Some(&server.key), b"", &big);
+    assert_eq!(s, 431, "{b}");
+    assert_eq!(error_code(&b), "headers_too_large");
+
+    let (s, b) = server.post_json(
+        "/v1/chat/completions",
+        r#"{"model": "smol", "messages": [{"role": "user", "content": [{"type": "text"}]}]}"#,
+    );
+    assert_eq!(s, 400, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["error"]["param"], "messages[0].content[0].text", "{b}");
+
+    // 150 two-byte characters (300 bytes) are a valid name; 201 characters are not.
+    let name = "é".repeat(150);
+    let (s, b) = server.post_json("/v1/admin/keys", &format!(r#"{{"name": "{name}"}}"#));
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = server.post_json(
+        "/v1/admin/keys",
+        &format!(r#"{{"name": "{}"}}"#, "é".repeat(201)),
+    );
+    assert_eq!(s, 400, "{b}");
+
+    let (s, b) = server.post_json(
+        "/v1/completions",
+        r#"{"model": "smol", "prompt": "<|im_start|>user\nHi", "max_tokens": 1, "echo": true, "temperature": 0}"#,
+    );
+    assert_eq!(s, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("<|im_start|>user\nHi"), "{text:?}");
+}
+
+/// Issue 12: logprobs carry each token's own bytes (pieces of a character included) and the
+/// alternatives stay distinct, as many as asked.
+#[test]
+fn logprobs_carry_each_tokens_own_bytes() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&model, &temp_db(&dir), &[]);
+    let (s, b) = server.post_json(
+        "/v1/chat/completions",
+        r#"{"model": "smol", "messages": [{"role": "user", "content": "Write the word cat in Japanese, Chinese and Korean."}],
+            "max_tokens": 40, "temperature": 0, "logprobs": true, "top_logprobs": 5}"#,
+    );
+    assert_eq!(s, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let lp = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let mut all = Vec::new();
+    for t in lp {
+        let bytes: Vec<u8> = t["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u8)
+            .collect();
+        // The token's text is its bytes when they are whole characters, else spelled out.
+        match std::str::from_utf8(&bytes) {
+            Ok(s) => assert_eq!(t["token"], s),
+            Err(_) => assert!(t["token"].as_str().unwrap().starts_with("bytes:\\x"), "{t}"),
+        }
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 5, "{t}");
+        let mut seen: Vec<&serde_json::Value> = top.iter().map(|a| &a["bytes"]).collect();
+        seen.sort_by_key(|b| b.to_string());
+        seen.dedup();
+        assert_eq!(seen.len(), 5, "alternatives collapsed: {t}");
+        all.extend(bytes);
+    }
+    // The tokens' bytes rebuild the text exactly.
+    assert_eq!(String::from_utf8(all).unwrap(), content);
+}
+
+/// Issue 12: chunked prefill. A long prompt is fed a few tokens per step, so a short request that
+/// arrives while it is being processed gets its first token first (before: the whole prompt of
+/// under 512 tokens went in one step, and the short request waited for it).
+#[test]
+fn a_short_request_is_not_held_behind_a_long_prefill() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &model,
+        &temp_db(&dir),
+        &["--max-step-tokens", "8", "--prefix-cache-mb", "0"],
+    );
+    let stream = |prompt: &str, key: &str, addr: &str| {
+        let body = format!(
+            r#"{{"model": "smol", "prompt": "{prompt}", "max_tokens": 2, "stream": true, "temperature": 0}}"#
+        );
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        // The instant the first SSE data line arrives.
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.starts_with("data: {") {
+                    return Some(Instant::now());
+                }
+                line.clear();
+            }
+            None
+        })
+    };
+    let long_prompt = "The river ran slowly past the old mill, ".repeat(45);
+    let long = stream(&long_prompt, &server.key, &server.addr);
+    // Once the long prompt's first pieces are in, the short request comes.
+    let started = wait_for(120, || {
+        server
+            .metric("bitnet_prompt_tokens_total{model=\"smol\"}")
+            .filter(|&n| n >= 8.0)
+    });
+    assert!(started.is_some(), "the long prompt never started");
+    let short = stream("Hi", &server.key, &server.addr);
+    let (long_first, short_first) = (long.join().unwrap(), short.join().unwrap());
+    let (long_first, short_first) = (long_first.unwrap(), short_first.unwrap());
+    assert!(
+        short_first < long_first,
+        "the short request's first token came {:?} after the long one's",
+        short_first - long_first
+    );
+}

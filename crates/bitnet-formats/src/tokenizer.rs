@@ -26,6 +26,48 @@ pub struct TextTokenizer {
     pub chat_template: Option<String>,
     /// Where the tokenizer came from, for reports (`tokenizer.json`, `gguf:gpt2`, ...).
     pub source: String,
+    /// How token strings spell bytes (for [`TextTokenizer::token_bytes`]).
+    spelling: Spelling,
+}
+
+/// How a vocabulary spells the bytes a token stands for.
+#[derive(Debug, Clone, Default)]
+struct Spelling {
+    /// GPT-2's byte-to-character map (a `ByteLevel` decoder).
+    byte_level: bool,
+    /// `<0x41>` tokens stand for one byte (a `ByteFallback` decoder).
+    byte_fallback: bool,
+    /// `▁` stands for a space (a `Metaspace` or `Replace` decoder).
+    metaspace: bool,
+    /// Added tokens: their text as it is.
+    added: std::collections::HashSet<u32>,
+}
+
+impl Spelling {
+    fn of(t: &tokenizers::Tokenizer) -> Self {
+        let decoder = serde_json::to_value(t.get_decoder()).unwrap_or(Value::Null);
+        let mut types = Vec::new();
+        collect_types(&decoder, &mut types);
+        let has = |name: &str| types.iter().any(|t| t == name);
+        Self {
+            byte_level: has("ByteLevel"),
+            byte_fallback: has("ByteFallback"),
+            metaspace: has("Metaspace") || has("Replace"),
+            added: t.get_added_tokens_decoder().keys().copied().collect(),
+        }
+    }
+}
+
+/// Every `"type"` in a (possibly nested `Sequence`) decoder description.
+fn collect_types(v: &Value, out: &mut Vec<String>) {
+    if let Some(t) = v.get("type").and_then(Value::as_str) {
+        out.push(t.to_string());
+    }
+    if let Some(ds) = v.get("decoders").and_then(Value::as_array) {
+        for d in ds {
+            collect_types(d, out);
+        }
+    }
 }
 
 fn tok_err(e: impl std::fmt::Display) -> FormatError {
@@ -83,7 +125,9 @@ impl TextTokenizer {
             add_eos: false,
             chat_template: None,
             source: path.display().to_string(),
+            spelling: Spelling::default(),
         };
+        t.spelling = Spelling::of(&t.inner);
         let cfg_path = path.with_file_name("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {
             let cfg: Value = serde_json::from_str(&text).map_err(|source| FormatError::Json {
@@ -198,6 +242,7 @@ impl TextTokenizer {
         let bos_default = model == "llama";
         Ok(Self {
             vocab: inner.get_vocab_size(true),
+            spelling: Spelling::of(&inner),
             inner,
             bos_id: id(key::BOS_ID),
             eos_id: id(key::EOS_ID),
@@ -244,6 +289,40 @@ impl TextTokenizer {
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.vocab
+    }
+
+    /// The bytes token `id` stands for (what it adds to a decoded text, before any UTF-8
+    /// assembly): a byte-level token's characters mapped back to bytes, a `<0x41>` byte token's
+    /// byte, `▁` as a space; an added token's text. Empty for ids outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(tok) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let sp = &self.spelling;
+        if sp.added.contains(&id) {
+            return tok.into_bytes();
+        }
+        if sp.byte_fallback
+            && let Some(hex) = tok.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
+            && hex.len() == 2
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            return vec![b];
+        }
+        if sp.byte_level {
+            let alphabet = byte_level_alphabet();
+            let bytes: Option<Vec<u8>> = tok
+                .chars()
+                .map(|c| alphabet.iter().position(|&a| a == c).map(|b| b as u8))
+                .collect();
+            if let Some(b) = bytes {
+                return b;
+            }
+        }
+        if sp.metaspace {
+            return tok.replace('\u{2581}', " ").into_bytes();
+        }
+        tok.into_bytes()
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -51,7 +51,7 @@ pub async fn create_key(
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     admin_only(&who)?;
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 200 {
+    if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::bad("name", "name must be 1 to 200 characters"));
     }
     let role = match req.role.as_deref() {

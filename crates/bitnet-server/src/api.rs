@@ -220,9 +220,15 @@ fn message_text(m: &ChatMessage, i: usize) -> Result<String, ApiError> {
         Some(Content::Text(t)) => Ok(t.clone()),
         Some(Content::Parts(parts)) => {
             let mut out = String::new();
-            for p in parts {
+            for (j, p) in parts.iter().enumerate() {
                 match (p.kind.as_str(), &p.text) {
                     ("text", Some(t)) => out.push_str(t),
+                    ("text", None) => {
+                        return Err(ApiError::bad(
+                            &format!("messages[{i}].content[{j}].text"),
+                            "a content part of type `text` needs a `text` field",
+                        ));
+                    }
                     (kind, _) => {
                         return Err(ApiError::unsupported(
                             &format!("messages[{i}].content"),
@@ -438,58 +444,67 @@ struct Gathered {
     cached_tokens: usize,
 }
 
+/// Every choice's events, read as they come (the choices run side by side). The ticket's
+/// completion count follows every delta, so a client that gives up on a non-streaming request
+/// is billed what was generated until then (its row written as 499 when the handler is dropped,
+/// which also drops the receivers and ends the generation).
 async fn gather(
     rxs: Vec<UnboundedReceiver<Event>>,
     ticket: &mut Ticket,
 ) -> Result<Vec<Gathered>, ApiError> {
-    let mut out: Vec<Gathered> = Vec::with_capacity(rxs.len());
-    for mut rx in rxs {
-        let (mut text, mut tokens, mut count, mut finish) = (String::new(), Vec::new(), 0, None);
-        let mut cached = 0;
-        while let Some(e) = rx.recv().await {
-            match e {
-                Event::Delta {
-                    text: t,
-                    tokens: k,
-                    sampled,
-                } => {
-                    text.push_str(&t);
-                    tokens.extend(k);
-                    count = sampled;
-                }
-                Event::Done {
-                    finish: f,
-                    completion_tokens,
-                    cached_tokens,
-                    ..
-                } => {
-                    finish = Some(f);
-                    count = completion_tokens;
-                    cached = cached_tokens;
-                    break;
-                }
-                Event::Failed(f) => return Err(f.into()),
-            }
-        }
-        let Some(finish) = finish else {
+    let n = rxs.len();
+    let mut merged = stream::select_all(
+        rxs.into_iter()
+            .enumerate()
+            .map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |e| (i, e))),
+    );
+    let mut text = vec![String::new(); n];
+    let mut tokens: Vec<Vec<crate::engine::TokenInfo>> = (0..n).map(|_| Vec::new()).collect();
+    let mut count = vec![0usize; n];
+    let mut cached = vec![0usize; n];
+    let mut finish: Vec<Option<FinishReason>> = vec![None; n];
+    while finish.iter().any(Option::is_none) {
+        let Some((i, e)) = merged.next().await else {
             return Err(ApiError::Internal("the engine stopped".into()));
         };
-        let before: usize = out.iter().map(|g| g.completion_tokens).sum();
-        ticket.completion_tokens((before + count) as u64);
-        if finish == FinishReason::Timeout {
-            return Err(ApiError::Timeout(
-                "the request took longer than the server's request timeout".into(),
-            ));
+        match e {
+            Event::Delta {
+                text: t,
+                tokens: k,
+                sampled,
+            } => {
+                text[i].push_str(&t);
+                tokens[i].extend(k);
+                count[i] = sampled;
+            }
+            Event::Done {
+                finish: f,
+                completion_tokens,
+                cached_tokens,
+                ..
+            } => {
+                finish[i] = Some(f);
+                count[i] = completion_tokens;
+                cached[i] = cached_tokens;
+            }
+            Event::Failed(f) => return Err(f.into()),
         }
-        out.push(Gathered {
-            text,
-            tokens,
-            finish,
-            completion_tokens: count,
-            cached_tokens: cached,
-        });
+        ticket.completion_tokens(count.iter().sum::<usize>() as u64);
     }
-    Ok(out)
+    if finish.contains(&Some(FinishReason::Timeout)) {
+        return Err(ApiError::Timeout(
+            "the request took longer than the server's request timeout".into(),
+        ));
+    }
+    Ok((0..n)
+        .map(|i| Gathered {
+            text: std::mem::take(&mut text[i]),
+            tokens: std::mem::take(&mut tokens[i]),
+            finish: finish[i].unwrap_or(FinishReason::Stop),
+            completion_tokens: count[i],
+            cached_tokens: cached[i],
+        })
+        .collect())
 }
 
 fn usage(prompt: usize, completion: usize, cached: usize) -> Usage {
@@ -510,14 +525,14 @@ fn chat_logprobs(tokens: &[crate::engine::TokenInfo]) -> ChoiceLogprobs {
             .map(|t| TokenLogprob {
                 token: t.text.clone(),
                 logprob: t.logprob,
-                bytes: t.text.as_bytes().to_vec(),
+                bytes: t.bytes.clone(),
                 top_logprobs: t
                     .top
                     .iter()
-                    .map(|(s, lp)| TopLogprob {
-                        token: s.clone(),
-                        logprob: *lp,
-                        bytes: s.as_bytes().to_vec(),
+                    .map(|a| TopLogprob {
+                        token: a.text.clone(),
+                        logprob: a.logprob,
+                        bytes: a.bytes.clone(),
                     })
                     .collect(),
             })
@@ -531,19 +546,14 @@ fn completion_logprobs(tokens: &[crate::engine::TokenInfo], offset: usize) -> Co
     for t in tokens {
         lp.tokens.push(t.text.clone());
         lp.token_logprobs.push(t.logprob);
-        lp.top_logprobs.push(t.top.iter().cloned().collect());
+        // A map from token text, as OpenAI's legacy shape has it: pieces of characters are
+        // spelled by their bytes (`token_text`), so distinct tokens keep distinct keys.
+        lp.top_logprobs
+            .push(t.top.iter().map(|a| (a.text.clone(), a.logprob)).collect());
         lp.text_offset.push(at);
-        at += t.text.len();
+        at += t.bytes.len();
     }
     lp
-}
-
-/// The request's id, as the request-id layer set it.
-fn request_id(headers: &axum::http::HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "inference",
@@ -559,25 +569,19 @@ fn request_id(headers: &axum::http::HeaderMap) -> String {
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
+    ids: crate::RequestIds,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let plan = chat_plan(&state, req)?;
-    let (plan, done) = match run_plan(
-        &state,
-        &who,
-        &headers,
-        plan,
-        StreamKind::Chat,
-        None,
-        received,
-    )
-    .await?
-    {
-        Ran::Streaming(r) => return Ok(r),
-        Ran::Gathered(plan, done) => (plan, done),
-    };
+    let st = state.clone();
+    // Templates and tokenization take CPU time in proportion to the prompt: off the async
+    // threads, so a few huge prompts cannot stall every other connection.
+    let plan = blocking(move || chat_plan(&st, req)).await?;
+    let (plan, done) =
+        match run_plan(&state, &who, &ids, plan, StreamKind::Chat, None, received).await? {
+            Ran::Streaming(r) => return Ok(r),
+            Ran::Gathered(plan, done) => (plan, done),
+        };
     Ok(Json(ChatCompletion {
         id: done.id,
         object: "chat.completion",
@@ -616,24 +620,30 @@ pub async fn chat_completions(
 pub async fn completions(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
+    ids: crate::RequestIds,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let plan = completion_plan(&state, &req)?;
-    let echo = if req.echo {
-        Some(
-            plan.model
-                .tokenizer
-                .decode(&plan.prompt, true)
-                .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?,
-        )
-    } else {
-        None
-    };
+    let st = state.clone();
+    let (plan, echo) = blocking(move || {
+        let plan = completion_plan(&st, &req)?;
+        // The prompt as it was sent: special tokens echo as their text.
+        let echo = if req.echo {
+            Some(
+                plan.model
+                    .tokenizer
+                    .decode(&plan.prompt, false)
+                    .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?,
+            )
+        } else {
+            None
+        };
+        Ok((plan, echo))
+    })
+    .await?;
     let kind = StreamKind::Completion;
     let (plan, done) =
-        match run_plan(&state, &who, &headers, plan, kind, echo.clone(), received).await? {
+        match run_plan(&state, &who, &ids, plan, kind, echo.clone(), received).await? {
             Ran::Streaming(r) => return Ok(r),
             Ran::Gathered(plan, done) => (plan, done),
         };
@@ -678,10 +688,19 @@ struct Done {
 
 /// The part both endpoints share: open the usage ticket, queue one engine request per choice,
 /// then stream the events or gather them. The ticket records the outcome on every path.
+/// Run CPU-bound request work (templates, tokenization) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("request preparation failed: {e}")))?
+}
+
 async fn run_plan(
     state: &AppState,
     who: &Principal,
-    headers: &axum::http::HeaderMap,
+    ids: &crate::RequestIds,
     plan: Plan,
     kind: StreamKind,
     echo: Option<String>,
@@ -691,9 +710,13 @@ async fn run_plan(
         StreamKind::Chat => ("chat.completions", "chatcmpl"),
         StreamKind::Completion => ("completions", "cmpl"),
     };
-    let mut ticket = state
-        .usage
-        .ticket(&request_id(headers), who, &plan.model.id, endpoint);
+    let mut ticket = state.usage.ticket(
+        &ids.server,
+        ids.client.as_deref(),
+        who,
+        &plan.model.id,
+        endpoint,
+    );
     ticket.prompt_tokens(plan.prompt.len() as u64);
     let rxs = launch(state, &plan, received).inspect_err(|e| ticket.status(e.status().as_u16()))?;
     let (id, created) = (new_id(id_prefix), unix_now());

@@ -32,8 +32,12 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Most requests waiting for a place in the batch; more are refused with 429.
     pub queue: usize,
-    /// Prompt tokens a sequence feeds per step (longer prompts are fed in chunks of this size).
+    /// Prompt tokens a sequence feeds per step at most (longer prompts are fed in chunks).
     pub prefill_chunk: usize,
+    /// Tokens one step feeds in all (chunked prefill, as vLLM's `max_num_batched_tokens`): every
+    /// decoding sequence's next token first, then prompt chunks in the room left, so a long
+    /// prompt is spread over several steps and the running sequences keep decoding between them.
+    pub max_step_tokens: usize,
     /// Bytes of finished sequences' KV caches kept for prompts that start the same way
     /// (0 disables the prefix cache).
     pub prefix_cache_bytes: usize,
@@ -45,6 +49,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             queue: 64,
             prefill_chunk: 512,
+            max_step_tokens: 256,
             prefix_cache_bytes: 1 << 30,
         }
     }
@@ -69,10 +74,38 @@ pub struct GenRequest {
 #[derive(Debug, Clone)]
 pub struct TokenInfo {
     pub id: u32,
+    /// The token's own text ([`token_text`]).
     pub text: String,
+    /// The bytes the token stands for (a piece of a character included).
+    pub bytes: Vec<u8>,
     pub logprob: f32,
-    /// The most likely tokens at this position: (text, logprob), best first.
-    pub top: Vec<(String, f32)>,
+    /// The most likely tokens at this position, best first, one entry per token id.
+    pub top: Vec<TopToken>,
+}
+
+/// One alternative at a position.
+#[derive(Debug, Clone)]
+pub struct TopToken {
+    pub id: u32,
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// A token's text as OpenAI reports it: its bytes as UTF-8 when they are whole characters, else
+/// `bytes:` and the bytes escaped (`bytes:\xe6\x97`), so a piece of a character is neither
+/// shown as U+FFFD nor confused with another piece.
+pub fn token_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => {
+            let mut out = String::from("bytes:");
+            for b in bytes {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+            out
+        }
+    }
 }
 
 /// What a request's channel receives.
@@ -471,10 +504,27 @@ impl Scheduler {
 
     fn step(&mut self) {
         let chunk = self.config.prefill_chunk.max(1);
+        // The step's token budget: decode tokens first, then prompt chunks in sequence order
+        // in what is left (at least one prompt token when nothing decodes, so prompts advance).
+        let decoding = self.seqs.iter().filter(|s| !s.seq.prefilling()).count();
+        let mut room = self.config.max_step_tokens.saturating_sub(decoding);
+        if decoding == 0 {
+            room = room.max(1);
+        }
         let mut steps = Vec::new();
         let mut prefill = 0;
         for (i, s) in self.seqs.iter_mut().enumerate() {
-            prefill += s.seq.push_steps(i, chunk, &mut steps);
+            if s.seq.prefilling() {
+                let take = chunk.min(room);
+                if take == 0 {
+                    continue;
+                }
+                let n = s.seq.push_steps(i, take, &mut steps);
+                room -= n;
+                prefill += n;
+            } else {
+                s.seq.push_steps(i, 1, &mut steps);
+            }
         }
         let lens: Vec<usize> = self.caches.iter().map(KvCache::len).collect();
         self.metrics.prompt_tokens.inc_by(prefill as u64);
@@ -569,14 +619,23 @@ impl Scheduler {
             .accept(choice.token, Some(tok), context_full)
             .map_err(|e| format!("detokenization failed: {e}"))?;
         if let (true, Some(k)) = (step.kept, s.req.logprobs) {
-            let piece = |id: u32| tok.decode(&[id], false).unwrap_or_default();
+            let bytes = tok.token_bytes(choice.token);
             s.unsent.push(TokenInfo {
                 id: choice.token,
-                text: piece(choice.token),
+                text: token_text(&bytes),
+                bytes,
                 logprob: choice.logprob,
                 top: top_logprobs(logits, k)
                     .into_iter()
-                    .map(|(id, lp)| (piece(id), lp))
+                    .map(|(id, logprob)| {
+                        let bytes = tok.token_bytes(id);
+                        TopToken {
+                            id,
+                            text: token_text(&bytes),
+                            bytes,
+                            logprob,
+                        }
+                    })
                     .collect(),
             });
         }

@@ -34,6 +34,13 @@ pub enum ApiError {
     Timeout(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// An HTTP-level refusal (405, 408, 414, 431) said in the OpenAI shape.
+    #[error("{message}")]
+    Http {
+        status: StatusCode,
+        message: String,
+        code: &'static str,
+    },
     /// Details are logged with the request id, not sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,6 +88,7 @@ impl ApiError {
             Self::Overloaded(..) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Http { status, .. } => *status,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,6 +103,7 @@ impl ApiError {
             Self::Overloaded(..) => ("rate_limit_error", None, "server_busy"),
             Self::Timeout(_) => ("timeout_error", None, "timeout"),
             Self::ShuttingDown => ("server_error", None, "shutting_down"),
+            Self::Http { code, .. } => ("invalid_request_error", None, *code),
             Self::Internal(_) => ("server_error", None, "internal_error"),
         };
         let message = match self {

@@ -33,8 +33,7 @@ use bitnet_model::chat::ChatTemplate;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
+use tower_http::request_id::PropagateRequestIdLayer;
 use utoipa::OpenApi;
 
 /// Server limits and timeouts.
@@ -44,8 +43,12 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// A request body must arrive within this time (slow senders are cut off with 408).
     pub body_timeout: Duration,
-    /// A request head must arrive within this time (else the connection is closed).
+    /// A request head must arrive within this time of the connection opening or of the last
+    /// response (else the connection is closed): idle connections do not stay open.
     pub header_timeout: Duration,
+    /// Most connections open at once; past it, new ones wait in the listen backlog until one
+    /// closes (a log line says so, at most every 10 s).
+    pub max_connections: usize,
     /// Most tokens one request may generate (`usize::MAX`: up to the model's context).
     pub max_tokens: usize,
     /// A generation that runs longer ends with a timeout error.
@@ -61,11 +64,29 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             body_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            max_connections: default_max_connections(),
             max_tokens: usize::MAX,
             request_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
             engine: EngineConfig::default(),
         }
+    }
+}
+
+/// Connections a server may hold by default: 4096, or fewer when the process's descriptor limit
+/// is low (64 descriptors are kept for the database, model files and logs), so accepting never
+/// runs the process out of descriptors.
+pub fn default_max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok())
+        });
+    match soft {
+        Some(n) => n.saturating_sub(64).clamp(16, 4096),
+        None => 4096,
     }
 }
 
@@ -301,18 +322,188 @@ async fn require_key(
     Ok(next.run(req).await)
 }
 
-/// Latency per route, method and status (time to the response head; streams count their setup).
+/// The method as a metrics label: the methods HTTP defines, anything else `other` (a client can
+/// send any token as a method; each distinct label would be a new series).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Latency per route template, method and status (time to the response head; streams count
+/// their setup). Every label is bounded: routes are the router's templates (`unmatched` for
+/// anything else), methods as [`method_label`], statuses three digits.
 async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let t = Instant::now();
     let resp = next.run(req).await;
     s.metrics
-        .http(&route, &method, resp.status().as_u16())
+        .http(&route, method, resp.status().as_u16())
         .observe(t.elapsed().as_secs_f64());
+    resp
+}
+
+/// The client's own `x-request-id`, if it sent one (kept beside the server's id, not unique).
+#[derive(Debug, Clone)]
+pub struct ClientRequestId(pub String);
+
+/// A handler's view of the request's ids: the server's (`x-request-id`, set by
+/// [`assign_request_id`]) and the client's.
+#[derive(Debug, Clone)]
+pub struct RequestIds {
+    pub server: String,
+    pub client: Option<String>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestIds {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let server = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(
+                || format!("req_{}", uuid::Uuid::new_v4().simple()),
+                str::to_string,
+            );
+        let client = parts
+            .extensions
+            .get::<ClientRequestId>()
+            .map(|c| c.0.clone());
+        Ok(Self { server, client })
+    }
+}
+
+/// Every request gets the server's own id (`req_` + a UUID) in `x-request-id`, returned in the
+/// response as OpenAI does; the client's header, if any, moves to [`ClientRequestId`] (at most
+/// 128 characters kept). Usage rows are keyed by the server's id, so clients that repeat an id
+/// cannot merge or drop rows.
+async fn assign_request_id(mut req: Request, next: Next) -> Response {
+    let client = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(128).collect::<String>());
+    let id = format!("req_{}", uuid::Uuid::new_v4().simple());
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        req.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(c) = client {
+        req.extensions_mut().insert(ClientRequestId(c));
+    }
+    next.run(req).await
+}
+
+/// Longest request target answered normally; longer ones get 414 in the OpenAI error shape.
+const MAX_URI_BYTES: usize = 8 << 10;
+/// Most bytes of request headers answered normally; more get 431 in the OpenAI error shape.
+const MAX_HEADER_BYTES: usize = 32 << 10;
+
+/// HTTP-level refusals in OpenAI's error shape: request targets and headers over the limits
+/// (414, 431; hyper refuses far larger ones itself, without a body), a body that has not fully
+/// arrived by `body_timeout` from the head (408: one deadline for the whole body, not per
+/// read), and 405s (axum answers them with an empty body).
+async fn http_limits(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let refuse = |status, message: String, code| ApiError::Http {
+        status,
+        message,
+        code,
+    };
+    let uri = req.uri().to_string().len();
+    if uri > MAX_URI_BYTES {
+        return refuse(
+            StatusCode::URI_TOO_LONG,
+            format!("the request target is {uri} bytes; at most {MAX_URI_BYTES} are accepted"),
+            "uri_too_long",
+        )
+        .into_response();
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        return refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the request headers are {headers} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            ),
+            "headers_too_large",
+        )
+        .into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let limit = s.config.max_body_bytes;
+    let read = axum::body::to_bytes(body, limit.saturating_add(1));
+    let bytes = match tokio::time::timeout(s.config.body_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            // Over the limit (to_bytes stops past it), or the client broke off mid-body.
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|c| c.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                ApiError::TooLarge(format!("the request body is over the {limit}-byte limit"))
+                    .into_response()
+            } else {
+                refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body could not be read: {e}"),
+                    "unreadable_body",
+                )
+                .into_response()
+            };
+        }
+        Err(_) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    s.config.body_timeout.as_secs_f64()
+                ),
+                "request_timeout",
+            )
+            .into_response();
+        }
+    };
+    let resp = next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await;
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+        let (mut parts, body) = resp.into_parts();
+        if axum::body::HttpBody::is_end_stream(&body) {
+            let allow = parts.headers.remove(header::ALLOW);
+            let mut r = refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method; GET /openapi.json lists the routes".into(),
+                "method_not_allowed",
+            )
+            .into_response();
+            if let Some(a) = allow {
+                r.headers_mut().insert(header::ALLOW, a);
+            }
+            return r;
+        }
+        return Response::from_parts(parts, body);
+    }
     resp
 }
 
@@ -342,9 +533,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
+        // Inside the routing, so the refusals are counted under their route.
+        .route_layer(middleware::from_fn_with_state(state.clone(), http_limits))
         .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(RequestBodyTimeoutLayer::new(state.config.body_timeout))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(|req: &Request| {
@@ -379,9 +571,35 @@ pub fn router(state: AppState) -> Router {
                     },
                 ),
         )
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(middleware::from_fn(assign_request_id))
         .with_state(state)
+}
+
+/// A warning that is logged at most once per `every`, with how many times it happened since.
+struct RateLimitedLog {
+    every: Duration,
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl RateLimitedLog {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            count: 0,
+        }
+    }
+
+    fn log(&mut self, emit: impl FnOnce(u64)) {
+        self.count += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= self.every) {
+            emit(self.count);
+            self.count = 0;
+            self.last = Some(Instant::now());
+        }
+    }
 }
 
 /// Serve `state` on `listener` until `shutdown` resolves; then refuse new work, give in-flight
@@ -403,26 +621,73 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
+        // Hyper's own limits sit above `http_limits`', which answer in the OpenAI shape.
+        .max_buf_size(4 * MAX_HEADER_BYTES + MAX_URI_BYTES)
         .header_read_timeout(state.config.header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let header_timeout = state.config.header_timeout;
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.config.max_connections.max(1),
+    ));
+    let mut at_limit = RateLimitedLog::new(Duration::from_secs(10));
+    let mut accept_errors = RateLimitedLog::new(Duration::from_secs(10));
+    let mut backoff = Duration::from_millis(10);
     tokio::pin!(shutdown);
     loop {
+        // A slot first: at the limit, new connections wait in the kernel's backlog.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                at_limit.log(|n| {
+                    tracing::warn!(
+                        limit = state.config.max_connections,
+                        times = n,
+                        "connection limit reached: new connections wait until one closes \
+                         (--max-connections)"
+                    )
+                });
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
-                    Ok(a) => a,
+                    Ok(a) => {
+                        backoff = Duration::from_millis(10);
+                        a
+                    }
                     Err(e) => {
-                        // Out of descriptors and the like: wait a moment rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of descriptors and the like: back off (up to a second) rather
+                        // than spin, and say so at most every 10 s.
+                        accept_errors.log(|n| {
+                            tracing::warn!(error = %e, times = n, "accept failed; backing off")
+                        });
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
                     }
                 };
                 let svc = TowerToHyperService::new(app.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let _slot = slot;
+                    // A client that opens a connection and sends nothing is closed after the
+                    // header timeout (hyper's timer only starts once the first bytes arrive
+                    // and the protocol is known).
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    }
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
                 });
             }
             () = &mut shutdown => break,

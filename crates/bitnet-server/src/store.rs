@@ -70,7 +70,10 @@ pub struct Principal {
 /// One request's metering record.
 #[derive(Debug, Clone)]
 pub struct UsageRow {
+    /// The server's id of the request (unique).
     pub request_id: String,
+    /// The `x-request-id` the client sent, if any.
+    pub client_request_id: Option<String>,
     pub tenant_id: String,
     pub key_id: Option<String>,
     pub model: String,
@@ -248,9 +251,10 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for r in rows {
             sqlx::query(
-                "INSERT OR IGNORE INTO usage (request_id, tenant_id, key_id, model, endpoint, prompt_tokens, completion_tokens, latency_ms, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO usage (request_id, client_request_id, tenant_id, key_id, model, endpoint, prompt_tokens, completion_tokens, latency_ms, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&r.request_id)
+            .bind(&r.client_request_id)
             .bind(&r.tenant_id)
             .bind(&r.key_id)
             .bind(&r.model)

@@ -28,6 +28,7 @@ impl UsageLog {
     pub fn ticket(
         &self,
         request_id: &str,
+        client_request_id: Option<&str>,
         who: &Principal,
         model: &str,
         endpoint: &'static str,
@@ -48,6 +49,7 @@ impl UsageLog {
             span,
             row: Some(UsageRow {
                 request_id: request_id.to_string(),
+                client_request_id: client_request_id.map(str::to_string),
                 tenant_id: who.tenant_id.clone(),
                 key_id: Some(who.key_id.clone()),
                 model: model.to_string(),

@@ -39,6 +39,10 @@ pub struct Args {
     /// Most sequences decoded together (continuous batching).
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
+    /// Most tokens one engine step feeds (chunked prefill): running sequences' next tokens
+    /// first, then pieces of new prompts, so a long prompt does not stall the others.
+    #[arg(long, default_value_t = 256)]
+    pub max_step_tokens: usize,
     /// MiB of finished sequences' KV caches kept so that prompts starting the same way (a chat's
     /// next turn, a shared system prompt) skip that part of the prefill; 0 disables it.
     #[arg(long, default_value_t = 1024)]
@@ -56,9 +60,14 @@ pub struct Args {
     /// Seconds in-flight generations get to finish on shutdown (Ctrl-C / SIGTERM).
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
-    /// Seconds a client has to send its request head, and then its body.
+    /// Seconds a client has to send its request head (from the connection opening, or from the
+    /// last response on a kept-alive connection), and then its whole body.
     #[arg(long, default_value_t = 10)]
     pub client_timeout: u64,
+    /// Most connections open at once; past it, new ones wait in the listen backlog until one
+    /// closes. Default: 4096, or fewer when the descriptor limit (ulimit -n) is lower.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body: usize,
@@ -172,12 +181,13 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
             ),
         }
     }
-    if args.max_batch == 0 || args.queue == 0 {
-        bail!("--max-batch and --queue must be at least 1");
+    if args.max_batch == 0 || args.queue == 0 || args.max_step_tokens == 0 {
+        bail!("--max-batch, --queue and --max-step-tokens must be at least 1");
     }
     let engine = EngineConfig {
         max_batch: args.max_batch,
         queue: args.queue,
+        max_step_tokens: args.max_step_tokens,
         prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         ..EngineConfig::default()
     };
@@ -204,6 +214,9 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         max_body_bytes: args.max_body,
         body_timeout: Duration::from_secs(args.client_timeout),
         header_timeout: Duration::from_secs(args.client_timeout),
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(bitnet_server::default_max_connections),
         request_timeout: Duration::from_secs(args.request_timeout),
         max_tokens: args.max_tokens.unwrap_or(usize::MAX).max(1),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
