@@ -46,12 +46,19 @@ def first_token(path, body):
     t0 = time.perf_counter()
     c, r = post(path, body, stream=body.get("stream", False))
     if body.get("stream"):
+        # The first chunk that carries text (a chat stream opens with an empty role chunk).
         while True:
             line = r.fp.readline()
-            if not line or line.startswith(b"data: {"):
+            if not line:
                 break
+            if line.startswith(b"data: {"):
+                ch = json.loads(line[6:]).get("choices") or [{}]
+                c0 = ch[0]
+                if c0.get("text") or (c0.get("delta") or {}).get("content"):
+                    break
+        # The rest is not needed (one token was asked for): the raw lines read above left the
+        # chunked decoder behind, so the connection is just closed.
         dt = time.perf_counter() - t0
-        r.read()
     else:
         r.read()
         dt = time.perf_counter() - t0
@@ -59,8 +66,9 @@ def first_token(path, body):
     return dt
 
 
-def ttft_round():
-    words = " ".join(["river"] * args.long_words)
+def ttft_round(i):
+    # A different first word each round: no round reuses another's prompt from the prefix cache.
+    words = f"Round {i}: " + " ".join(["river"] * args.long_words)
     out = {}
 
     def long():
@@ -105,7 +113,7 @@ def healthz_round():
     return max(lat), statistics.median(lat)
 
 
-rounds = [ttft_round() for _ in range(args.rounds)]
+rounds = [ttft_round(i) for i in range(args.rounds)]
 short = [r["short"] for r in rounds]
 long_ = [r["long"] for r in rounds]
 print("short request TTFT behind a %d-word prompt: %.3f s median (%s); the long prompt's TTFT %.3f s"

@@ -180,6 +180,11 @@ impl Sequence {
         self.next.is_none()
     }
 
+    /// Prompt tokens not fed yet.
+    pub fn prompt_left(&self) -> usize {
+        self.prompt.len() - self.fed
+    }
+
     /// Append this sequence's next steps (as sequence `seq` of the pass): its next token, or up
     /// to `chunk` more prompt tokens, the last of the prompt asking for logits. Returns how many
     /// prompt tokens were added.

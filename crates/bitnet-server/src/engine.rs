@@ -504,26 +504,41 @@ impl Scheduler {
 
     fn step(&mut self) {
         let chunk = self.config.prefill_chunk.max(1);
-        // The step's token budget: decode tokens first, then prompt chunks in sequence order
-        // in what is left (at least one prompt token when nothing decodes, so prompts advance).
+        // The step's token budget: decode tokens first, then prompt tokens in the room left
+        // (at least one when nothing decodes, so prompts advance). Each prompt being fed gets
+        // an even share of the room first, then what is left goes to the shortest remainders
+        // first: a short request that arrives during a long prefill is fed at once instead of
+        // waiting for the long one to finish.
         let decoding = self.seqs.iter().filter(|s| !s.seq.prefilling()).count();
         let mut room = self.config.max_step_tokens.saturating_sub(decoding);
         if decoding == 0 {
             room = room.max(1);
         }
+        let mut prefilling: Vec<usize> = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].seq.prefilling())
+            .collect();
+        let want = |i: usize| self.seqs[i].seq.prompt_left().min(chunk);
+        let mut grant = vec![0usize; self.seqs.len()];
+        if !prefilling.is_empty() {
+            let share = (room / prefilling.len()).max(1);
+            for &i in &prefilling {
+                grant[i] = want(i).min(share).min(room);
+                room -= grant[i];
+            }
+            prefilling.sort_by_key(|&i| self.seqs[i].seq.prompt_left());
+            for &i in &prefilling {
+                let extra = (want(i) - grant[i]).min(room);
+                grant[i] += extra;
+                room -= extra;
+            }
+        }
         let mut steps = Vec::new();
         let mut prefill = 0;
         for (i, s) in self.seqs.iter_mut().enumerate() {
-            if s.seq.prefilling() {
-                let take = chunk.min(room);
-                if take == 0 {
-                    continue;
-                }
-                let n = s.seq.push_steps(i, take, &mut steps);
-                room -= n;
-                prefill += n;
-            } else {
+            if !s.seq.prefilling() {
                 s.seq.push_steps(i, 1, &mut steps);
+            } else if grant[i] > 0 {
+                prefill += s.seq.push_steps(i, grant[i], &mut steps);
             }
         }
         let lens: Vec<usize> = self.caches.iter().map(KvCache::len).collect();
