@@ -29,7 +29,28 @@ impl Server {
     }
 
     fn start_env(model: &Path, db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = bitnet()
+        Self::launch(bitnet(), model, db, extra, env)
+    }
+
+    /// A server whose process may hold at most `nofile` descriptors (`ulimit -n`).
+    fn start_with_nofile(model: &Path, db: &Path, extra: &[&str], nofile: u32) -> Self {
+        let mut sh = std::process::Command::new("bash");
+        sh.args([
+            "-c",
+            &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_bitnet"),
+        ]);
+        Self::launch(sh, model, db, extra, &[])
+    }
+
+    fn launch(
+        mut cmd: std::process::Command,
+        model: &Path,
+        db: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut child = cmd
             .arg("serve")
             .arg("-m")
             .arg(format!("smol={}", model.display()))
@@ -1025,6 +1046,34 @@ fn idle_connections_are_closed_and_the_connection_cap_holds() {
         limit_lines <= 3,
         "the limit was logged {limit_lines} times:\n{log}"
     );
+}
+
+/// Issue 12: out of descriptors (a connection cap above `ulimit -n`), the server backs off
+/// instead of spinning, says so a few times (not 20 times a second), and serves again once
+/// connections close.
+#[test]
+fn descriptor_exhaustion_backs_off_and_recovers() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start_with_nofile(&model, &temp_db(&dir), &["--max-connections", "1000"], 96);
+    let idle: Vec<TcpStream> = (0..150)
+        .filter_map(|_| TcpStream::connect(&server.addr).ok())
+        .collect();
+    assert!(idle.len() > 100);
+    std::thread::sleep(Duration::from_secs(4));
+    drop(idle);
+    let answered = wait_for(90, || {
+        let (s, _, _) = server.http("GET", "/healthz", None, b"", "");
+        (s == 200).then_some(())
+    });
+    assert!(answered.is_some(), "{}", server.log.lock().unwrap());
+    let log = server.log.lock().unwrap().clone();
+    let failures = log.matches("accept failed").count();
+    assert!(failures >= 1, "descriptors never ran out:\n{log}");
+    assert!(failures <= 4, "{failures} accept-failure lines:\n{log}");
 }
 
 /// Issue 12: junk methods and paths do not become metric series (`/metrics` stays small).
