@@ -189,10 +189,12 @@ impl Drop for Server {
     }
 }
 
-/// Usage rows as (request_id, status, prompt_tokens, completion_tokens), read with the server
-/// crate's own store.
-fn usage_rows(db: &Path) -> Vec<(String, i64, i64, i64)> {
-    // The store has no row listing (metering reads totals); read them with sqlx directly.
+/// Rows of a query on the server's SQLite database (the store has no row listing: metering
+/// reads totals; tests read rows with sqlx directly).
+fn query_db<T>(db: &Path, sql: &str) -> Vec<T>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -202,13 +204,16 @@ fn usage_rows(db: &Path) -> Vec<(String, i64, i64, i64)> {
         let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
             .await
             .unwrap();
-        sqlx::query_as(
-            "SELECT request_id, status, prompt_tokens, completion_tokens FROM usage ORDER BY id",
-        )
-        .fetch_all(&mut c)
-        .await
-        .unwrap()
+        sqlx::query_as(sql).fetch_all(&mut c).await.unwrap()
     })
+}
+
+/// Usage rows as (request_id, status, prompt_tokens, completion_tokens).
+fn usage_rows(db: &Path) -> Vec<(String, i64, i64, i64)> {
+    query_db(
+        db,
+        "SELECT request_id, status, prompt_tokens, completion_tokens FROM usage ORDER BY id",
+    )
 }
 
 fn temp_db(dir: &tempfile::TempDir) -> PathBuf {
@@ -974,22 +979,10 @@ fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
 
 /// Usage rows as (request_id, client_request_id, status, completion_tokens).
 fn usage_ids(db: &Path) -> Vec<(String, Option<String>, i64, i64)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use sqlx::Connection;
-        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        sqlx::query_as(
-            "SELECT request_id, client_request_id, status, completion_tokens FROM usage ORDER BY id",
-        )
-        .fetch_all(&mut c)
-        .await
-        .unwrap()
-    })
+    query_db(
+        db,
+        "SELECT request_id, client_request_id, status, completion_tokens FROM usage ORDER BY id",
+    )
 }
 
 /// Poll `f` every 200 ms until it gives `Some`, for at most `secs` (generous: CI machines are

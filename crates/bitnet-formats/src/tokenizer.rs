@@ -459,10 +459,7 @@ fn byte_level_bpe(
             4 => false,
             _ => continue,
         };
-        added.push(
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                          "normalized": false, "special": special}),
-        );
+        added.push(added_token(i, t, special));
     }
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let pre_tokenizer = match split_regex(pre) {
@@ -471,22 +468,45 @@ fn byte_level_bpe(
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
         None => byte_level.clone(),
     };
-    let doc = json!({
+    build(
+        added,
+        pre_tokenizer,
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}),
+    )
+}
+
+/// One entry of a tokenizer's `added_tokens`: matched whole, never normalized.
+fn added_token(id: usize, content: &str, special: bool) -> Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": special})
+}
+
+/// A `tokenizers` pipeline from its parts (no normalizer, truncation or padding).
+fn build(
+    added: Vec<Value>,
+    pre_tokenizer: Value,
+    post_processor: Value,
+    decoder: Value,
+    model: Value,
+) -> Result<tokenizers::Tokenizer> {
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges}
-    });
-    doc.to_string()
-        .parse::<tokenizers::Tokenizer>()
-        .map_err(tok_err)
+        "post_processor": post_processor,
+        "decoder": decoder,
+        "model": model,
+    })
+    .to_string()
+    .parse::<tokenizers::Tokenizer>()
+    .map_err(tok_err)
 }
 
 /// The merges a SentencePiece BPE vocabulary implies when the file lists none, as transformers
@@ -572,31 +592,21 @@ fn sentencepiece_bpe(
             4 => false,
             _ => continue,
         };
-        added.push(
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": special}),
-        );
+        added.push(added_token(i, t, special));
     }
-    let doc = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
+    build(
+        added,
+        json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+        Value::Null,
+        json!({"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
             {"type": "ByteFallback"},
             {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}),
+        json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges}
-    });
-    doc.to_string()
-        .parse::<tokenizers::Tokenizer>()
-        .map_err(tok_err)
+                  "vocab": vocab, "merges": merges}),
+    )
 }
 
 impl TextTokenizer {
