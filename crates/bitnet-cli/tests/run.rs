@@ -131,7 +131,7 @@ fn run_json_is_reproducible_with_a_seed() {
 fn chat_answers_a_scripted_conversation_and_exits_on_eof() {
     let Some(m) = smollm2() else { return };
     let mut child = bitnet()
-        .args(["chat", "-m", m.to_str().unwrap(), "-n", "24"])
+        .args(["chat", "-m", m.to_str().unwrap(), "-n", "24", "--temp", "0"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -295,6 +295,8 @@ fn stop_strings_end_the_generation() {
         "24",
         "--stop",
         ".",
+        "--temp",
+        "0",
         "--json",
     ]));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -344,4 +346,87 @@ fn compact_heads_cost_measured_perplexity() {
         (q4 - base).abs() / base < 0.25,
         "q4 head perplexity {q4} vs {base}"
     );
+}
+
+/// Issue 13: sampling settings left out come from the model (its generation_config.json), else
+/// llama.cpp's defaults; the seed is random unless given; the settings are printed; bad values
+/// are refused with the rule, negative numbers included.
+#[test]
+fn sampling_defaults_come_from_the_model_else_llama_cpp() {
+    let sampling_line = |args: &[&str]| -> String {
+        let out = succeeds(bitnet().args(args));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        err.lines()
+            .find(|l| l.starts_with("sampling: "))
+            .unwrap_or_else(|| panic!("no sampling line in:\n{err}"))
+            .to_string()
+    };
+    // A model with a generation config: its temperature and top-p, llama.cpp's for the rest.
+    let dir = tempfile::tempdir().unwrap();
+    let src = tiny();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"do_sample": true, "temperature": 0.6, "top_p": 0.9}"#,
+    )
+    .unwrap();
+    let m = dir.path().to_str().unwrap();
+    let line = sampling_line(&["run", "-m", m, "--tokens", "1,2", "-n", "2"]);
+    assert!(
+        line.contains("temperature 0.6 (model, generation_config.json)"),
+        "{line}"
+    );
+    assert!(
+        line.contains("top-p 0.9 (model, generation_config.json)"),
+        "{line}"
+    );
+    assert!(line.contains("top-k 40 (llama.cpp default)"), "{line}");
+    assert!(line.contains("min-p 0.05 (llama.cpp default)"), "{line}");
+    assert!(
+        line.contains("repeat penalty 1.1 over the last 64 tokens"),
+        "{line}"
+    );
+    // A flag wins; do_sample false in the config means greedy.
+    let line = sampling_line(&["run", "-m", m, "--tokens", "1,2", "-n", "2", "--top-k", "7"]);
+    assert!(line.contains("top-k 7 (flag)"), "{line}");
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"do_sample": false, "temperature": 0.6}"#,
+    )
+    .unwrap();
+    let line = sampling_line(&["run", "-m", m, "--tokens", "1,2", "-n", "2"]);
+    assert!(line.starts_with("sampling: temperature 0 (model"), "{line}");
+    // No config: llama.cpp's defaults, and a new random seed every run.
+    let t = tiny();
+    let t = t.to_str().unwrap();
+    let seed = |l: &str| {
+        l.split("seed ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let a = sampling_line(&["run", "-m", t, "--tokens", "1,2", "-n", "2"]);
+    let b = sampling_line(&["run", "-m", t, "--tokens", "1,2", "-n", "2"]);
+    assert!(a.contains("temperature 0.8 (llama.cpp default)"), "{a}");
+    assert!(a.contains("(random; --seed to repeat)"), "{a}");
+    assert_ne!(seed(&a), seed(&b), "two runs drew the same seed");
+    let c = sampling_line(&["run", "-m", t, "--tokens", "1,2", "-n", "2", "-s", "7"]);
+    assert_eq!(seed(&c), "7");
+    // llama.cpp spellings and negative values reach our checks.
+    let out = bitnet()
+        .args(["run", "-m", t, "--tokens", "1,2", "--temp", "-1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("temperature must be >= 0"), "{err}");
+    let out = bitnet()
+        .args(["run", "-m", t, "--tokens", "1,2", "--repeat-last-n", "-2"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--repeat-last-n must be"));
 }

@@ -202,6 +202,12 @@ pub mod key {
     pub const ALIGNMENT: &str = "general.alignment";
     pub const QUANTIZATION_VERSION: &str = "general.quantization_version";
     pub const FILE_TYPE: &str = "general.file_type";
+    pub const SAMPLING_TEMP: &str = "general.sampling.temp";
+    pub const SAMPLING_TOP_K: &str = "general.sampling.top_k";
+    pub const SAMPLING_TOP_P: &str = "general.sampling.top_p";
+    pub const SAMPLING_MIN_P: &str = "general.sampling.min_p";
+    pub const SAMPLING_PENALTY_REPEAT: &str = "general.sampling.penalty_repeat";
+    pub const SAMPLING_PENALTY_LAST_N: &str = "general.sampling.penalty_last_n";
 
     pub const CONTEXT_LENGTH: &str = "context_length";
     pub const EMBEDDING_LENGTH: &str = "embedding_length";

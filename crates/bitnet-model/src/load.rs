@@ -3,6 +3,7 @@
 use crate::error::{ModelError, Result};
 use crate::linear::{DenseMatrix, Linear, TernaryLinear, WeightBytes};
 use crate::model::{Layer, Model};
+use crate::sampling::SamplingDefaults;
 use crate::spec::{Family, ModelSpec};
 use bitnet_core::packed::{self, PackedTensor, TernaryFormat};
 use bitnet_core::quant::{Granularity, ScaleConvention, TernaryMatrix, ternarize_read};
@@ -21,6 +22,8 @@ pub struct LoadedModel {
     pub tokenizer: Option<TextTokenizer>,
     /// Where the weights came from and how they are held, for reports.
     pub description: String,
+    /// The sampling settings the checkpoint ships (none when it says nothing).
+    pub sampling: SamplingDefaults,
 }
 
 /// Load a GGUF file or a Hugging Face model directory.
@@ -259,6 +262,28 @@ fn hf_quant(dir: &HfModelDir) -> Result<(HfQuant, Vec<String>)> {
     })
 }
 
+/// A GGUF's `general.sampling.*` settings (llama.cpp writes them from the model's
+/// generation config).
+fn gguf_sampling(h: &bitnet_formats::gguf::GgufHeader) -> SamplingDefaults {
+    use bitnet_formats::names::key;
+    let f = |k: &str| h.get(k).and_then(|v| v.as_f64()).map(|x| x as f32);
+    let u = |k: &str| h.get_u64(k).map(|x| x as usize);
+    let d = SamplingDefaults {
+        temperature: f(key::SAMPLING_TEMP),
+        top_k: u(key::SAMPLING_TOP_K),
+        top_p: f(key::SAMPLING_TOP_P),
+        min_p: f(key::SAMPLING_MIN_P),
+        repetition_penalty: f(key::SAMPLING_PENALTY_REPEAT),
+        penalty_last_n: u(key::SAMPLING_PENALTY_LAST_N),
+        source: Some("GGUF general.sampling".into()),
+    };
+    if d.is_empty() {
+        SamplingDefaults::default()
+    } else {
+        d
+    }
+}
+
 /// A model's layers from its tensors, named by the table: `vector(tensor, layer, len)` and
 /// `linear(tensor, layer, rows, cols)` read one from the file at hand.
 fn build_layers(
@@ -317,7 +342,19 @@ fn load_hf(path: &Path) -> Result<LoadedModel> {
         quant,
         path.display()
     );
+    let sampling = match std::fs::read_to_string(path.join("generation_config.json")) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(|v| SamplingDefaults::from_generation_config(&v))
+            .map_err(|e| {
+                ModelError::Invalid(format!(
+                    "{}: {e}",
+                    path.join("generation_config.json").display()
+                ))
+            })?,
+        Err(_) => SamplingDefaults::default(),
+    };
     Ok(LoadedModel {
+        sampling,
         model: Model::new(spec, embed, layers, norm, lm_head)?,
         tokenizer,
         description,
@@ -447,7 +484,9 @@ fn load_gguf(path: &Path) -> Result<LoadedModel> {
         f.header.dialect,
         path.display()
     );
+    let sampling = gguf_sampling(&f.header);
     Ok(LoadedModel {
+        sampling,
         model: Model::new(spec, embed, layers, norm, lm_head)?,
         tokenizer,
         description,

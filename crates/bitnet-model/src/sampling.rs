@@ -19,6 +19,10 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// `logit -= presence_penalty` for any token already present.
     pub presence_penalty: f32,
+    /// The penalties look at the last this many tokens of the sequence (llama.cpp's
+    /// `--repeat-last-n`; `Some(0)` turns them off); `None`: the whole sequence (transformers,
+    /// OpenAI).
+    pub penalty_last_n: Option<usize>,
     pub seed: u64,
 }
 
@@ -32,8 +36,99 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            penalty_last_n: None,
             seed: 0,
         }
+    }
+}
+
+impl SamplingParams {
+    /// llama.cpp's defaults (`common/common.h`, `common_params_sampling`): temperature 0.8,
+    /// top-k 40, top-p 0.95, min-p 0.05, repeat penalty 1.1 over the last 64 tokens.
+    pub fn llama_cpp() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            penalty_last_n: Some(64),
+            ..Self::default()
+        }
+    }
+
+    /// These settings with each field the model sets taken from `d`.
+    pub fn with_model_defaults(mut self, d: &SamplingDefaults) -> Self {
+        if let Some(v) = d.temperature {
+            self.temperature = v;
+        }
+        if let Some(v) = d.top_k {
+            self.top_k = v;
+        }
+        if let Some(v) = d.top_p {
+            self.top_p = v;
+        }
+        if let Some(v) = d.min_p {
+            self.min_p = v;
+        }
+        if let Some(v) = d.repetition_penalty {
+            self.repetition_penalty = v;
+        }
+        if let Some(v) = d.penalty_last_n {
+            self.penalty_last_n = Some(v);
+        }
+        self
+    }
+}
+
+/// The sampling settings a model ships, each `None` where it says nothing: a Hugging Face
+/// directory's `generation_config.json` (`do_sample: false` means greedy), or a GGUF's
+/// `general.sampling.*` keys (gguf-py `Keys.General.SAMPLING_*`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub penalty_last_n: Option<usize>,
+    /// Where they came from (`generation_config.json`, `GGUF general.sampling`), for reports.
+    pub source: Option<String>,
+}
+
+impl SamplingDefaults {
+    pub fn is_empty(&self) -> bool {
+        self.temperature.is_none()
+            && self.top_k.is_none()
+            && self.top_p.is_none()
+            && self.min_p.is_none()
+            && self.repetition_penalty.is_none()
+            && self.penalty_last_n.is_none()
+    }
+
+    /// From a `generation_config.json` document.
+    pub fn from_generation_config(v: &serde_json::Value) -> Self {
+        let f = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_f64)
+                .map(|x| x as f32)
+        };
+        let u = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map(|x| x as usize)
+        };
+        let greedy = v.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false);
+        let d = Self {
+            temperature: if greedy { Some(0.0) } else { f("temperature") },
+            top_k: u("top_k"),
+            top_p: f("top_p"),
+            min_p: f("min_p"),
+            repetition_penalty: f("repetition_penalty"),
+            penalty_last_n: None,
+            source: Some("generation_config.json".into()),
+        };
+        if d.is_empty() { Self::default() } else { d }
     }
 }
 
@@ -70,9 +165,10 @@ impl SamplingParams {
 
     /// Whether any repetition, frequency or presence penalty changes the logits.
     pub fn has_penalties(&self) -> bool {
-        self.repetition_penalty != 1.0
-            || self.frequency_penalty != 0.0
-            || self.presence_penalty != 0.0
+        self.penalty_last_n != Some(0)
+            && (self.repetition_penalty != 1.0
+                || self.frequency_penalty != 0.0
+                || self.presence_penalty != 0.0)
     }
 }
 
@@ -185,8 +281,12 @@ impl Sampler {
         if !p.has_penalties() {
             return;
         }
+        let recent = match p.penalty_last_n {
+            Some(n) => &history[history.len().saturating_sub(n)..],
+            None => history,
+        };
         let mut counts = std::collections::HashMap::new();
-        for &t in history {
+        for &t in recent {
             if (t as usize) < logits.len() {
                 *counts.entry(t).or_insert(0u32) += 1;
             }
@@ -438,5 +538,44 @@ mod tests {
             .validate()
             .is_err()
         );
+    }
+
+    #[test]
+    fn penalties_look_only_at_the_window() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            penalty_last_n: Some(2),
+            ..SamplingParams::default()
+        };
+        let s = Sampler::new(p);
+        let mut l = vec![1.0f32; 4];
+        // Token 0 is outside the last two tokens: not penalised; 1 and 2 are.
+        s.apply_penalties(&mut l, &[0, 1, 2]);
+        assert_eq!(l, [1.0, 0.5, 0.5, 1.0]);
+        let off = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            penalty_last_n: Some(0),
+            ..SamplingParams::default()
+        });
+        let mut l = vec![1.0f32; 4];
+        off.apply_penalties(&mut l, &[0, 1, 2]);
+        assert_eq!(l, [1.0; 4]);
+    }
+
+    #[test]
+    fn generation_config_defaults() {
+        let d = SamplingDefaults::from_generation_config(&serde_json::json!(
+            {"do_sample": true, "temperature": 0.6, "top_k": 20, "repetition_penalty": 1.05}
+        ));
+        assert_eq!(d.temperature, Some(0.6));
+        assert_eq!(d.top_k, Some(20));
+        assert_eq!(d.top_p, None);
+        let p = SamplingParams::llama_cpp().with_model_defaults(&d);
+        assert_eq!((p.temperature, p.top_k, p.top_p), (0.6, 20, 0.95));
+        let greedy = SamplingDefaults::from_generation_config(&serde_json::json!(
+            {"do_sample": false, "temperature": 0.6}
+        ));
+        assert_eq!(greedy.temperature, Some(0.0));
+        assert!(SamplingDefaults::from_generation_config(&serde_json::json!({})).is_empty());
     }
 }

@@ -115,10 +115,20 @@ fn range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<
     }
 }
 
-/// Sampling, stop strings, n and streaming, shared by both endpoints.
-fn common(s: &Sampling) -> Result<(SamplingParams, Vec<String>, u32), ApiError> {
-    let temperature = range("temperature", s.temperature, 0.0, 2.0, 1.0)?;
-    let top_p = range("top_p", s.top_p, 0.0, 1.0, 1.0)?;
+/// Sampling, stop strings, n and streaming, shared by both endpoints. Fields a request leaves
+/// out take the model's own settings (its generation config, as vLLM does), else OpenAI's.
+fn common(
+    s: &Sampling,
+    model: &bitnet_model::sampling::SamplingDefaults,
+) -> Result<(SamplingParams, Vec<String>, u32), ApiError> {
+    let temperature = range(
+        "temperature",
+        s.temperature,
+        0.0,
+        2.0,
+        model.temperature.unwrap_or(1.0),
+    )?;
+    let top_p = range("top_p", s.top_p, 0.0, 1.0, model.top_p.unwrap_or(1.0))?;
     if top_p == 0.0 {
         return Err(ApiError::bad("top_p", "top_p must be greater than 0"));
     }
@@ -162,10 +172,13 @@ fn common(s: &Sampling) -> Result<(SamplingParams, Vec<String>, u32), ApiError> 
     let sampling = SamplingParams {
         temperature,
         top_p,
+        top_k: model.top_k.unwrap_or(0),
+        min_p: model.min_p.unwrap_or(0.0),
+        repetition_penalty: model.repetition_penalty.unwrap_or(1.0),
+        penalty_last_n: model.penalty_last_n,
         frequency_penalty,
         presence_penalty,
         seed,
-        ..SamplingParams::default()
     };
     Ok((sampling, stop, n))
 }
@@ -244,7 +257,7 @@ fn message_text(m: &ChatMessage, i: usize) -> Result<String, ApiError> {
 
 fn chat_plan(state: &AppState, r: ChatCompletionRequest) -> Result<Plan, ApiError> {
     let model = model_for(state, &r.model)?;
-    let (sampling, stop_strings, n) = common(&r.sampling)?;
+    let (sampling, stop_strings, n) = common(&r.sampling, &model.sampling)?;
     if let Some(f) = &r.response_format
         && f.kind != "text"
     {
@@ -324,7 +337,7 @@ fn chat_plan(state: &AppState, r: ChatCompletionRequest) -> Result<Plan, ApiErro
 
 fn completion_plan(state: &AppState, r: &CompletionRequest) -> Result<Plan, ApiError> {
     let model = model_for(state, &r.model)?;
-    let (sampling, stop_strings, n) = common(&r.sampling)?;
+    let (sampling, stop_strings, n) = common(&r.sampling, &model.sampling)?;
     if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported(
             "suffix",
@@ -980,4 +993,34 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnet_model::sampling::SamplingDefaults;
+
+    /// Issue 13: a request's omitted sampling fields take the model's settings, else OpenAI's;
+    /// fields it sends win.
+    #[test]
+    fn omitted_sampling_fields_take_the_models_settings() {
+        let model = SamplingDefaults {
+            temperature: Some(0.3),
+            top_k: Some(20),
+            top_p: Some(0.9),
+            repetition_penalty: Some(1.05),
+            ..SamplingDefaults::default()
+        };
+        let (p, _, _) = common(&Sampling::default(), &model).unwrap();
+        assert_eq!((p.temperature, p.top_k, p.top_p), (0.3, 20, 0.9));
+        assert_eq!(p.repetition_penalty, 1.05);
+        let (p, _, _) = common(&Sampling::default(), &SamplingDefaults::default()).unwrap();
+        assert_eq!((p.temperature, p.top_k, p.top_p), (1.0, 0, 1.0));
+        let sent = Sampling {
+            temperature: Some(0.0),
+            ..Sampling::default()
+        };
+        let (p, _, _) = common(&sent, &model).unwrap();
+        assert_eq!(p.temperature, 0.0);
+    }
 }

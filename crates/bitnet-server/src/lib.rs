@@ -102,6 +102,8 @@ pub struct ServedModel {
     /// End-of-sequence and end-of-turn tokens.
     pub stop_tokens: Vec<u32>,
     pub engine: Engine,
+    /// The model's own sampling settings: a request's omitted fields take them.
+    pub sampling: bitnet_model::sampling::SamplingDefaults,
 }
 
 impl ServedModel {
@@ -127,6 +129,7 @@ impl ServedModel {
             None => None,
         };
         let stop_tokens = bitnet_model::chat::turn_end_tokens(&tokenizer);
+        let sampling = loaded.sampling;
         let model = Arc::new(loaded.model);
         let (context, vocab) = (model.spec.context, model.spec.vocab);
         let engine = Engine::start(
@@ -148,6 +151,7 @@ impl ServedModel {
             template,
             stop_tokens,
             engine,
+            sampling,
         })
     }
 }

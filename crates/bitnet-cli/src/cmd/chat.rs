@@ -31,9 +31,10 @@ pub fn run(args: Args) -> Result<()> {
     let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
     let template = ChatTemplate::new(source, &name(tok.bos_id), &name(tok.eos_id))?;
     let stop_tokens = turn_end_tokens(tok);
+    let sampling = args.sampling.resolve(&m.sampling)?;
     let opts = GenerateOptions {
         max_new_tokens: args.n,
-        sampling: args.sampling.params()?,
+        sampling: sampling.params,
         stop_tokens,
         stop_strings: Vec::new(),
     };
@@ -47,6 +48,7 @@ pub fn run(args: Args) -> Result<()> {
     // The token ids currently held by the cache, to reuse the shared prefix between turns.
     let mut cached: Vec<u32> = Vec::new();
     let stdout = std::io::stdout();
+    eprintln!("sampling: {}", sampling.summary);
     if interactive {
         eprintln!(
             "{}\nType a message and press Enter. /reset clears the history, /exit (or Ctrl-D) quits.",

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use bitnet_formats::tokenizer::TextTokenizer;
-use bitnet_model::sampling::SamplingParams;
+use bitnet_model::sampling::{SamplingDefaults, SamplingParams};
 use bitnet_model::{HeadQuant, LoadedModel};
 use std::path::PathBuf;
 
@@ -42,50 +42,146 @@ impl ModelArgs {
     }
 }
 
-/// Sampling flags.
+/// Sampling flags. Each one left out takes the model's own setting (its
+/// `generation_config.json`, or a GGUF's `general.sampling.*`), else llama.cpp's default.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SamplingArgs {
-    /// Sampling temperature; 0 picks the most likely token (greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Keep only the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches p.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Drop tokens less likely than min_p times the most likely one.
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    /// Penalise tokens already in the context (1.0: off; >1 discourages repeats).
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
-    /// Subtract this times a token's count so far from its logit.
-    #[arg(long, default_value_t = 0.0)]
-    pub frequency_penalty: f32,
-    /// Subtract this from the logit of any token already present.
-    #[arg(long, default_value_t = 0.0)]
-    pub presence_penalty: f32,
-    /// Random seed, for reproducible sampling.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Sampling temperature; 0 picks the most likely token (greedy, exact). [default: the
+    /// model's, else 0.8]
+    #[arg(long, visible_alias = "temp", allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Keep only the k most likely tokens (0: all). [default: the model's, else 40]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p (1: all). [default: the
+    /// model's, else 0.95]
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than min_p times the most likely one (0: off). [default: the
+    /// model's, else 0.05]
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// Penalise tokens already in the recent context (1: off; above 1 discourages repeats).
+    /// [default: the model's, else 1.1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub repeat_penalty: Option<f32>,
+    /// The penalties look at the last N tokens (0: penalties off, -1: the whole context).
+    /// [default: the model's, else 64]
+    #[arg(long, allow_negative_numbers = true)]
+    pub repeat_last_n: Option<i64>,
+    /// Subtract this times a token's count so far from its logit. [default: 0]
+    #[arg(long, allow_negative_numbers = true)]
+    pub frequency_penalty: Option<f32>,
+    /// Subtract this from the logit of any token already present. [default: 0]
+    #[arg(long, allow_negative_numbers = true)]
+    pub presence_penalty: Option<f32>,
+    /// Random seed, to repeat a sampled generation exactly. [default: a new random seed each
+    /// run]
+    #[arg(long, short = 's')]
+    pub seed: Option<u64>,
+}
+
+/// Sampling settings with where each came from, for the line commands print.
+#[derive(Debug, Clone)]
+pub struct ResolvedSampling {
+    pub params: SamplingParams,
+    /// `temperature 0.8 (llama.cpp default), top-k 40 (...), ..., seed 123 (random)`.
+    pub summary: String,
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> Result<SamplingParams> {
+    /// The settings in use: the flags given, else the model's (`model`), else llama.cpp's.
+    pub fn resolve(&self, model: &SamplingDefaults) -> Result<ResolvedSampling> {
+        let base = SamplingParams::llama_cpp();
+        let from_model = base.clone().with_model_defaults(model);
+        let model_src = model.source.as_deref().unwrap_or("model");
+        let origin = |flag: bool, set: bool| -> String {
+            if flag {
+                "flag".into()
+            } else if set {
+                format!("model, {model_src}")
+            } else {
+                "llama.cpp default".into()
+            }
+        };
+        let last_n = match self.repeat_last_n {
+            None => from_model.penalty_last_n,
+            Some(-1) => None,
+            Some(n) if n >= 0 => Some(n as usize),
+            Some(n) => {
+                bail!("--repeat-last-n must be -1 (whole context), 0 (off) or more, got {n}")
+            }
+        };
+        let (seed, seed_src) = match self.seed {
+            Some(s) => (s, "flag"),
+            None => (random_seed(), "random; --seed to repeat"),
+        };
         let p = SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repeat_penalty,
-            frequency_penalty: self.frequency_penalty,
-            presence_penalty: self.presence_penalty,
-            seed: self.seed,
+            temperature: self.temperature.unwrap_or(from_model.temperature),
+            top_k: self.top_k.unwrap_or(from_model.top_k),
+            top_p: self.top_p.unwrap_or(from_model.top_p),
+            min_p: self.min_p.unwrap_or(from_model.min_p),
+            repetition_penalty: self.repeat_penalty.unwrap_or(from_model.repetition_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            penalty_last_n: last_n,
+            seed,
         };
         p.validate().map_err(anyhow::Error::msg)?;
-        Ok(p)
+        let mut parts = vec![format!(
+            "temperature {} ({})",
+            p.temperature,
+            origin(self.temperature.is_some(), model.temperature.is_some())
+        )];
+        if !p.is_greedy() {
+            parts.push(format!(
+                "top-k {} ({})",
+                p.top_k,
+                origin(self.top_k.is_some(), model.top_k.is_some())
+            ));
+            parts.push(format!(
+                "top-p {} ({})",
+                p.top_p,
+                origin(self.top_p.is_some(), model.top_p.is_some())
+            ));
+            parts.push(format!(
+                "min-p {} ({})",
+                p.min_p,
+                origin(self.min_p.is_some(), model.min_p.is_some())
+            ));
+        }
+        let window = match p.penalty_last_n {
+            Some(n) => format!("last {n} tokens"),
+            None => "whole context".into(),
+        };
+        parts.push(format!(
+            "repeat penalty {} over the {window} ({})",
+            p.repetition_penalty,
+            origin(
+                self.repeat_penalty.is_some(),
+                model.repetition_penalty.is_some()
+            )
+        ));
+        if !p.is_greedy() {
+            parts.push(format!("seed {seed} ({seed_src})"));
+        }
+        Ok(ResolvedSampling {
+            params: p,
+            summary: parts.join(", "),
+        })
     }
+}
+
+/// A seed from the OS's randomness (std's hasher keys are drawn from it per process).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 /// `1,2,3` → token ids.

@@ -51,9 +51,13 @@ pub fn run(args: Args) -> Result<()> {
     {
         stop_tokens.push(e);
     }
+    let sampling = args.sampling.resolve(&m.sampling)?;
+    if !args.json {
+        eprintln!("sampling: {}", sampling.summary);
+    }
     let opts = GenerateOptions {
         max_new_tokens: args.n.min(ctx - prompt.len()),
-        sampling: args.sampling.params()?,
+        sampling: sampling.params,
         stop_tokens,
         stop_strings: args.stop.clone(),
     };
@@ -89,6 +93,9 @@ pub fn run(args: Args) -> Result<()> {
         writeln!(out)?;
         if tok.is_none() {
             writeln!(out, "tokens: {:?}", g.tokens)?;
+        }
+        if g.finish == bitnet_model::generate::FinishReason::ContextFull {
+            eprintln!("\n(stopped: the context of {ctx} tokens is full; raise --ctx to go on)");
         }
         eprintln!(
             "\nprompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s | peak RSS {:.0} MiB",
