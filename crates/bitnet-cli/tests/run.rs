@@ -14,6 +14,7 @@ use serde_json::Value;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 fn tiny() -> PathBuf {
     root().join("testdata/models/tiny-bitnet-a-packed")
@@ -429,4 +430,125 @@ fn sampling_defaults_come_from_the_model_else_llama_cpp() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--repeat-last-n must be"));
+}
+
+/// Issue 13: the chat line on a terminal. Lines typed while a reply is written are not sent as
+/// the next message; Ctrl-C stops a reply and the conversation goes on; /help, /save and
+/// Ctrl-D work.
+#[test]
+fn chat_line_on_a_terminal() {
+    let Some(m) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bitnet"));
+    cmd.args([
+        "chat",
+        "-m",
+        m.to_str().unwrap(),
+        "--temp",
+        "0",
+        "-n",
+        "800",
+    ]);
+    let mut p = rexpect::session::spawn_command(cmd, Some(180_000)).unwrap();
+    p.exp_string("sampling: temperature 0 (flag)").unwrap();
+    p.exp_string("> ").unwrap();
+    p.send_line("Tell me about the moon.").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Typed during the reply: must not become a message.
+    p.send_line("GARBAGE").unwrap();
+    p.exp_string("> ").unwrap();
+    let saved = dir.path().join("one.json");
+    std::thread::sleep(Duration::from_millis(200));
+    p.send_line(&format!("/save {}", saved.display())).unwrap();
+    p.exp_string("saved 2 messages").unwrap();
+    // A long reply, stopped with Ctrl-C; the conversation keeps the part written.
+    p.send_line("/help").unwrap();
+    p.exp_string("/save FILE").unwrap();
+    p.send_line("Now write a very long story about a dragon who learns to count to a thousand.")
+        .unwrap();
+    // Once the reply is under way (its first words, greedy: "Once upon a time"), Ctrl-C.
+    p.exp_string("Once upon").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    p.send_control('c').unwrap();
+    p.exp_string("[stopped]").unwrap();
+    p.exp_string("> ").unwrap();
+    let saved2 = dir.path().join("two.json");
+    std::thread::sleep(Duration::from_millis(200));
+    p.send_line(&format!("/save {}", saved2.display())).unwrap();
+    p.exp_string("saved 4 messages").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&saved2).unwrap()).unwrap();
+    let roles: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
+    assert!(!v[3]["content"].as_str().unwrap().is_empty());
+    assert!(!std::fs::read_to_string(&saved).unwrap().contains("GARBAGE"));
+}
+
+/// Issue 13: llama.cpp's inputs: `-p -` reads standard input, `-f FILE` a file, `-c` sets the
+/// context, and `--chat` wraps the prompt in the model's template and stops at the turn's end.
+#[test]
+fn prompt_inputs_and_chat_mode_as_llama_cpp() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let json =
+        |out: std::process::Output| -> Value { serde_json::from_slice(&out.stdout).unwrap() };
+    let base = ["run", "-m", m, "-n", "6", "--temp", "0", "--json"];
+    let a = json(succeeds(
+        bitnet().args(base).args(["-p", "The capital of France is"]),
+    ));
+    let mut child = bitnet()
+        .args(base)
+        .args(["-p", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"The capital of France is")
+        .unwrap();
+    let b = json(child.wait_with_output().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("prompt.txt");
+    std::fs::write(&f, "The capital of France is").unwrap();
+    let c = json(succeeds(
+        bitnet().args(base).args(["-f", f.to_str().unwrap()]),
+    ));
+    assert_eq!(a["tokens"], b["tokens"]);
+    assert_eq!(a["tokens"], c["tokens"]);
+    // The chat template: the same answer `chat` gives, ending at the turn's end.
+    let chat = json(succeeds(bitnet().args([
+        "run",
+        "-m",
+        m,
+        "-n",
+        "40",
+        "--temp",
+        "0",
+        "--json",
+        "--chat",
+        "-p",
+        "What is the capital of France?",
+    ])));
+    assert_eq!(chat["finish_reason"], "stop", "{chat}");
+    assert!(chat["text"].as_str().unwrap().contains("Paris"), "{chat}");
+    assert!(
+        chat["prompt_tokens"].as_array().unwrap().len() > 20,
+        "the template was applied"
+    );
+    // -c is the context length (too small for the prompt: refused with the fix).
+    let out = bitnet()
+        .args(["run", "-m", m, "-c", "3", "-p", "The capital of France is"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("raise --ctx"));
 }

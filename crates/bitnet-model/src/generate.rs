@@ -33,6 +33,8 @@ pub enum FinishReason {
     ContextFull,
     /// The deadline passed (a server's request timeout).
     Timeout,
+    /// Stopped by the user (Ctrl-C in a chat).
+    Cancelled,
 }
 
 impl FinishReason {
@@ -43,6 +45,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length | FinishReason::ContextFull => "length",
             FinishReason::Timeout => "timeout",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -335,6 +338,20 @@ pub fn generate(
     cache: &mut KvCache,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
+    generate_until(model, tokenizer, prompt, opts, cache, on_text, &|| false)
+}
+
+/// [`generate`], checking `cancelled` before each step: when it says so the generation ends
+/// there ([`FinishReason::Cancelled`]), with the text so far handed out and kept.
+pub fn generate_until(
+    model: &Model,
+    tokenizer: Option<&TextTokenizer>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    cache: &mut KvCache,
+    on_text: &mut dyn FnMut(&str),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Generation> {
     let mut seq = Sequence::new(prompt.to_vec(), opts.clone(), 0)?;
     let ctx = model.spec.context;
     if cache.len() + prompt.len() > ctx {
@@ -369,6 +386,13 @@ pub fn generate(
         }
         if let Some(finish) = step.finish {
             break finish;
+        }
+        if cancelled() {
+            let rest = seq.stop(tokenizer, FinishReason::Cancelled);
+            if !rest.is_empty() {
+                on_text(&rest);
+            }
+            break FinishReason::Cancelled;
         }
         steps.clear();
         seq.push_steps(0, 1, &mut steps);

@@ -13,7 +13,7 @@ pub struct ModelArgs {
     #[arg(short, long)]
     pub model: PathBuf,
     /// Context length to allow (default: the model's own).
-    #[arg(long)]
+    #[arg(long, short = 'c', visible_alias = "ctx-size")]
     pub ctx: Option<usize>,
     /// Threads for the kernels (default: every CPU this process may use, or BITNET_THREADS).
     #[arg(short, long)]
@@ -205,23 +205,52 @@ pub fn tokenizer(m: &LoadedModel) -> Result<&TextTokenizer> {
 /// The input of the commands that read one prompt: text or token ids.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PromptArgs {
-    /// Prompt text.
-    #[arg(short, long)]
+    /// Prompt text (`-` reads it from standard input).
+    #[arg(short, long, allow_hyphen_values = true)]
     pub prompt: Option<String>,
+    /// Read the prompt from this file.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
     /// Token ids instead of text, comma-separated.
     #[arg(long)]
     pub tokens: Option<String>,
 }
 
 impl PromptArgs {
-    /// Token ids from `--tokens` or by encoding `--prompt`, checked against the vocabulary.
-    pub fn ids(&self, m: &LoadedModel) -> Result<Vec<u32>> {
-        let ids = match (self.tokens.as_deref(), self.prompt.as_deref()) {
+    /// The prompt text from `--prompt` (`-` for standard input) or `--file`, if given.
+    pub fn text(&self) -> Result<Option<String>> {
+        match (&self.prompt, &self.file) {
+            (Some(_), Some(_)) => bail!("give either --prompt or --file, not both"),
+            (Some(p), None) if p == "-" => {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .context("cannot read the prompt from standard input")?;
+                Ok(Some(s))
+            }
+            (Some(p), None) => Ok(Some(p.clone())),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map(Some)
+                .with_context(|| format!("cannot read the prompt file {}", f.display())),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Token ids from `--tokens`, or the prompt text encoded by `encode`, checked against the
+    /// vocabulary.
+    pub fn ids_with(
+        &self,
+        m: &LoadedModel,
+        encode: impl FnOnce(&TextTokenizer, &str) -> Result<Vec<u32>>,
+    ) -> Result<Vec<u32>> {
+        let text = self.text()?;
+        let ids = match (self.tokens.as_deref(), text) {
             (Some(t), None) => parse_tokens(t)?,
-            (None, Some(p)) => tokenizer(m)?.encode(p, true)?,
-            (Some(_), Some(_)) => bail!("give either --prompt or --tokens, not both"),
+            (None, Some(p)) => encode(tokenizer(m)?, &p)?,
+            (Some(_), Some(_)) => bail!("give either a prompt or --tokens, not both"),
             (None, None) => {
-                bail!("give a prompt with --prompt TEXT or token ids with --tokens 1,2,3")
+                bail!(
+                    "give a prompt with --prompt TEXT (or -p - for standard input, -f FILE), or token ids with --tokens 1,2,3"
+                )
             }
         };
         if ids.is_empty() {
@@ -232,6 +261,11 @@ impl PromptArgs {
             bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
         Ok(ids)
+    }
+
+    /// Token ids from `--tokens` or by encoding the prompt (with the tokenizer's BOS).
+    pub fn ids(&self, m: &LoadedModel) -> Result<Vec<u32>> {
+        self.ids_with(m, |t, p| Ok(t.encode(p, true)?))
     }
 }
 

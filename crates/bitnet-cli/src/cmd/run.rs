@@ -1,7 +1,8 @@
 //! `bitnet run`: generate text from a prompt, streaming it, then report speed.
 
 use super::common::{ModelArgs, PromptArgs, SamplingArgs, peak_rss_bytes};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use bitnet_model::chat::{ChatTemplate, Message, turn_end_tokens};
 use bitnet_model::generate::{GenerateOptions, generate};
 use std::io::Write;
 
@@ -28,11 +29,32 @@ pub struct Args {
     /// Print one JSON object (token ids, text, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Wrap the prompt in the model's chat template as a user message (llama-cli's
+    /// `-cnv`), and stop at the end of the turn.
+    #[arg(long, visible_alias = "cnv")]
+    pub chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let m = args.model.load()?;
-    let mut prompt = args.input.ids(&m)?;
+    let mut prompt = if args.chat {
+        args.input.ids_with(&m, |tok, text| {
+            let source = tok.chat_template.as_deref().context(
+                "--chat: this model ships no chat template; run without --chat for plain completion",
+            )?;
+            let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+            let template = ChatTemplate::new(source, &name(tok.bos_id), &name(tok.eos_id))?;
+            let mut messages: Vec<Message> =
+                args.system.iter().map(|s| Message::new("system", s)).collect();
+            messages.push(Message::new("user", text));
+            Ok(tok.encode(&template.render(&messages, true)?, false)?)
+        })?
+    } else {
+        args.input.ids(&m)?
+    };
     let ctx = m.model.spec.context;
     if prompt.len() >= ctx {
         if !args.truncate {
@@ -46,10 +68,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     let tok = m.tokenizer.as_ref();
     let mut stop_tokens = Vec::new();
-    if !args.ignore_eos
-        && let Some(e) = tok.and_then(|t| t.eos_id)
-    {
-        stop_tokens.push(e);
+    if !args.ignore_eos {
+        match (args.chat, tok) {
+            (true, Some(t)) => stop_tokens = turn_end_tokens(t),
+            (false, Some(t)) => stop_tokens.extend(t.eos_id),
+            _ => {}
+        }
     }
     let sampling = args.sampling.resolve(&m.sampling)?;
     if !args.json {
