@@ -552,3 +552,39 @@ fn prompt_inputs_and_chat_mode_as_llama_cpp() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("raise --ctx"));
 }
+
+/// Issue 13: threads and token counts as the config and llama.cpp mean them.
+#[test]
+fn threads_and_counts_mean_what_they_say() {
+    let t = tiny();
+    let t = t.to_str().unwrap();
+    let base = ["run", "-m", t, "--tokens", "1,2", "--temp", "0", "--json"];
+    // 0 threads: every core. -n -1: until the end of the context.
+    let out = succeeds(bitnet().args(base).args([
+        "--threads",
+        "0",
+        "-n",
+        "-1",
+        "-c",
+        "12",
+        "--ignore-eos",
+    ]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 10, "{v}");
+    let out = bitnet().args(base).args(["-n", "-2"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-n must be a number of tokens"));
+    let out = bitnet()
+        .args(base)
+        .env("BITNET_THREADS", "lots")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BITNET_THREADS=\"lots\""));
+    let many = std::thread::available_parallelism().map_or(1, |n| n.get()) + 3;
+    let out = succeeds(
+        bitnet()
+            .args(base)
+            .args(["--threads", &many.to_string(), "-n", "1"]),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning:"));
+}

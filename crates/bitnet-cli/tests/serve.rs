@@ -1131,6 +1131,19 @@ fn repeated_client_request_ids_are_three_rows_under_server_ids() {
         (r.len() == 3).then_some(r)
     })
     .expect("three usage rows");
+    // One log line per request, with its id, status and tokens; and the trace export state.
+    let log = server.log.lock().unwrap().clone();
+    for id in &ids {
+        let line = log
+            .lines()
+            .find(|l| l.contains(id.as_str()))
+            .unwrap_or_default();
+        assert!(
+            line.contains("completion_tokens=2") && line.contains("status=200"),
+            "{log}"
+        );
+    }
+    assert!(log.contains("trace export off"), "{log}");
     for (row, id) in rows.iter().zip(&ids) {
         assert_eq!(&row.0, id);
         assert_eq!(row.1.as_deref(), Some("same-id"));

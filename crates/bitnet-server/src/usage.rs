@@ -121,6 +121,17 @@ impl Drop for Ticket {
             if r.status >= 500 {
                 self.span.record("otel.status_code", "ERROR");
             }
+            // One line per request that reached a model.
+            tracing::info!(
+                request_id = %r.request_id,
+                endpoint = r.endpoint,
+                model = %r.model,
+                status = r.status,
+                prompt_tokens = r.prompt_tokens,
+                completion_tokens = r.completion_tokens,
+                latency_ms = r.latency_ms,
+                "request"
+            );
             let _ = self.log.send(r);
         }
     }

@@ -6,7 +6,7 @@
 //! and what was typed while a reply was written is discarded rather than sent as the next
 //! message. From a pipe, each line is a message.
 
-use super::common::{ModelArgs, SamplingArgs, tokenizer};
+use super::common::{ModelArgs, SamplingArgs, n_predict, tokenizer};
 use anyhow::{Context, Result, bail};
 use bitnet_formats::tokenizer::TextTokenizer;
 use bitnet_model::LoadedModel;
@@ -23,9 +23,14 @@ pub struct Args {
     /// A system prompt to start the conversation with (`/system TEXT` changes it).
     #[arg(long)]
     pub system: Option<String>,
-    /// Most tokens per reply.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
-    pub n: usize,
+    /// Most tokens per reply (-1: until the end of the text or the context).
+    #[arg(
+        short = 'n',
+        long = "n-predict",
+        default_value_t = 512,
+        allow_negative_numbers = true
+    )]
+    pub n: i64,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// End a reply when this text appears (repeatable).
@@ -200,7 +205,7 @@ pub fn run(args: Args) -> Result<()> {
     let template = ChatTemplate::new(source, &name(tok.bos_id), &name(tok.eos_id))?;
     let sampling = args.sampling.resolve(&m.sampling)?;
     let opts = GenerateOptions {
-        max_new_tokens: args.n,
+        max_new_tokens: n_predict(args.n)?,
         sampling: sampling.params,
         stop_tokens: turn_end_tokens(tok),
         stop_strings: args.stop.clone(),

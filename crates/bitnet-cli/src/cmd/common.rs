@@ -15,7 +15,8 @@ pub struct ModelArgs {
     /// Context length to allow (default: the model's own).
     #[arg(long, short = 'c', visible_alias = "ctx-size")]
     pub ctx: Option<usize>,
-    /// Threads for the kernels (default: every CPU this process may use, or BITNET_THREADS).
+    /// Threads for the kernels; 0 means every core (default: BITNET_THREADS, else every CPU
+    /// this process may use).
     #[arg(short, long)]
     pub threads: Option<usize>,
     /// Quantize the lm_head: int8 (a scale per row, half the bytes of f16 per token) or q4
@@ -172,6 +173,17 @@ impl SamplingArgs {
     }
 }
 
+/// `-n`: a count of tokens, or -1 for "until the end of the text or the context" (llama.cpp).
+pub fn n_predict(n: i64) -> Result<usize> {
+    match n {
+        -1 => Ok(usize::MAX),
+        n if n >= 0 => Ok(n as usize),
+        n => bail!(
+            "-n must be a number of tokens, or -1 to go on until the end of the text or the context (got {n})"
+        ),
+    }
+}
+
 /// A seed from the OS's randomness (std's hasher keys are drawn from it per process).
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -279,11 +291,26 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// Apply `--threads` (the kernels' pool is process-wide).
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(t) = threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        bitnet_kernels::pool::set_threads(t);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let t = match threads {
+        Some(t) => t,
+        None => match std::env::var("BITNET_THREADS") {
+            Ok(v) => v.trim().parse::<usize>().map_err(|_| {
+                anyhow::anyhow!(
+                    "BITNET_THREADS={v:?} is not a number of threads: use a count, or 0 for every core"
+                )
+            })?,
+            Err(_) => return Ok(()),
+        },
+    };
+    // 0: every core, as the configuration file's `runtime.threads` says.
+    let t = if t == 0 { cores } else { t };
+    if t > cores {
+        eprintln!(
+            "warning: {t} threads on {cores} cores: the kernels' threads will wait for each other; \
+             use at most {cores} (or 0 for every core)"
+        );
     }
+    bitnet_kernels::pool::set_threads(t);
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `bitnet run`: generate text from a prompt, streaming it, then report speed.
 
-use super::common::{ModelArgs, PromptArgs, SamplingArgs, peak_rss_bytes};
+use super::common::{ModelArgs, PromptArgs, SamplingArgs, n_predict, peak_rss_bytes};
 use anyhow::{Context, Result, bail};
 use bitnet_model::chat::{ChatTemplate, Message, turn_end_tokens};
 use bitnet_model::generate::{GenerateOptions, generate};
@@ -12,9 +12,14 @@ pub struct Args {
     pub model: ModelArgs,
     #[command(flatten)]
     pub input: PromptArgs,
-    /// Tokens to generate.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
-    pub n: usize,
+    /// Tokens to generate (-1: until the end of the text or the context).
+    #[arg(
+        short = 'n',
+        long = "n-predict",
+        default_value_t = 128,
+        allow_negative_numbers = true
+    )]
+    pub n: i64,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Stop when this text appears (repeatable).
@@ -80,7 +85,7 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("sampling: {}", sampling.summary);
     }
     let opts = GenerateOptions {
-        max_new_tokens: args.n.min(ctx - prompt.len()),
+        max_new_tokens: n_predict(args.n)?.min(ctx - prompt.len()),
         sampling: sampling.params,
         stop_tokens,
         stop_strings: args.stop.clone(),

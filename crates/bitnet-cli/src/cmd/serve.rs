@@ -21,8 +21,18 @@ pub struct Args {
     #[arg(short, long = "model", value_name = "[NAME=]PATH")]
     pub models: Vec<String>,
     /// Address to listen on (default: `server.addr` from the config, 127.0.0.1:8080).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["host", "port"])]
     pub addr: Option<String>,
+    /// Host to listen on, with the port of `--port` or the configured address.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on, with the host of `--host` or the configured address.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Longest sequence (prompt and reply) a request may use, in tokens (default: the
+    /// model's context; vLLM's --max-model-len).
+    #[arg(long, short = 'c', visible_alias = "ctx-size")]
+    pub ctx: Option<usize>,
     /// Database URL (default: `server.database` from the config, an SQLite file).
     #[arg(long)]
     pub database: Option<String>,
@@ -103,6 +113,29 @@ fn model_spec(s: &str, cfg: &Config) -> (String, PathBuf) {
     (id, p)
 }
 
+/// `--addr`, or `--host` / `--port` over the configured address.
+fn listen_addr(args: &Args, configured: &str) -> Result<String> {
+    if let Some(a) = &args.addr {
+        return Ok(a.clone());
+    }
+    let (host, port) = configured
+        .rsplit_once(':')
+        .map_or((configured, "8080"), |(h, p)| (h, p));
+    let host = args.host.as_deref().unwrap_or(host);
+    let port = args
+        .port
+        .map_or_else(|| port.to_string(), |p| p.to_string());
+    if host.is_empty() {
+        bail!("--host must not be empty");
+    }
+    // A bare IPv6 address needs brackets before the port.
+    Ok(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    })
+}
+
 async fn open_store(database: &str) -> Result<Store> {
     Store::open(database)
         .await
@@ -116,7 +149,12 @@ fn init_logs(json: bool, traces: Option<&Tracing>) {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let fmt = if json {
         fmt.json().with_filter(filter).boxed()
     } else {
@@ -155,8 +193,19 @@ pub fn run(args: Args) -> Result<()> {
         args.otlp_endpoint.as_deref(),
         cfg.server.otlp_endpoint.as_deref(),
     ) {
-        Some(e) => Some(Tracing::start(&e).map_err(anyhow::Error::msg)?),
-        None => None,
+        Some(e) => {
+            let t = Tracing::start(&e).map_err(anyhow::Error::msg)?;
+            let to = match &e {
+                telemetry::Endpoint::Url(u) => u.clone(),
+                telemetry::Endpoint::FromEnv => "the OTEL_EXPORTER_OTLP_* endpoint".into(),
+            };
+            eprintln!("bitnet serve: exporting traces to {to} (OTLP over HTTP)");
+            Some(t)
+        }
+        None => {
+            eprintln!("bitnet serve: trace export off (--otlp-endpoint URL turns it on)");
+            None
+        }
     };
     init_logs(args.log_json, traces.as_ref());
     let result = serve(args, cfg);
@@ -203,13 +252,19 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         if let Some(q) = args.head_quant {
             loaded.model.quantize_head(q);
         }
+        if let Some(c) = args.ctx {
+            if c == 0 {
+                bail!("--ctx must be at least 1");
+            }
+            loaded.model.spec.context = c;
+        }
         tracing::info!(model = %id, "{}", loaded.description);
         models.push(
             ServedModel::start(id, loaded, &engine, metrics.clone()).map_err(anyhow::Error::msg)?,
         );
     }
     let database = args.database.clone().unwrap_or(cfg.server.database.clone());
-    let addr = args.addr.clone().unwrap_or(cfg.server.addr.clone());
+    let addr = listen_addr(&args, &cfg.server.addr)?;
     let server = ServerConfig {
         max_body_bytes: args.max_body,
         body_timeout: Duration::from_secs(args.client_timeout),
@@ -336,4 +391,36 @@ pub fn keys(args: KeysArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: Args,
+    }
+
+    fn addr(args: &[&str], configured: &str) -> Result<String> {
+        let cli = Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))?;
+        listen_addr(&cli.serve, configured)
+    }
+
+    /// Issue 13: --host and --port beside --addr, over the configured address.
+    #[test]
+    fn host_and_port_fill_in_the_configured_address() {
+        let cfg = "127.0.0.1:8080";
+        assert_eq!(addr(&[], cfg).unwrap(), "127.0.0.1:8080");
+        assert_eq!(addr(&["--port", "9000"], cfg).unwrap(), "127.0.0.1:9000");
+        assert_eq!(addr(&["--host", "0.0.0.0"], cfg).unwrap(), "0.0.0.0:8080");
+        assert_eq!(
+            addr(&["--host", "::1", "--port", "1"], cfg).unwrap(),
+            "[::1]:1"
+        );
+        assert_eq!(addr(&["--addr", "10.0.0.1:5"], cfg).unwrap(), "10.0.0.1:5");
+        assert!(addr(&["--addr", "a:1", "--port", "2"], cfg).is_err());
+    }
 }
