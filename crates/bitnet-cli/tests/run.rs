@@ -588,3 +588,22 @@ fn threads_and_counts_mean_what_they_say() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("warning:"));
 }
+
+/// Issue 13: quantize works on the bundled SmolLM2 (a group of 128 does not divide its rows of
+/// 576: a smaller group is measured and said), and `perplexity --chunks 0` says what is wrong.
+#[test]
+fn quantize_and_perplexity_say_what_they_do() {
+    let Some(m) = smollm2() else { return };
+    let out = succeeds(bitnet().args(["quantize", m.to_str().unwrap()]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("group:128 does not divide every row"), "{err}");
+    assert!(err.contains("group:96"), "{err}");
+    let text = root().join("testdata/text/tiny.txt");
+    let out = bitnet()
+        .args(["perplexity", "-m", m.to_str().unwrap(), "-f"])
+        .arg(&text)
+        .args(["--chunks", "0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--chunks 0 scores nothing"));
+}

@@ -34,8 +34,19 @@ fn measure(
 ) -> Result<TensorQuantReport> {
     let mut results = Vec::with_capacity(granularities.len());
     for &g in granularities {
+        // A group that does not divide the row falls back to the largest size below it that
+        // does (SmolLM2's rows of 576 take groups of 96 for 128); the result says which.
+        let g = match g {
+            Granularity::PerGroup(n) if n > 0 && !cols.is_multiple_of(n) => Granularity::PerGroup(
+                (1..=n.min(cols))
+                    .rev()
+                    .find(|d| cols.is_multiple_of(*d))
+                    .unwrap_or(1),
+            ),
+            g => g,
+        };
         let m = ternarize(w, rows, cols, g)
-            .map_err(|e| ModelError::Invalid(format!("{name}: {g:?}: {e}")))?;
+            .map_err(|e| ModelError::Invalid(format!("{name}: {g}: {e}")))?;
         results.push((g, error_metrics(w, &m.dequantize())?));
     }
     Ok(TensorQuantReport {

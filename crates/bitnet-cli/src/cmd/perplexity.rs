@@ -60,6 +60,9 @@ pub fn compute(
             m.model.spec.context
         );
     }
+    if max_chunks == Some(0) {
+        bail!("--chunks 0 scores nothing: give at least 1, or leave it out to score every chunk");
+    }
     let mut n_chunks = tokens.len() / n_ctx;
     if let Some(c) = max_chunks {
         n_chunks = n_chunks.min(c);

@@ -96,6 +96,23 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         Vec::new()
     };
+    // Say where a group size did not divide a tensor's rows and a smaller one was measured.
+    for (k, g) in grans.iter().enumerate() {
+        let mut used: Vec<String> = reps
+            .iter()
+            .filter_map(|r| r.results.get(k).map(|(u, _)| label(*u)))
+            .filter(|u| *u != label(*g))
+            .collect();
+        used.sort();
+        used.dedup();
+        if !used.is_empty() && !quiet {
+            eprintln!(
+                "note: {} does not divide every row; those tensors were measured with {}",
+                label(*g),
+                used.join(", ")
+            );
+        }
+    }
     let mut ppl = None;
     if let Some(out) = &args.out {
         let ternary = GgmlType::from_name(&args.to)
