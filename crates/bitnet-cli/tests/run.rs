@@ -607,3 +607,60 @@ fn quantize_and_perplexity_say_what_they_do() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--chunks 0 scores nothing"));
 }
+
+/// Issue 13: output for scripts: files created with the user's umask, `inspect` in block
+/// order, `bench --json` CPU features as an object.
+#[test]
+fn outputs_for_scripts() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.gguf");
+    let src = root().join("testdata/models/tiny-bitnet-c-float");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 022 && exec \"$0\" convert \"$1\" -o \"$2\" --to tq2_0 >/dev/null 2>&1")
+        .arg(env!("CARGO_BIN_EXE_bitnet"))
+        .arg(&src)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "{mode:o}");
+    let v: Value = serde_json::from_slice(
+        &succeeds(bitnet().args(["inspect", out.to_str().unwrap(), "--json"])).stdout,
+    )
+    .unwrap();
+    let names: Vec<&str> = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names[0], "token_embd.weight", "{names:?}");
+    assert!(names.last().unwrap().starts_with("output"), "{names:?}");
+    let blocks: Vec<usize> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+        .collect();
+    assert!(blocks.windows(2).all(|w| w[0] <= w[1]), "{names:?}");
+    let b: Value = serde_json::from_slice(
+        &succeeds(bitnet().args([
+            "bench",
+            "-m",
+            out.to_str().unwrap(),
+            "-p",
+            "4",
+            "-n",
+            "2",
+            "-r",
+            "1",
+            "-t",
+            "1",
+            "--json",
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    assert!(b["features"]["avx2"].is_boolean(), "{}", b["features"]);
+}

@@ -615,10 +615,11 @@ fn keys_are_created_listed_revoked_and_checked() {
     assert_eq!(s, 200, "{b}");
     let (s, _, b) = server.http("GET", "/v1/admin/keys", Some(&user_key), b"", "");
     assert_eq!(s, 403, "{b}");
-    let admin = String::from_utf8(
-        succeeds(bitnet().args(["keys", "create", "--admin", "--database", &url])).stdout,
-    )
-    .unwrap();
+    let created = succeeds(bitnet().args(["keys", "create", "--admin", "--database", &url]));
+    // The note names the role as a user writes it (was Rust's `(Admin, "cli")`).
+    let note = String::from_utf8_lossy(&created.stderr);
+    assert!(note.contains("(admin, \"cli\")"), "{note}");
+    let admin = String::from_utf8(created.stdout).unwrap();
     let admin = admin.trim();
     let (s, _, b) = server.http(
         "POST",

@@ -251,10 +251,14 @@ pub fn run(args: Args) -> Result<()> {
             });
         }
     }
+    let f = cpu::features();
+    let features = serde_json::json!({"avx2": f.avx2, "fma": f.fma, "f16c": f.f16c,
+        "avx_vnni": f.avx_vnni, "avx512bw": f.avx512bw, "avx512vnni": f.avx512vnni,
+        "avx512fp16": f.avx512fp16, "amx_int8": f.amx_int8, "amx_usable": f.amx_usable});
     let report = serde_json::json!({
         "model": name,
         "tier": cpu::tier().name(),
-        "features": format!("{:?}", cpu::features()),
+        "features": features,
         "weight_bytes_per_token": bytes_per_token,
         "peak_rss_bytes": peak_rss_bytes(),
         "results": rows,

@@ -66,14 +66,34 @@ struct Report {
     tensors: Vec<TensorRow>,
 }
 
+/// Where a tensor goes in a listing: the ones before the blocks, each block in numeric order
+/// (`blk.10` after `blk.9`), then the ones after (the final norm and the head).
+fn listing_order(name: &str) -> (u8, usize) {
+    let block = name
+        .strip_prefix("blk.")
+        .or_else(|| name.split_once("layers.").map(|(_, r)| r))
+        .and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+    match block {
+        Some(n) => (1, n),
+        None if ["output", "lm_head", "model.norm"]
+            .iter()
+            .any(|p| name.starts_with(p)) =>
+        {
+            (2, 0)
+        }
+        None => (0, 0),
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
-    let report = if args.path.is_dir() {
+    let mut report = if args.path.is_dir() {
         inspect_dir(&args.path, args.full)?
     } else if args.path.extension().is_some_and(|e| e == "safetensors") {
         inspect_safetensors(&args.path)?
     } else {
         inspect_gguf(&args.path, args.full)?
     };
+    report.tensors.sort_by_key(|t| listing_order(&t.name));
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if args.json {

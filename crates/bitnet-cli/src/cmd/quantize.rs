@@ -82,14 +82,16 @@ pub fn run(args: Args) -> Result<()> {
         .map(|g| parse_granularity(g))
         .collect::<Result<_>>()?;
     let quiet = args.json;
+    // The running count only on a terminal (a log gets the summary).
+    let progress = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let reps = if args.report || args.out.is_none() {
         let r = report(&args.src, &grans, &mut |r, done, total| {
-            if !quiet {
+            if progress {
                 eprint!("\r[{done}/{total}] {:<48}", r.name);
             }
         })
         .with_context(|| format!("cannot measure {}", args.src.display()))?;
-        if !quiet {
+        if progress {
             eprintln!();
         }
         r

@@ -366,7 +366,7 @@ pub fn keys(args: KeysArgs) -> Result<()> {
                     println!("{}", serde_json::json!({"key": key, "id": info.id, "prefix": info.prefix, "role": info.role, "name": info.name}));
                 } else {
                     println!("{key}");
-                    eprintln!("id {} ({:?}, \"{}\"): keep the key now, it is not shown again", info.id, info.role, info.name);
+                    eprintln!("id {} ({}, \"{}\"): keep the key now, it is not shown again", info.id, info.role.as_str(), info.name);
                 }
             }
             KeysAction::List => {
