@@ -70,8 +70,48 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each said once: a cause whose text its parent already
+/// ends with (an I/O error inside "PATH: error"), or a path a message already names, is not
+/// repeated.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let mut text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        // "cannot load model P" followed by "P: not a GGUF file": the path once.
+        if let Some((path, rest)) = text.split_once(": ")
+            && path.len() > 1
+            && line.contains(path)
+        {
+            text = rest.to_string();
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_lines_say_each_thing_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(io)
+            .context("/x: No such file or directory")
+            .context("cannot read /x");
+        assert_eq!(
+            super::error_line(&e),
+            "cannot read /x: No such file or directory"
+        );
     }
 }

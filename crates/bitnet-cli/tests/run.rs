@@ -664,3 +664,50 @@ fn outputs_for_scripts() {
     .unwrap();
     assert!(b["features"]["avx2"].is_boolean(), "{}", b["features"]);
 }
+
+/// Issue 13: one clear line per error, each thing said once, no Rust debug text.
+#[test]
+fn errors_say_each_thing_once() {
+    let line = |args: &[&str]| -> String {
+        let out = bitnet().args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        err
+    };
+    let e = line(&["run", "-m", "/etc/passwd", "-p", "hi"]);
+    assert_eq!(e.matches("/etc/passwd").count(), 1, "{e}");
+    assert!(e.contains("it starts with \"root\""), "{e}");
+    let e = line(&["inspect", "/nonexistent-file"]);
+    assert_eq!(e.matches("No such file").count(), 1, "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nodir/x.gguf");
+    let src = root().join("testdata/models/tiny-bitnet-c-float");
+    let e = line(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--to",
+        "tq2_0",
+    ]);
+    assert!(
+        e.contains("does not exist: create it first") && !e.contains(".x.gguf."),
+        "{e}"
+    );
+    // quantize --perplexity on a model without a tokenizer: refused before writing anything.
+    let q = dir.path().join("q.gguf");
+    let e = line(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--perplexity",
+        root().join("testdata/text/tiny.txt").to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("needs the model's tokenizer") && !e.contains("--tokens"),
+        "{e}"
+    );
+    assert!(!q.exists());
+}

@@ -16,6 +16,15 @@ pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    if !dir.is_dir() {
+        return Err(FormatError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the output's directory does not exist: create it first",
+            ),
+        });
+    }
     let prefix = format!(".{name}.");
     let mut b = tempfile::Builder::new();
     b.prefix(&prefix).suffix(".tmp");

@@ -12,7 +12,7 @@ pub enum FormatError {
         #[source]
         source: std::io::Error,
     },
-    #[error("not a GGUF file: expected magic \"GGUF\", found {found:?}")]
+    #[error("not a GGUF file: it starts with {}, not \"GGUF\"", show_magic(found))]
     BadMagic { found: [u8; 4] },
     #[error(
         "big-endian GGUF files are not supported (version field reads {version:#x} little-endian)"
@@ -86,6 +86,18 @@ pub enum FormatError {
 }
 
 pub type Result<T, E = FormatError> = std::result::Result<T, E>;
+
+/// The first bytes of a file that is not GGUF, as text when they are printable.
+fn show_magic(b: &[u8; 4]) -> String {
+    if b.iter().all(|c| c.is_ascii_graphic() || *c == b' ') {
+        format!("{:?}", String::from_utf8_lossy(b))
+    } else {
+        b.iter()
+            .map(|c| format!("{c:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> FormatError {
     let path = path.into();

@@ -1,7 +1,6 @@
 //! `bitnet quantize`: what ternarization costs a model, per tensor (MSE, cosine, zeros for each
 //! scale granularity) and end to end (perplexity of the source and of the converted file).
 
-use crate::cmd::common::tokenizer;
 use crate::cmd::perplexity::compute;
 use anyhow::{Context, Result, bail};
 use bitnet_core::quant::Granularity;
@@ -115,6 +114,31 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
+    // The source's perplexity first: a model without a tokenizer is refused before any file
+    // is written.
+    let text = match &args.perplexity {
+        Some(f) => Some(
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        ),
+        None => None,
+    };
+    let measure = |path: &PathBuf, text: &str| -> Result<f64> {
+        let m =
+            bitnet_model::load(path).with_context(|| format!("cannot load {}", path.display()))?;
+        let tok = m.tokenizer.as_ref().with_context(|| {
+            format!(
+                "--perplexity needs the model's tokenizer, and {} ships none",
+                path.display()
+            )
+        })?;
+        let tokens = tok.encode(text, false)?;
+        Ok(compute(&m, &tokens, args.ctx, None, &mut |_, _| {})?.ppl)
+    };
+    let src_ppl = match (&text, &args.out) {
+        (Some(t), Some(_)) => Some(measure(&args.src, t)?),
+        (Some(_), None) => bail!("--perplexity compares the source with the output: give -o FILE"),
+        _ => None,
+    };
     let mut ppl = None;
     if let Some(out) = &args.out {
         let ternary = GgmlType::from_name(&args.to)
@@ -131,16 +155,8 @@ pub fn run(args: Args) -> Result<()> {
             convert_gguf_to_gguf(&args.src, out, &opts, true, &mut progress)
         }
         .with_context(|| format!("cannot convert {}", args.src.display()))?;
-        if let Some(text) = &args.perplexity {
-            let text = std::fs::read_to_string(text)
-                .with_context(|| format!("cannot read {}", text.display()))?;
-            let measure = |path: &PathBuf| -> Result<f64> {
-                let m = bitnet_model::load(path)
-                    .with_context(|| format!("cannot load {}", path.display()))?;
-                let tokens = tokenizer(&m)?.encode(&text, false)?;
-                Ok(compute(&m, &tokens, args.ctx, None, &mut |_, _| {})?.ppl)
-            };
-            ppl = Some((measure(&args.src)?, measure(out)?));
+        if let (Some(a), Some(t)) = (src_ppl, &text) {
+            ppl = Some((a, measure(out, t)?));
         }
     }
     if args.json {
