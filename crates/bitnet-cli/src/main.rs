@@ -37,6 +37,8 @@ enum Command {
     Init(cmd::init::Args),
     /// Check this machine and configuration, and say what to fix.
     Doctor(cmd::doctor::Args),
+    /// List the models in the models directory (what `-m NAME` finds).
+    Models(cmd::models::Args),
     /// Serve models through an OpenAI-compatible API (continuous batching, API keys, metrics).
     Serve(cmd::serve::Args),
     /// Create, list and revoke the server's API keys.
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => cmd::perplexity::run(args),
         Command::Init(args) => cmd::init::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
+        Command::Models(args) => cmd::models::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Keys(args) => cmd::serve::keys(args),
     };

@@ -711,3 +711,36 @@ fn errors_say_each_thing_once() {
     );
     assert!(!q.exists());
 }
+
+/// Issue 13: `-m NAME` finds a model in the models directory; `bitnet models` lists them.
+#[test]
+fn models_are_found_by_name() {
+    let Some(m) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    std::os::unix::fs::symlink(&m, models.join("smol.gguf")).unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!("[models]\ndir = {:?}\n", models.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = succeeds(
+        bitnet()
+            .args(["models", "--json"])
+            .env("BITNET_CONFIG", &cfg),
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "smol", "{v}");
+    assert_eq!(v[0]["kind"], "gguf");
+    let out = succeeds(
+        bitnet()
+            .args([
+                "run", "-m", "smol", "-p", "Hello", "-n", "2", "--temp", "0", "--json",
+            ])
+            .env("BITNET_CONFIG", &cfg),
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 2);
+}

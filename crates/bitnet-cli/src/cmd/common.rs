@@ -9,7 +9,8 @@ use std::path::PathBuf;
 /// Which model to load.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// A GGUF file or a Hugging Face model directory (config.json + safetensors).
+    /// A GGUF file or a Hugging Face model directory (config.json + safetensors), or the name
+    /// of one in the models directory (`bitnet models` lists them).
     #[arg(short, long)]
     pub model: PathBuf,
     /// Context length to allow (default: the model's own).
@@ -28,8 +29,9 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         set_threads(self.threads)?;
-        let mut m = bitnet_model::load(&self.model)
-            .with_context(|| format!("cannot load model {}", self.model.display()))?;
+        let path = super::models::resolve(&self.model);
+        let mut m = bitnet_model::load(&path)
+            .with_context(|| format!("cannot load model {}", path.display()))?;
         if let Some(c) = self.ctx {
             if c == 0 {
                 bail!("--ctx must be at least 1");

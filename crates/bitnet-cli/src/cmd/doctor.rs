@@ -205,16 +205,7 @@ fn checks(path: &Path) -> Vec<Check> {
         let probe = dir.join(format!(".bitnet-doctor-{}", std::process::id()));
         let writable = std::fs::write(&probe, b"").is_ok();
         let _ = std::fs::remove_file(&probe);
-        let models = std::fs::read_dir(dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| {
-                        e.path().extension().is_some_and(|x| x == "gguf")
-                            || e.path().join("config.json").exists()
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
+        let models = super::models::list(dir).len();
         out.push(check(
             "models dir",
             if writable { Status::Ok } else { Status::Fail },

@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod init;
 pub mod inspect;
 pub mod logits;
+pub mod models;
 pub mod perplexity;
 pub mod quantize;
 pub mod run;
