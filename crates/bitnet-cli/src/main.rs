@@ -46,7 +46,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // llama-cli's single-dash `-cnv` (conversation mode) is `--cnv` here (`run --chat`).
+    let cli =
+        Cli::parse_from(std::env::args_os().map(|a| if a == "-cnv" { "--cnv".into() } else { a }));
     bitnet_model::failpoints_from_env();
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args),

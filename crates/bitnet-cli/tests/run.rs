@@ -571,6 +571,22 @@ fn threads_and_counts_mean_what_they_say() {
     ]));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens"].as_array().unwrap().len(), 10, "{v}");
+    // A generation that fills the context says so.
+    let out = succeeds(bitnet().args([
+        "run",
+        "-m",
+        t,
+        "--tokens",
+        "1,2",
+        "--temp",
+        "0",
+        "-c",
+        "6",
+        "-n",
+        "40",
+        "--ignore-eos",
+    ]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the context of 6 tokens is full"));
     let out = bitnet().args(base).args(["-n", "-2"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("-n must be a number of tokens"));
     let out = bitnet()

@@ -123,7 +123,14 @@ pub fn run(args: Args) -> Result<()> {
         if tok.is_none() {
             writeln!(out, "tokens: {:?}", g.tokens)?;
         }
-        if g.finish == bitnet_model::generate::FinishReason::ContextFull {
+        // Ended by the room left in the context rather than by -n: say so.
+        let wanted = n_predict(args.n)?;
+        let room = ctx - prompt.len();
+        let full = g.finish == bitnet_model::generate::FinishReason::ContextFull
+            || (g.finish == bitnet_model::generate::FinishReason::Length
+                && wanted > room
+                && g.tokens.len() >= room);
+        if full {
             eprintln!("\n(stopped: the context of {ctx} tokens is full; raise --ctx to go on)");
         }
         eprintln!(
