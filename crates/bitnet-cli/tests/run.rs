@@ -535,7 +535,7 @@ fn prompt_inputs_and_chat_mode_as_llama_cpp() {
         "--temp",
         "0",
         "--json",
-        "--chat",
+        "-cnv",
         "-p",
         "What is the capital of France?",
     ])));
