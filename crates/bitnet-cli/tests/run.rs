@@ -760,3 +760,42 @@ fn models_are_found_by_name() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens"].as_array().unwrap().len(), 2);
 }
+
+/// Issue 13: `chat` takes `--stop` and `--json` like `run`.
+#[test]
+fn chat_takes_stop_and_json() {
+    let Some(m) = smollm2() else { return };
+    let mut child = bitnet()
+        .args([
+            "chat",
+            "-m",
+            m.to_str().unwrap(),
+            "--temp",
+            "0",
+            "-n",
+            "40",
+            "--json",
+        ])
+        .args(["--stop", "."])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["finish_reason"], "stop", "{v}");
+    let text = v["text"].as_str().unwrap();
+    assert!(text.contains("Paris") && !text.contains('.'), "{v}");
+}

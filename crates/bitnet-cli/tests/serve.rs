@@ -1070,6 +1070,27 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
     assert!(failures <= 4, "{failures} accept-failure lines:\n{log}");
 }
 
+/// Issue 13: `serve --ctx` caps the sequence length a request may use.
+#[test]
+fn serve_ctx_caps_the_sequence_length() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&model, &temp_db(&dir), &["--ctx", "32"]);
+    let (s, b) = server.post_json(
+        "/v1/completions",
+        &format!(
+            r#"{{"model": "smol", "prompt": "{}", "max_tokens": 4}}"#,
+            "word ".repeat(40)
+        ),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(error_code(&b), "context_length_exceeded");
+    let (_, _, models) = server.http("GET", "/v1/models", Some(&server.key), b"", "");
+    assert!(models.contains("\"context_length\":32"), "{models}");
+}
+
 /// Issue 12: junk methods and paths do not become metric series (`/metrics` stays small).
 #[test]
 fn metrics_labels_stay_bounded_under_junk_methods_and_paths() {
