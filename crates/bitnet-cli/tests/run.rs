@@ -128,27 +128,30 @@ fn run_json_is_reproducible_with_a_seed() {
     assert!(a["peak_rss_bytes"].as_u64().unwrap() > 0);
 }
 
-#[test]
-fn chat_answers_a_scripted_conversation_and_exits_on_eof() {
-    let Some(m) = smollm2() else { return };
-    let mut child = bitnet()
-        .args(["chat", "-m", m.to_str().unwrap(), "-n", "24", "--temp", "0"])
+/// Run `cmd` with `input` on its standard input; it must succeed.
+fn with_stdin(cmd: &mut std::process::Command, input: &[u8]) -> std::process::Output {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What is the capital of France?\n/reset\nWhat is the capital of Germany?\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn chat_answers_a_scripted_conversation_and_exits_on_eof() {
+    let Some(m) = smollm2() else { return };
+    let out = with_stdin(
+        bitnet().args(["chat", "-m", m.to_str().unwrap(), "-n", "24", "--temp", "0"]),
+        b"What is the capital of France?\n/reset\nWhat is the capital of Germany?\n",
     );
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -502,21 +505,10 @@ fn prompt_inputs_and_chat_mode_as_llama_cpp() {
     let a = json(succeeds(
         bitnet().args(base).args(["-p", "The capital of France is"]),
     ));
-    let mut child = bitnet()
-        .args(base)
-        .args(["-p", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"The capital of France is")
-        .unwrap();
-    let b = json(child.wait_with_output().unwrap());
+    let b = json(with_stdin(
+        bitnet().args(base).args(["-p", "-"]),
+        b"The capital of France is",
+    ));
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("prompt.txt");
     std::fs::write(&f, "The capital of France is").unwrap();
@@ -765,34 +757,20 @@ fn models_are_found_by_name() {
 #[test]
 fn chat_takes_stop_and_json() {
     let Some(m) = smollm2() else { return };
-    let mut child = bitnet()
-        .args([
-            "chat",
-            "-m",
-            m.to_str().unwrap(),
-            "--temp",
-            "0",
-            "-n",
-            "40",
-            "--json",
-        ])
-        .args(["--stop", "."])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What is the capital of France?\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = with_stdin(
+        bitnet()
+            .args([
+                "chat",
+                "-m",
+                m.to_str().unwrap(),
+                "--temp",
+                "0",
+                "-n",
+                "40",
+                "--json",
+            ])
+            .args(["--stop", "."]),
+        b"What is the capital of France?\n",
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["finish_reason"], "stop", "{v}");
