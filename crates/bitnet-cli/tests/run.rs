@@ -20,15 +20,17 @@ fn tiny() -> PathBuf {
     root().join("testdata/models/tiny-bitnet-a-packed")
 }
 
-fn fails_clearly(args: &[&str], expect: &str) {
+/// Run `bitnet ARGS`: it must fail, without a panic, saying `expect`; returns its stderr.
+fn fails_clearly(args: &[&str], expect: &str) -> String {
     let out = bitnet().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
     assert!(!out.status.success(), "{args:?} succeeded");
     assert!(
         err.contains(expect),
         "{args:?}: expected {expect:?} in:\n{err}"
     );
     assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    err
 }
 
 #[test]
@@ -421,18 +423,14 @@ fn sampling_defaults_come_from_the_model_else_llama_cpp() {
     let c = sampling_line(&["run", "-m", t, "--tokens", "1,2", "-n", "2", "-s", "7"]);
     assert_eq!(seed(&c), "7");
     // llama.cpp spellings and negative values reach our checks.
-    let out = bitnet()
-        .args(["run", "-m", t, "--tokens", "1,2", "--temp", "-1"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("temperature must be >= 0"), "{err}");
-    let out = bitnet()
-        .args(["run", "-m", t, "--tokens", "1,2", "--repeat-last-n", "-2"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--repeat-last-n must be"));
+    fails_clearly(
+        &["run", "-m", t, "--tokens", "1,2", "--temp", "-1"],
+        "temperature must be >= 0",
+    );
+    fails_clearly(
+        &["run", "-m", t, "--tokens", "1,2", "--repeat-last-n", "-2"],
+        "--repeat-last-n must be",
+    );
 }
 
 /// Issue 13: the chat line on a terminal. Lines typed while a reply is written are not sent as
@@ -538,11 +536,10 @@ fn prompt_inputs_and_chat_mode_as_llama_cpp() {
         "the template was applied"
     );
     // -c is the context length (too small for the prompt: refused with the fix).
-    let out = bitnet()
-        .args(["run", "-m", m, "-c", "3", "-p", "The capital of France is"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("raise --ctx"));
+    fails_clearly(
+        &["run", "-m", m, "-c", "3", "-p", "The capital of France is"],
+        "raise --ctx",
+    );
 }
 
 /// Issue 13: threads and token counts as the config and llama.cpp mean them.
@@ -579,8 +576,10 @@ fn threads_and_counts_mean_what_they_say() {
         "--ignore-eos",
     ]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the context of 6 tokens is full"));
-    let out = bitnet().args(base).args(["-n", "-2"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("-n must be a number of tokens"));
+    fails_clearly(
+        &["run", "-m", t, "--tokens", "1,2", "-n", "-2"],
+        "-n must be a number of tokens",
+    );
     let out = bitnet()
         .args(base)
         .env("BITNET_THREADS", "lots")
@@ -607,13 +606,18 @@ fn quantize_and_perplexity_say_what_they_do() {
     assert!(err.contains("group:128 does not divide every row"), "{err}");
     assert!(err.contains("group:96"), "{err}");
     let text = root().join("testdata/text/tiny.txt");
-    let out = bitnet()
-        .args(["perplexity", "-m", m.to_str().unwrap(), "-f"])
-        .arg(&text)
-        .args(["--chunks", "0"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--chunks 0 scores nothing"));
+    fails_clearly(
+        &[
+            "perplexity",
+            "-m",
+            m.to_str().unwrap(),
+            "-f",
+            text.to_str().unwrap(),
+            "--chunks",
+            "0",
+        ],
+        "--chunks 0 scores nothing",
+    );
 }
 
 /// Issue 13: output for scripts: files created with the user's umask, `inspect` in block
@@ -677,9 +681,7 @@ fn outputs_for_scripts() {
 #[test]
 fn errors_say_each_thing_once() {
     let line = |args: &[&str]| -> String {
-        let out = bitnet().args(args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let err = fails_clearly(args, "error: ");
         assert_eq!(err.lines().count(), 1, "{err}");
         err
     };
