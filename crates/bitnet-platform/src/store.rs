@@ -1,0 +1,160 @@
+//! The store: one set of queries over two real backends, SQLite (embedded, the default) and
+//! PostgreSQL (shared by replicas), through sqlx's `Any` driver. Queries are written once in
+//! the SQL both accept (`$1` parameters, `RETURNING`, `ON CONFLICT`); the schemas differ only
+//! in column types and live in `migrations/{sqlite,postgres}`.
+
+use crate::audit::{self, AuditEvent};
+use crate::error::{PlatformError, Result};
+use crate::ids::now;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyPool, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub(crate) pool: AnyPool,
+    backend: Backend,
+}
+
+/// What a URL names, checked before anything connects.
+pub fn backend_of(url: &str) -> Result<Backend> {
+    if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else {
+        Err(PlatformError::BadUrl(url.to_string()))
+    }
+}
+
+impl Store {
+    /// Open (creating an SQLite file if missing) the database at `url` and run the migrations.
+    pub async fn open(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = backend_of(url)?;
+        let mut url = url.to_string();
+        let mut memory = false;
+        if backend == Backend::Sqlite {
+            let rest = &url["sqlite:".len()..];
+            memory = rest.contains(":memory:") || rest.contains("mode=memory");
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            let path = path.split('?').next().unwrap_or("");
+            if !memory && !path.is_empty() {
+                if let Some(dir) = std::path::Path::new(path).parent()
+                    && !dir.as_os_str().is_empty()
+                {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        PlatformError::Database(sqlx::Error::Configuration(
+                            format!("cannot create {}: {e}", dir.display()).into(),
+                        ))
+                    })?;
+                }
+                if !url.contains("mode=") {
+                    url.push(if url.contains('?') { '&' } else { '?' });
+                    url.push_str("mode=rwc");
+                }
+            }
+        }
+        let opts = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            // One connection for an in-memory database (each would be its own database).
+            .max_connections(if memory { 1 } else { 8 })
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers run beside the writer; the busy timeout makes a writer
+                        // wait for another instead of failing; foreign keys are per connection.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA busy_timeout = 10000",
+                            "PRAGMA foreign_keys = ON",
+                            "PRAGMA synchronous = NORMAL",
+                        ] {
+                            sqlx::Executor::execute(&mut *conn, pragma).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
+        Ok(Self { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Whether the database answers (for `/readyz`).
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Begin a change to organization `org`: the organization's row is written first, which
+    /// takes its lock (PostgreSQL) or the write lock (SQLite), so the organization's changes and
+    /// their audit events are serialized and the hash chain has one order. `NotFound` if the
+    /// organization does not exist.
+    pub(crate) async fn change(&self, org: &str) -> Result<Change> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "UPDATE organizations SET audit_seq = audit_seq WHERE id = $1 RETURNING audit_seq, audit_head",
+        )
+        .bind(org)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (seq, head) = row.ok_or_else(|| PlatformError::not_found("organization", org))?;
+        Ok(Change {
+            tx,
+            org: org.to_string(),
+            seq,
+            head,
+            at: now(),
+        })
+    }
+}
+
+/// An open change to one organization: its statements and its audit events commit together.
+#[derive(Debug)]
+pub(crate) struct Change {
+    pub tx: Transaction<'static, Any>,
+    pub org: String,
+    seq: i64,
+    head: String,
+    /// The change's time: the audit events' `effective_at` and the rows' timestamps.
+    pub at: i64,
+}
+
+impl Change {
+    /// Append an event to the organization's audit chain, in this transaction.
+    pub async fn audit(&mut self, event: AuditEvent) -> Result<()> {
+        self.seq += 1;
+        let row = audit::Row::chain(&self.org, self.seq, self.at, event, &self.head);
+        row.insert(&mut self.tx).await?;
+        self.head = row.hash;
+        Ok(())
+    }
+
+    pub async fn commit(mut self) -> Result<()> {
+        sqlx::query("UPDATE organizations SET audit_seq = $1, audit_head = $2 WHERE id = $3")
+            .bind(self.seq)
+            .bind(&self.head)
+            .bind(&self.org)
+            .execute(&mut *self.tx)
+            .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
