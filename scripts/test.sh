@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# The test command: fetch the test assets if missing, then run every test of the workspace.
+# The test command: fetch the test assets if missing, then run every test of the workspace, then
+# the server's end-to-end suite a second time on PostgreSQL. (The store's and the router's own
+# tests run on SQLite and PostgreSQL within the first pass.) PostgreSQL comes from
+# BITNET_TEST_POSTGRES (default postgres://postgres@127.0.0.1:5432/postgres); each test makes
+# its own database and drops it. BITNET_TEST_POSTGRES=skip runs SQLite alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-test-assets.sh
-exec cargo test --workspace --locked "$@"
+cargo test --workspace --locked "$@"
+if [ "${BITNET_TEST_POSTGRES:-}" != "skip" ]; then
+  echo "test.sh: the server's end-to-end suite on PostgreSQL"
+  BITNET_TEST_BACKEND=postgres cargo test --workspace --locked --test serve "$@"
+fi

@@ -41,8 +41,12 @@ enum Command {
     Models(cmd::models::Args),
     /// Serve models through an OpenAI-compatible API (continuous batching, API keys, metrics).
     Serve(cmd::serve::Args),
-    /// Create, list and revoke the server's API keys.
-    Keys(cmd::serve::KeysArgs),
+    /// Create, list and revoke API keys: operator, organization admin and project keys.
+    Keys(cmd::platform::KeysArgs),
+    /// Create and list organizations (the platform's tenants).
+    Orgs(cmd::platform::OrgsArgs),
+    /// Verify or export the hash-chained audit log.
+    Audit(cmd::platform::AuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,7 +67,9 @@ fn main() -> ExitCode {
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Models(args) => cmd::models::run(args),
         Command::Serve(args) => cmd::serve::run(args),
-        Command::Keys(args) => cmd::serve::keys(args),
+        Command::Keys(args) => cmd::platform::keys(args),
+        Command::Orgs(args) => cmd::platform::orgs(args),
+        Command::Audit(args) => cmd::platform::audit(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,8 @@ mod cli;
 #[path = "../../bitnet-formats/tests/common/mod.rs"]
 mod common;
 
+use bitnet_platform::Backend;
+use bitnet_platform::testing::TestDb;
 use cli::{bitnet, succeeds};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -18,22 +20,24 @@ use std::time::{Duration, Instant};
 struct Server {
     child: Child,
     addr: String,
-    /// The admin key a fresh database gets, printed once at start.
+    /// The project key a fresh database gets, printed once at start (calls the models).
     key: String,
+    /// The admin key printed beside it (manages the organization).
+    admin: String,
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
-    fn start(model: &Path, db: &Path, extra: &[&str]) -> Self {
+    fn start(model: &Path, db: &TestDb, extra: &[&str]) -> Self {
         Self::start_env(model, db, extra, &[])
     }
 
-    fn start_env(model: &Path, db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+    fn start_env(model: &Path, db: &TestDb, extra: &[&str], env: &[(&str, &str)]) -> Self {
         Self::launch(bitnet(), model, db, extra, env)
     }
 
     /// A server whose process may hold at most `nofile` descriptors (`ulimit -n`).
-    fn start_with_nofile(model: &Path, db: &Path, extra: &[&str], nofile: u32) -> Self {
+    fn start_with_nofile(model: &Path, db: &TestDb, extra: &[&str], nofile: u32) -> Self {
         let mut sh = std::process::Command::new("bash");
         sh.args([
             "-c",
@@ -46,7 +50,7 @@ impl Server {
     fn launch(
         mut cmd: std::process::Command,
         model: &Path,
-        db: &Path,
+        db: &TestDb,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
@@ -63,16 +67,16 @@ impl Server {
                 "2",
             ])
             .arg("--database")
-            .arg(format!("sqlite://{}", db.display()))
+            .arg(&db.url)
             .args(extra)
-            .env("BITNET_CONFIG", db.with_extension("toml"))
+            .env("BITNET_CONFIG", no_config())
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (mut addr, mut key) = (String::new(), String::new());
+        let (mut addr, mut key, mut admin) = (String::new(), String::new(), String::new());
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         for line in lines.by_ref() {
             let line = line.unwrap();
@@ -82,8 +86,11 @@ impl Server {
             {
                 addr = url.split('/').next().unwrap().to_string();
             }
-            if let Some(k) = line.trim().strip_prefix("bnk_") {
-                key = format!("bnk_{k}");
+            if let Some(k) = line.split_whitespace().find(|w| w.starts_with("sk-proj-")) {
+                key = k.to_string();
+            }
+            if let Some(k) = line.split_whitespace().find(|w| w.starts_with("sk-admin-")) {
+                admin = k.to_string();
             }
             if line.starts_with("try:") {
                 break;
@@ -104,6 +111,7 @@ impl Server {
             child,
             addr,
             key,
+            admin,
             log,
         }
     }
@@ -189,35 +197,46 @@ impl Drop for Server {
     }
 }
 
-/// Rows of a query on the server's SQLite database (the store has no row listing: metering
-/// reads totals; tests read rows with sqlx directly).
-fn query_db<T>(db: &Path, sql: &str) -> Vec<T>
+/// Rows of a query on the server's database (the store has no row listing: metering reads
+/// totals; tests read rows with sqlx directly).
+fn query_db<T>(db: &TestDb, sql: &str) -> Vec<T>
 where
-    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
 {
+    sqlx::any::install_default_drivers();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         use sqlx::Connection;
-        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
+        let mut c = sqlx::AnyConnection::connect(&db.url).await.unwrap();
         sqlx::query_as(sql).fetch_all(&mut c).await.unwrap()
     })
 }
 
+/// A configuration file that does not exist: the servers under test take the defaults, not the
+/// user's settings.
+fn no_config() -> PathBuf {
+    std::env::temp_dir().join("bitnet-tests-no-config.toml")
+}
+
 /// Usage rows as (request_id, status, prompt_tokens, completion_tokens).
-fn usage_rows(db: &Path) -> Vec<(String, i64, i64, i64)> {
+fn usage_rows(db: &TestDb) -> Vec<(String, i64, i64, i64)> {
     query_db(
         db,
         "SELECT request_id, status, prompt_tokens, completion_tokens FROM usage ORDER BY id",
     )
 }
 
-fn temp_db(dir: &tempfile::TempDir) -> PathBuf {
-    dir.path().join("bitnet.db")
+/// A fresh database for one test: SQLite, or PostgreSQL when `BITNET_TEST_BACKEND=postgres`
+/// (the test script runs this suite once on each).
+fn temp_db(dir: &tempfile::TempDir) -> TestDb {
+    let backend = match std::env::var("BITNET_TEST_BACKEND").as_deref() {
+        Ok("postgres") => Backend::Postgres,
+        _ => Backend::Sqlite,
+    };
+    TestDb::new(backend, dir.path())
 }
 
 #[test]
@@ -284,11 +303,11 @@ fn openai_python_client_drives_the_server() {
 }
 
 /// A new key for an existing database (the first server printed its own).
-fn server_key(db: &Path) -> String {
+fn server_key(db: &TestDb) -> String {
     let out = succeeds(
         bitnet()
             .args(["keys", "create", "--name", "test", "--database"])
-            .arg(format!("sqlite://{}", db.display())),
+            .arg(&db.url),
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -577,101 +596,303 @@ fn shutdown_finishes_then_cancels_in_flight_streams() {
     assert_eq!(rows[1].1, 503);
 }
 
+/// The platform story of the README: the operator makes organizations and their admin keys
+/// with the CLI; an admin makes a project and a service account over the organization API; its
+/// project key chats; another organization sees none of it; revocation is immediate; every
+/// change is in the audit log, whose chain `bitnet audit verify` checks.
 #[test]
-fn keys_are_created_listed_revoked_and_checked() {
+fn organizations_projects_keys_and_the_audit_log_end_to_end() {
     let Some(model) = common::smollm2() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let db = temp_db(&dir);
-    let url = format!("sqlite://{}", db.display());
-    let out = succeeds(bitnet().args([
-        "keys",
-        "create",
-        "--name",
-        "alice",
-        "--json",
-        "--database",
-        &url,
-    ]));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let user_key = v["key"].as_str().unwrap().to_string();
-    assert!(user_key.starts_with("bnk_") && user_key.len() == 47);
-    // Only the hash is stored: the key text is nowhere in the database file.
-    let bytes = std::fs::read(&db).unwrap();
-    assert!(
-        !bytes
-            .windows(user_key.len())
-            .any(|w| w == user_key.as_bytes())
-    );
-    let list =
-        String::from_utf8(succeeds(bitnet().args(["keys", "list", "--database", &url])).stdout)
+    let url = db.url.clone();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = succeeds(bitnet().args(args).args(["--json", "--database", &url]));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let acme = json(&["orgs", "create", "acme"]);
+    assert_eq!(acme["object"], "organization");
+    let acme_id = acme["id"].as_str().unwrap().to_string();
+    assert!(acme_id.starts_with("org-"));
+    // By name or by id.
+    let admin_a = json(&["keys", "create", "--org", "acme", "--admin"]);
+    let admin_a = admin_a["key"].as_str().unwrap().to_string();
+    assert!(admin_a.starts_with("sk-admin-"), "{admin_a}");
+    json(&["orgs", "create", "beta"]);
+    let admin_b = json(&["keys", "create", "--org", "beta", "--admin"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let orgs =
+        String::from_utf8(succeeds(bitnet().args(["orgs", "list", "--database", &url])).stdout)
             .unwrap();
-    assert!(list.contains(&user_key[..12]) && list.contains("alice") && !list.contains(&user_key));
-    // The database has a key already, so the server makes no admin key of its own.
+    assert!(orgs.contains(&acme_id) && orgs.contains("beta"), "{orgs}");
+
+    // The database has organizations, so the server makes none of its own.
     let server = Server::start(&model, &db, &[]);
-    assert!(server.key.is_empty());
-    let (s, _, b) = server.http("GET", "/v1/models", Some(&user_key), b"", "");
-    assert_eq!(s, 200, "{b}");
-    let (s, _, b) = server.http("GET", "/v1/admin/keys", Some(&user_key), b"", "");
-    assert_eq!(s, 403, "{b}");
-    let created = succeeds(bitnet().args(["keys", "create", "--admin", "--database", &url]));
-    // The note names the role as a user writes it (was Rust's `(Admin, "cli")`).
-    let note = String::from_utf8_lossy(&created.stderr);
-    assert!(note.contains("(admin, \"cli\")"), "{note}");
-    let admin = String::from_utf8(created.stdout).unwrap();
-    let admin = admin.trim();
-    let (s, _, b) = server.http(
+    assert!(server.key.is_empty() && server.admin.is_empty());
+    let call = |method: &str, path: &str, key: &str, body: &str| -> (u16, serde_json::Value) {
+        let (s, _, b) = server.http(
+            method,
+            path,
+            Some(key),
+            body.as_bytes(),
+            "Content-Type: application/json\r\n",
+        );
+        (
+            s,
+            serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+        )
+    };
+    let (s, project) = call(
         "POST",
-        "/v1/admin/keys",
-        Some(admin),
-        br#"{"name": "bob"}"#,
-        "Content-Type: application/json\r\n",
+        "/v1/organization/projects",
+        &admin_a,
+        r#"{"name": "prod"}"#,
     );
-    assert_eq!(s, 201, "{b}");
-    let bob: serde_json::Value = serde_json::from_str(&b).unwrap();
-    let bob_key = bob["key"].as_str().unwrap();
+    assert_eq!(s, 200, "{project}");
     assert_eq!(
-        server.http("GET", "/v1/models", Some(bob_key), b"", "").0,
-        200
+        (project["object"].as_str(), project["status"].as_str()),
+        (Some("organization.project"), Some("active"))
     );
-    let (s, _, _) = server.http(
+    let p = project["id"].as_str().unwrap().to_string();
+    let (s, sa) = call(
+        "POST",
+        &format!("/v1/organization/projects/{p}/service_accounts"),
+        &admin_a,
+        r#"{"name": "app"}"#,
+    );
+    assert_eq!(s, 200, "{sa}");
+    let key = sa["api_key"]["value"].as_str().unwrap().to_string();
+    let key_id = sa["api_key"]["id"].as_str().unwrap().to_string();
+    assert!(key.starts_with("sk-proj-"));
+
+    // The project key chats; the admin key cannot; the project key cannot manage.
+    let chat =
+        r#"{"model": "smol", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let (s, done) = call("POST", "/v1/chat/completions", &key, chat);
+    assert_eq!(s, 200, "{done}");
+    let (s, e) = call("POST", "/v1/chat/completions", &admin_a, chat);
+    assert_eq!(
+        (s, e["error"]["type"].as_str()),
+        (403, Some("permission_error")),
+        "{e}"
+    );
+    assert_eq!(call("GET", "/v1/organization/projects", &key, "").0, 403);
+
+    // Organization B: A's objects are not found, and B's lists hold none of them.
+    for path in [
+        format!("/v1/organization/projects/{p}"),
+        format!(
+            "/v1/organization/projects/{p}/service_accounts/{}",
+            sa["id"].as_str().unwrap()
+        ),
+        format!("/v1/organization/projects/{p}/api_keys/{key_id}"),
+        format!("/v1/organization/projects/{p}/users"),
+    ] {
+        let (s, e) = call("GET", &path, &admin_b, "");
+        assert_eq!(s, 404, "{path}: {e}");
+    }
+    assert_eq!(
+        call(
+            "DELETE",
+            &format!("/v1/organization/projects/{p}/api_keys/{key_id}"),
+            &admin_b,
+            ""
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call(
+            "POST",
+            &format!("/v1/organization/projects/{p}/archive"),
+            &admin_b,
+            ""
+        )
+        .0,
+        404
+    );
+    let (_, list) = call("GET", "/v1/organization/projects", &admin_b, "");
+    assert_eq!(list["data"].as_array().unwrap().len(), 0, "{list}");
+    assert_eq!(
+        call("POST", "/v1/chat/completions", &key, chat).0,
+        200,
+        "B's attempts changed nothing"
+    );
+
+    // The usage row names the organization, project, key and service account.
+    let rows: Vec<(String, Option<String>, Option<String>, Option<String>)> = wait_for(30, || {
+        let r: Vec<(String, Option<String>, Option<String>, Option<String>)> = query_db(
+            &db,
+            "SELECT organization_id, project_id, key_id, service_account_id FROM usage ORDER BY id",
+        );
+        (r.len() == 2).then_some(r)
+    })
+    .expect("two usage rows");
+    assert_eq!(
+        rows[0],
+        (
+            acme_id.clone(),
+            Some(p.clone()),
+            Some(key_id.clone()),
+            sa["id"].as_str().map(str::to_string)
+        )
+    );
+
+    // Revoked over the API: refused at once.
+    let (s, d) = call(
         "DELETE",
-        &format!("/v1/admin/keys/{}", bob["id"].as_str().unwrap()),
-        Some(admin),
+        &format!("/v1/organization/projects/{p}/api_keys/{key_id}"),
+        &admin_a,
+        "",
+    );
+    assert_eq!((s, d["deleted"].as_bool()), (200, Some(true)), "{d}");
+    assert_eq!(call("POST", "/v1/chat/completions", &key, chat).0, 401);
+
+    // The audit log, newest first, filtered by type, with the actor, address and request id.
+    let (s, log) = call(
+        "GET",
+        "/v1/organization/audit_logs?event_types[]=project.created&limit=5",
+        &admin_a,
+        "",
+    );
+    assert_eq!(s, 200, "{log}");
+    let e = &log["data"][0];
+    assert_eq!(e["type"], "project.created", "{log}");
+    assert_eq!(e["project.created"]["id"], p.as_str());
+    assert_eq!(e["actor"]["type"], "api_key");
+    assert_eq!(e["actor"]["api_key"]["ip_address"], "127.0.0.1");
+    assert!(e["request_id"].as_str().unwrap().starts_with("req_"));
+    let (_, all) = call("GET", "/v1/organization/audit_logs", &admin_a, "");
+    let types: Vec<&str> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    for t in [
+        "organization.created",
+        "project.created",
+        "service_account.created",
+        "api_key.created",
+        "api_key.deleted",
+    ] {
+        assert!(types.contains(&t), "{t} missing from {types:?}");
+    }
+    assert!(!all.to_string().contains("beta"), "B's events are B's");
+
+    // Only hashes are stored: the key's text is nowhere in an SQLite file.
+    if db.backend == Backend::Sqlite {
+        drop(server);
+        let path = url.trim_start_matches("sqlite://");
+        for f in [path.to_string(), format!("{path}-wal")] {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            assert!(
+                !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+                "{f}"
+            );
+        }
+    }
+    // The chain holds; an edited row breaks it and is named.
+    let out = succeeds(bitnet().args(["audit", "verify", "--database", &url]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("intact"));
+    let (victim,): (String,) = query_db(
+        &db,
+        "SELECT id FROM audit_logs WHERE type = 'project.created'",
+    )
+    .into_iter()
+    .next()
+    .unwrap();
+    let _: Vec<(i64,)> = query_db(
+        &db,
+        &format!(
+            "UPDATE audit_logs SET details = '{{\"id\": \"proj_forged\"}}' WHERE id = '{victim}' RETURNING seq"
+        ),
+    );
+    let out = bitnet()
+        .args(["audit", "verify", "--database", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&victim) && err.contains("edited"), "{err}");
+}
+
+/// Two servers on one database: a key revoked through one is refused by the other at once (no
+/// key cache to go stale), and a service account deleted through one stops its keys on both.
+#[test]
+fn a_revocation_reaches_every_replica_at_once() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let one = Server::start(&model, &db, &[]);
+    let two = Server::start(&model, &db, &[]);
+    assert!(
+        two.admin.is_empty(),
+        "the second replica found the organization made by the first"
+    );
+    let post = |s: &Server, path: &str, body: &str| -> serde_json::Value {
+        let (st, _, b) = s.http(
+            "POST",
+            path,
+            Some(&one.admin),
+            body.as_bytes(),
+            "Content-Type: application/json\r\n",
+        );
+        assert_eq!(st, 200, "{b}");
+        serde_json::from_str(&b).unwrap()
+    };
+    let p = post(
+        &one,
+        "/v1/organization/projects",
+        r#"{"name": "replicated"}"#,
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sa = post(
+        &two,
+        &format!("/v1/organization/projects/{p}/service_accounts"),
+        r#"{"name": "a"}"#,
+    );
+    let key = sa["api_key"]["value"].as_str().unwrap().to_string();
+    let sa2 = post(
+        &one,
+        &format!("/v1/organization/projects/{p}/service_accounts"),
+        r#"{"name": "b"}"#,
+    );
+    let key2 = sa2["api_key"]["value"].as_str().unwrap().to_string();
+    for s in [&one, &two] {
+        assert_eq!(s.http("GET", "/v1/models", Some(&key), b"", "").0, 200);
+        assert_eq!(s.http("GET", "/v1/models", Some(&key2), b"", "").0, 200);
+    }
+    let key_id = sa["api_key"]["id"].as_str().unwrap();
+    let (st, _, _) = one.http(
+        "DELETE",
+        &format!("/v1/organization/projects/{p}/api_keys/{key_id}"),
+        Some(&one.admin),
         b"",
         "",
     );
-    assert_eq!(s, 204);
-    assert_eq!(
-        server.http("GET", "/v1/models", Some(bob_key), b"", "").0,
-        401
+    assert_eq!(st, 200);
+    // The very next request on the other replica is refused.
+    assert_eq!(two.http("GET", "/v1/models", Some(&key), b"", "").0, 401);
+    assert_eq!(one.http("GET", "/v1/models", Some(&key), b"", "").0, 401);
+    let sa2_id = sa2["id"].as_str().unwrap();
+    let (st, _, _) = two.http(
+        "DELETE",
+        &format!("/v1/organization/projects/{p}/service_accounts/{sa2_id}"),
+        Some(&one.admin),
+        b"",
+        "",
     );
-    succeeds(bitnet().args(["keys", "revoke", &user_key[..12], "--database", &url]));
-    assert_eq!(
-        server.http("GET", "/v1/models", Some(&user_key), b"", "").0,
-        401
-    );
-    // The OpenAPI document is generated from the code and lists the routes.
-    let (s, _, doc) = server.http("GET", "/openapi.json", None, b"", "");
-    assert_eq!(s, 200);
-    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
-    for p in [
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/models",
-        "/v1/admin/keys",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-    ] {
-        assert!(
-            doc["paths"].get(p).is_some(),
-            "{p} missing from /openapi.json"
-        );
-    }
-    let (s, _, b) = server.http("GET", "/readyz", None, b"", "");
-    assert_eq!((s, b.as_str()), (200, "ready"));
+    assert_eq!(st, 200);
+    assert_eq!(one.http("GET", "/v1/models", Some(&key2), b"", "").0, 401);
 }
 
 #[test]
@@ -684,32 +905,35 @@ fn schemathesis_finds_no_server_errors() {
     let db = temp_db(&dir);
     // A small cap on generated tokens keeps the fuzzer's valid requests quick.
     let server = Server::start(&model, &db, &["--max-tokens", "8"]);
-    let out = std::process::Command::new(&st)
-        .current_dir(dir.path())
-        .arg("run")
-        .arg(format!("http://{}/openapi.json", server.addr))
-        .args(["-H", &format!("Authorization: Bearer {}", server.key)])
-        .args([
-            "--checks",
-            "not_a_server_error",
-            "-n",
-            "25",
-            "--seed",
-            "1",
-            "--no-color",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "schemathesis found problems:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("passed") && !text.contains("failed"),
-        "{text}"
-    );
+    // Once with the project key (inference), once with the admin key (the organization API).
+    for key in [&server.key, &server.admin] {
+        let out = std::process::Command::new(&st)
+            .current_dir(dir.path())
+            .arg("run")
+            .arg(format!("http://{}/openapi.json", server.addr))
+            .args(["-H", &format!("Authorization: Bearer {key}")])
+            .args([
+                "--checks",
+                "not_a_server_error",
+                "-n",
+                "25",
+                "--seed",
+                "1",
+                "--no-color",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "schemathesis found problems:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("passed") && !text.contains("failed"),
+            "{text}"
+        );
+    }
     let (_, _, metrics) = server.http("GET", "/metrics", None, b"", "");
     assert!(
         !metrics.contains("status=\"5"),
@@ -963,7 +1187,8 @@ fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
     assert!(kept() > 0.0, "the finished sequences' caches are kept");
     // Off, nothing is reused.
     drop(server);
-    let db2 = dir.path().join("off.db");
+    let dir2 = tempfile::tempdir().unwrap();
+    let db2 = temp_db(&dir2);
     let off = Server::start(&model, &db2, &["--prefix-cache-mb", "0"]);
     let first = ask(&off);
     let second = ask(&off);
@@ -979,7 +1204,7 @@ fn a_repeated_prompt_reuses_the_prefix_cache_with_identical_results() {
 }
 
 /// Usage rows as (request_id, client_request_id, status, completion_tokens).
-fn usage_ids(db: &Path) -> Vec<(String, Option<String>, i64, i64)> {
+fn usage_ids(db: &TestDb) -> Vec<(String, Option<String>, i64, i64)> {
     query_db(
         db,
         "SELECT request_id, client_request_id, status, completion_tokens FROM usage ORDER BY id",
@@ -1270,12 +1495,19 @@ fn protocol_refusals_and_small_faults() {
 
     // 150 two-byte characters (300 bytes) are a valid name; 201 characters are not.
     let name = "é".repeat(150);
-    let (s, b) = server.post_json("/v1/admin/keys", &format!(r#"{{"name": "{name}"}}"#));
-    assert_eq!(s, 201, "{b}");
-    let (s, b) = server.post_json(
-        "/v1/admin/keys",
-        &format!(r#"{{"name": "{}"}}"#, "é".repeat(201)),
-    );
+    let admin = |body: String| {
+        let (s, _, b) = server.http(
+            "POST",
+            "/v1/organization/projects",
+            Some(&server.admin),
+            body.as_bytes(),
+            "Content-Type: application/json\r\n",
+        );
+        (s, b)
+    };
+    let (s, b) = admin(format!(r#"{{"name": "{name}"}}"#));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = admin(format!(r#"{{"name": "{}"}}"#, "é".repeat(201)));
     assert_eq!(s, 400, "{b}");
 
     let (s, b) = server.post_json(

@@ -54,9 +54,10 @@ impl Actor {
 
     /// With the request's address and id.
     pub fn at(mut self, ip: Option<String>, request_id: Option<String>) -> Self {
-        if let Some(obj) = self.json.as_object_mut()
-            && let Some(Value::Object(inner)) = obj.values_mut().last()
-            && ip.is_some()
+        // `{"type": "api_key", "api_key": {...}}`: the address goes in the object the type names.
+        let kind = self.json["type"].as_str().unwrap_or("").to_string();
+        if ip.is_some()
+            && let Some(Value::Object(inner)) = self.json.get_mut(&kind)
         {
             inner.insert("ip_address".into(), json!(ip));
         }
@@ -371,10 +372,7 @@ impl Store {
         if order == "ASC" {
             rows.reverse();
         }
-        Ok(List::new(
-            rows.iter().map(Row::object).collect(),
-            has_more,
-        ))
+        Ok(List::new(rows.iter().map(Row::object).collect(), has_more))
     }
 
     /// Every audit event of `org`, oldest first (for export as JSON lines).
@@ -391,11 +389,10 @@ impl Store {
     /// Check every organization's chain (or one's): each row's hash, its link to the row
     /// before, the sequence without gaps, and the organization's recorded head.
     pub async fn verify_audit(&self, only: Option<&str>) -> Result<Vec<ChainReport>> {
-        let orgs: Vec<(String, i64, String)> = sqlx::query_as(
-            "SELECT id, audit_seq, audit_head FROM organizations ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let orgs: Vec<(String, i64, String)> =
+            sqlx::query_as("SELECT id, audit_seq, audit_head FROM organizations ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
         let mut out = Vec::new();
         for (org, seq_head, head) in orgs {
             if only.is_some_and(|o| o != org) {
@@ -443,11 +440,20 @@ fn check_chain(org: &str, rows: &[Row], seq_head: i64, head: &str) -> ChainRepor
     for (i, r) in rows.iter().enumerate() {
         let expect = i as i64 + 1;
         first_bad = if r.seq != expect {
-            bad(r, format!("sequence {} where {expect} was expected (a row is missing or reordered)", r.seq))
+            bad(
+                r,
+                format!(
+                    "sequence {} where {expect} was expected (a row is missing or reordered)",
+                    r.seq
+                ),
+            )
         } else if r.prev_hash != prev {
             bad(r, "its link to the previous row does not match (a row before it was removed, inserted or reordered)".into())
         } else if r.content_hash() != r.hash {
-            bad(r, "its content does not match its hash (the row was edited)".into())
+            bad(
+                r,
+                "its content does not match its hash (the row was edited)".into(),
+            )
         } else {
             None
         };

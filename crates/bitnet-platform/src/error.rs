@@ -10,14 +10,15 @@ pub enum PlatformError {
     NotFound { kind: &'static str, id: String },
     /// A value the caller sent is not acceptable; `param` names the field.
     #[error("{message}")]
-    Invalid { param: &'static str, message: String },
+    Invalid {
+        param: &'static str,
+        message: String,
+    },
     /// The change conflicts with what is stored (a duplicate name, an archived project).
     #[error("{0}")]
     Conflict(String),
     /// The database URL names something this build cannot open.
-    #[error(
-        "database {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://USER@HOST/DB"
-    )]
+    #[error("database {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://USER@HOST/DB")]
     BadUrl(String),
     #[error("database migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

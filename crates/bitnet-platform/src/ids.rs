@@ -42,10 +42,12 @@ pub fn secret_hash(secret: &str) -> String {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// A key as listings show it: its kind prefix, a few characters, and its last four.
@@ -69,7 +71,10 @@ mod tests {
         assert_eq!(t.len(), 48);
         assert!(t.bytes().all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(t, random_token(48).unwrap());
-        assert_eq!(redact("sk-proj-abcdefghijklmnop", "sk-proj-"), "sk-proj-abcd...mnop");
+        assert_eq!(
+            redact("sk-proj-abcdefghijklmnop", "sk-proj-"),
+            "sk-proj-abcd...mnop"
+        );
         assert_eq!(
             secret_hash("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

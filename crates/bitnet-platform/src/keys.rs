@@ -285,7 +285,12 @@ impl Store {
         Ok((k, value))
     }
 
-    pub async fn create_admin_key(&self, org: &str, name: &str, by: &Actor) -> Result<(ApiKey, String)> {
+    pub async fn create_admin_key(
+        &self,
+        org: &str,
+        name: &str,
+        by: &Actor,
+    ) -> Result<(ApiKey, String)> {
         self.create_admin_key_for(org, name, None, by).await
     }
 
@@ -382,12 +387,17 @@ impl Store {
     pub async fn admin_keys(&self, org: &str, page: &Page) -> Result<List<ApiKey>> {
         let l: List<KeyRow> = page_of(
             self,
-            &format!("{KEY_SELECT} WHERE organization_id = $1 AND kind = 'admin' AND revoked_at IS NULL"),
+            &format!(
+                "{KEY_SELECT} WHERE organization_id = $1 AND kind = 'admin' AND revoked_at IS NULL"
+            ),
             &[org],
             page,
         )
         .await?;
-        Ok(List::new(l.data.into_iter().map(KeyRow::object).collect(), l.has_more))
+        Ok(List::new(
+            l.data.into_iter().map(KeyRow::object).collect(),
+            l.has_more,
+        ))
     }
 
     pub async fn admin_key(&self, org: &str, id: &str) -> Result<ApiKey> {
@@ -399,7 +409,12 @@ impl Store {
     }
 
     /// Live keys of a project.
-    pub async fn project_keys(&self, org: &str, project: &str, page: &Page) -> Result<List<ApiKey>> {
+    pub async fn project_keys(
+        &self,
+        org: &str,
+        project: &str,
+        page: &Page,
+    ) -> Result<List<ApiKey>> {
         self.project(org, project).await?;
         let l: List<KeyRow> = page_of(
             self,
@@ -408,7 +423,10 @@ impl Store {
             page,
         )
         .await?;
-        Ok(List::new(l.data.into_iter().map(KeyRow::object).collect(), l.has_more))
+        Ok(List::new(
+            l.data.into_iter().map(KeyRow::object).collect(),
+            l.has_more,
+        ))
     }
 
     pub async fn project_key(&self, org: &str, project: &str, id: &str) -> Result<ApiKey> {
@@ -488,11 +506,13 @@ impl Store {
                     .await?
             }
             None => {
-                sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND organization_id IS NULL")
-                    .bind(now())
-                    .bind(&k.id)
-                    .execute(&self.pool)
-                    .await?;
+                sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND organization_id IS NULL",
+                )
+                .bind(now())
+                .bind(&k.id)
+                .execute(&self.pool)
+                .await?;
             }
         }
         Ok(k)
@@ -588,8 +608,9 @@ impl Store {
             service_account: Some(&account.id),
             ..Default::default()
         };
-        let key_name = "Secret Key";
-        let (key_id, value) = Self::insert_key(&mut c.tx, KeyKind::Project, key_name, at, c.at).await?;
+        let key_name = account.name.clone();
+        let (key_id, value) =
+            Self::insert_key(&mut c.tx, KeyKind::Project, &key_name, at, c.at).await?;
         c.audit(
             AuditEvent::new(
                 "service_account.created",
@@ -615,7 +636,7 @@ impl Store {
             api_key: NewKeyValue {
                 object: "organization.project.service_account.api_key",
                 value,
-                name: key_name.into(),
+                name: key_name,
                 created_at: account.created_at,
                 id: key_id,
             },
@@ -623,7 +644,12 @@ impl Store {
         })
     }
 
-    pub async fn service_accounts(&self, org: &str, project: &str, page: &Page) -> Result<List<ServiceAccount>> {
+    pub async fn service_accounts(
+        &self,
+        org: &str,
+        project: &str,
+        page: &Page,
+    ) -> Result<List<ServiceAccount>> {
         self.project(org, project).await?;
         let mut l: List<ServiceAccount> = page_of(
             self,
@@ -638,7 +664,12 @@ impl Store {
         Ok(l)
     }
 
-    pub async fn service_account(&self, org: &str, project: &str, id: &str) -> Result<ServiceAccount> {
+    pub async fn service_account(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+    ) -> Result<ServiceAccount> {
         let row: Option<ServiceAccount> = sqlx::query_as(
             "SELECT id, name, role, created_at FROM service_accounts WHERE organization_id = $1 AND project_id = $2 AND id = $3 AND deleted_at IS NULL",
         )
@@ -653,15 +684,23 @@ impl Store {
     }
 
     /// Delete a service account; its keys are revoked in the same transaction.
-    pub async fn delete_service_account(&self, org: &str, project: &str, id: &str, by: &Actor) -> Result<()> {
+    pub async fn delete_service_account(
+        &self,
+        org: &str,
+        project: &str,
+        id: &str,
+        by: &Actor,
+    ) -> Result<()> {
         self.service_account(org, project, id).await?;
         let mut c = self.change(org).await?;
-        sqlx::query("UPDATE service_accounts SET deleted_at = $1 WHERE organization_id = $2 AND id = $3")
-            .bind(c.at)
-            .bind(org)
-            .bind(id)
-            .execute(&mut *c.tx)
-            .await?;
+        sqlx::query(
+            "UPDATE service_accounts SET deleted_at = $1 WHERE organization_id = $2 AND id = $3",
+        )
+        .bind(c.at)
+        .bind(org)
+        .bind(id)
+        .execute(&mut *c.tx)
+        .await?;
         sqlx::query(
             "UPDATE api_keys SET revoked_at = $1 WHERE organization_id = $2 AND service_account_id = $3 AND revoked_at IS NULL",
         )
@@ -670,8 +709,11 @@ impl Store {
         .bind(id)
         .execute(&mut *c.tx)
         .await?;
-        c.audit(AuditEvent::new("service_account.deleted", by, id, json!({"id": id})).in_project(project))
-            .await?;
+        c.audit(
+            AuditEvent::new("service_account.deleted", by, id, json!({"id": id}))
+                .in_project(project),
+        )
+        .await?;
         c.commit().await
     }
 }

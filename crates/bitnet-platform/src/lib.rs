@@ -145,7 +145,10 @@ where
     if page.after.is_some() {
         sql.push_str(&format!(" AND id > ${}", binds.len() + 1));
     }
-    sql.push_str(&format!(" ORDER BY id LIMIT {}", page.limit.min(1_000_000) + 1));
+    sql.push_str(&format!(
+        " ORDER BY id LIMIT {}",
+        page.limit.min(1_000_000) + 1
+    ));
     let mut q = sqlx::query_as::<_, T>(&sql);
     for b in binds {
         q = q.bind(*b);

@@ -307,7 +307,12 @@ impl Store {
     }
 
     /// A user's role in a project, if a member.
-    pub async fn project_role(&self, org: &str, project: &str, user: &str) -> Result<Option<String>> {
+    pub async fn project_role(
+        &self,
+        org: &str,
+        project: &str,
+        user: &str,
+    ) -> Result<Option<String>> {
         let row: Option<(String,)> = sqlx::query_as(
             "SELECT role FROM project_users WHERE organization_id = $1 AND project_id = $2 AND user_id = $3",
         )
@@ -331,7 +336,10 @@ impl Store {
         self.active_project(org, project).await?;
         // The user must be one of this organization's (`param` says which field was wrong).
         self.user(org, user).await.map_err(|_| {
-            PlatformError::invalid("user_id", format!("no user with id `{user}` in this organization"))
+            PlatformError::invalid(
+                "user_id",
+                format!("no user with id `{user}` in this organization"),
+            )
         })?;
         let mut c = self.change(org).await?;
         let r = sqlx::query(
@@ -363,7 +371,12 @@ impl Store {
         self.project_user(org, project, user).await
     }
 
-    pub async fn project_users(&self, org: &str, project: &str, page: &Page) -> Result<List<ProjectUser>> {
+    pub async fn project_users(
+        &self,
+        org: &str,
+        project: &str,
+        page: &Page,
+    ) -> Result<List<ProjectUser>> {
         self.project(org, project).await?;
         let mut l: List<ProjectUser> = page_of(
             self,
@@ -432,7 +445,13 @@ impl Store {
     }
 
     /// Take a user out of a project; their keys in it are revoked in the same transaction.
-    pub async fn remove_project_user(&self, org: &str, project: &str, user: &str, by: &Actor) -> Result<()> {
+    pub async fn remove_project_user(
+        &self,
+        org: &str,
+        project: &str,
+        user: &str,
+        by: &Actor,
+    ) -> Result<()> {
         self.project(org, project).await?;
         self.project_user(org, project, user).await?;
         let mut c = self.change(org).await?;
@@ -451,8 +470,11 @@ impl Store {
         .bind(user)
         .execute(&mut *c.tx)
         .await?;
-        c.audit(AuditEvent::new("project.user.removed", by, user, json!({"id": user})).in_project(project))
-            .await?;
+        c.audit(
+            AuditEvent::new("project.user.removed", by, user, json!({"id": user}))
+                .in_project(project),
+        )
+        .await?;
         c.commit().await
     }
 

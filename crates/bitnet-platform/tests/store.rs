@@ -34,35 +34,80 @@ fn organizations_never_see_each_others_objects() {
                 Err(PlatformError::Conflict(_))
             ));
             let pa = s.create_project(&a.id, "alpha", &cli).await.unwrap();
-            let sa = s.create_service_account(&a.id, &pa.id, "bot", &cli).await.unwrap();
+            let sa = s
+                .create_service_account(&a.id, &pa.id, "bot", &cli)
+                .await
+                .unwrap();
             let user = s
                 .create_user(&a.id, "Ann@Example.com", "Ann", "owner", None, &cli)
                 .await
                 .unwrap();
             assert_eq!(user.email, "ann@example.com");
-            s.add_project_user(&a.id, &pa.id, &user.id, "member", &cli).await.unwrap();
+            s.add_project_user(&a.id, &pa.id, &user.id, "member", &cli)
+                .await
+                .unwrap();
             let (ka, _) = s.create_admin_key(&a.id, "ops", &cli).await.unwrap();
 
             // B asks for each of A's objects by id: not found, every time.
             assert!(not_found(s.project(&b.id, &pa.id).await));
             assert!(not_found(s.rename_project(&b.id, &pa.id, "x", &cli).await));
             assert!(not_found(s.archive_project(&b.id, &pa.id, &cli).await));
-            assert!(not_found(s.service_account(&b.id, &pa.id, &sa.account.id).await));
-            assert!(not_found(s.delete_service_account(&b.id, &pa.id, &sa.account.id, &cli).await));
+            assert!(not_found(
+                s.service_account(&b.id, &pa.id, &sa.account.id).await
+            ));
+            assert!(not_found(
+                s.delete_service_account(&b.id, &pa.id, &sa.account.id, &cli)
+                    .await
+            ));
             assert!(not_found(s.user(&b.id, &user.id).await));
             assert!(not_found(s.delete_user(&b.id, &user.id, &cli).await));
             assert!(not_found(s.admin_key(&b.id, &ka.id).await));
-            assert!(not_found(s.revoke_key(&b.id, KeyKind::Admin, None, &ka.id, &cli).await));
-            assert!(not_found(s.project_key(&b.id, &pa.id, &sa.api_key.id).await));
-            assert!(not_found(s.project_users(&b.id, &pa.id, &Page::default()).await));
+            assert!(not_found(
+                s.revoke_key(&b.id, KeyKind::Admin, None, &ka.id, &cli)
+                    .await
+            ));
+            assert!(not_found(
+                s.project_key(&b.id, &pa.id, &sa.api_key.id).await
+            ));
+            assert!(not_found(
+                s.project_users(&b.id, &pa.id, &Page::default()).await
+            ));
             // B's lists hold none of A's rows.
-            assert!(s.projects(&b.id, &Page::default(), true).await.unwrap().data.is_empty());
-            assert!(s.users(&b.id, &Page::default(), &[]).await.unwrap().data.is_empty());
-            assert!(s.admin_keys(&b.id, &Page::default()).await.unwrap().data.is_empty());
-            let b_log = s.audit_logs(&b.id, &AuditQuery::default(), &Page::default(), None).await.unwrap();
+            assert!(
+                s.projects(&b.id, &Page::default(), true)
+                    .await
+                    .unwrap()
+                    .data
+                    .is_empty()
+            );
+            assert!(
+                s.users(&b.id, &Page::default(), &[])
+                    .await
+                    .unwrap()
+                    .data
+                    .is_empty()
+            );
+            assert!(
+                s.admin_keys(&b.id, &Page::default())
+                    .await
+                    .unwrap()
+                    .data
+                    .is_empty()
+            );
+            let b_log = s
+                .audit_logs(&b.id, &AuditQuery::default(), &Page::default(), None)
+                .await
+                .unwrap();
             assert_eq!(b_log.data.len(), 1, "only B's own organization.created");
             // A's own view.
-            assert_eq!(s.projects(&a.id, &Page::default(), false).await.unwrap().data.len(), 1);
+            assert_eq!(
+                s.projects(&a.id, &Page::default(), false)
+                    .await
+                    .unwrap()
+                    .data
+                    .len(),
+                1
+            );
         });
     }
 }
@@ -77,13 +122,22 @@ fn keys_authenticate_until_revoked_and_follow_their_project() {
             let cli = Actor::cli();
             let org = s.create_organization("acme", &cli).await.unwrap();
             let p = s.create_project(&org.id, "prod", &cli).await.unwrap();
-            let sa = s.create_service_account(&org.id, &p.id, "app", &cli).await.unwrap();
+            let sa = s
+                .create_service_account(&org.id, &p.id, "app", &cli)
+                .await
+                .unwrap();
             let secret = sa.api_key.value.clone();
-            assert!(secret.starts_with("sk-proj-") && secret.len() == 8 + 48, "{secret}");
+            assert!(
+                secret.starts_with("sk-proj-") && secret.len() == 8 + 48,
+                "{secret}"
+            );
             let who = s.authenticate(&secret).await.unwrap().unwrap();
             assert_eq!(who.kind, KeyKind::Project);
             assert_eq!(who.project_id.as_deref(), Some(p.id.as_str()));
-            assert_eq!(who.service_account_id.as_deref(), Some(sa.account.id.as_str()));
+            assert_eq!(
+                who.service_account_id.as_deref(),
+                Some(sa.account.id.as_str())
+            );
             assert!(s.authenticate("sk-proj-wrong").await.unwrap().is_none());
 
             let (admin, admin_secret) = s.create_admin_key(&org.id, "ops", &cli).await.unwrap();
@@ -91,29 +145,58 @@ fn keys_authenticate_until_revoked_and_follow_their_project() {
             assert_eq!(admin.value.as_deref(), Some(admin_secret.as_str()));
             let listed = s.admin_keys(&org.id, &Page::default()).await.unwrap();
             assert_eq!(listed.data.len(), 1);
-            assert!(listed.data[0].value.is_none(), "a listing never shows a key");
+            assert!(
+                listed.data[0].value.is_none(),
+                "a listing never shows a key"
+            );
             assert!(!listed.data[0].redacted_value.contains(&admin_secret[12..]));
 
             // A read-only user key next to the service account's.
-            let u = s.create_user(&org.id, "bo@example.com", "Bo", "reader", None, &cli).await.unwrap();
-            s.add_project_user(&org.id, &p.id, &u.id, "member", &cli).await.unwrap();
+            let u = s
+                .create_user(&org.id, "bo@example.com", "Bo", "reader", None, &cli)
+                .await
+                .unwrap();
+            s.add_project_user(&org.id, &p.id, &u.id, "member", &cli)
+                .await
+                .unwrap();
             let (uk, user_secret) = s
-                .create_project_key(&org.id, &p.id, "laptop", ProjectKeyOwner::User(&u.id), true, &cli)
+                .create_project_key(
+                    &org.id,
+                    &p.id,
+                    "laptop",
+                    ProjectKeyOwner::User(&u.id),
+                    true,
+                    &cli,
+                )
                 .await
                 .unwrap();
             let who = s.authenticate(&user_secret).await.unwrap().unwrap();
             assert!(who.read_only);
             assert_eq!(who.user_email.as_deref(), Some("bo@example.com"));
             assert_eq!(uk.owner["user"]["role"], "member");
-            assert_eq!(s.project_keys(&org.id, &p.id, &Page::default()).await.unwrap().data.len(), 2);
+            assert_eq!(
+                s.project_keys(&org.id, &p.id, &Page::default())
+                    .await
+                    .unwrap()
+                    .data
+                    .len(),
+                2
+            );
 
             // Removing the user from the project revokes their key there.
-            s.remove_project_user(&org.id, &p.id, &u.id, &cli).await.unwrap();
+            s.remove_project_user(&org.id, &p.id, &u.id, &cli)
+                .await
+                .unwrap();
             assert!(s.authenticate(&user_secret).await.unwrap().is_none());
             // Revoking works once; the second time there is no live key.
-            s.revoke_key(&org.id, KeyKind::Admin, None, &admin.id, &cli).await.unwrap();
+            s.revoke_key(&org.id, KeyKind::Admin, None, &admin.id, &cli)
+                .await
+                .unwrap();
             assert!(s.authenticate(&admin_secret).await.unwrap().is_none());
-            assert!(not_found(s.revoke_key(&org.id, KeyKind::Admin, None, &admin.id, &cli).await));
+            assert!(not_found(
+                s.revoke_key(&org.id, KeyKind::Admin, None, &admin.id, &cli)
+                    .await
+            ));
             // Archiving the project stops its keys; it can no longer change.
             s.archive_project(&org.id, &p.id, &cli).await.unwrap();
             assert!(s.authenticate(&secret).await.unwrap().is_none());
@@ -141,14 +224,29 @@ fn lists_page_by_id_with_has_more() {
             let org = s.create_organization("acme", &cli).await.unwrap();
             let mut ids = Vec::new();
             for i in 0..5 {
-                ids.push(s.create_project(&org.id, &format!("p{i}"), &cli).await.unwrap().id);
+                ids.push(
+                    s.create_project(&org.id, &format!("p{i}"), &cli)
+                        .await
+                        .unwrap()
+                        .id,
+                );
             }
-            let first = s.projects(&org.id, &Page::new(Some(2), None).unwrap(), false).await.unwrap();
-            assert_eq!(first.data.iter().map(|p| p.id.clone()).collect::<Vec<_>>(), ids[..2]);
+            let first = s
+                .projects(&org.id, &Page::new(Some(2), None).unwrap(), false)
+                .await
+                .unwrap();
+            assert_eq!(
+                first.data.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
+                ids[..2]
+            );
             assert!(first.has_more);
             assert_eq!(first.last_id.as_deref(), Some(ids[1].as_str()));
             let rest = s
-                .projects(&org.id, &Page::new(Some(10), first.last_id.clone()).unwrap(), false)
+                .projects(
+                    &org.id,
+                    &Page::new(Some(10), first.last_id.clone()).unwrap(),
+                    false,
+                )
                 .await
                 .unwrap();
             assert_eq!(rest.data.len(), 3);
@@ -159,12 +257,20 @@ fn lists_page_by_id_with_has_more() {
                 event_types: vec!["project.created".into()],
                 ..Default::default()
             };
-            let log = s.audit_logs(&org.id, &q, &Page::new(Some(2), None).unwrap(), None).await.unwrap();
+            let log = s
+                .audit_logs(&org.id, &q, &Page::new(Some(2), None).unwrap(), None)
+                .await
+                .unwrap();
             assert_eq!(log.data.len(), 2);
             assert!(log.has_more);
             assert_eq!(log.data[0].details.1["id"], ids[4].as_str());
             let older = s
-                .audit_logs(&org.id, &q, &Page::new(Some(10), log.last_id.clone()).unwrap(), None)
+                .audit_logs(
+                    &org.id,
+                    &q,
+                    &Page::new(Some(10), log.last_id.clone()).unwrap(),
+                    None,
+                )
                 .await
                 .unwrap();
             assert_eq!(older.data.len(), 3);
@@ -198,24 +304,39 @@ fn audit_verify_finds_the_first_tampered_row() {
             let org = s.create_organization("acme", &cli).await.unwrap();
             let other = s.create_organization("other", &cli).await.unwrap();
             for i in 0..4 {
-                s.create_project(&org.id, &format!("p{i}"), &cli).await.unwrap();
+                s.create_project(&org.id, &format!("p{i}"), &cli)
+                    .await
+                    .unwrap();
             }
-            let intact = |r: &[bitnet_platform::audit::ChainReport]| r.iter().all(|c| c.first_bad.is_none());
+            let intact =
+                |r: &[bitnet_platform::audit::ChainReport]| r.iter().all(|c| c.first_bad.is_none());
             let report = s.verify_audit(None).await.unwrap();
             assert!(intact(&report), "{report:?}");
             assert_eq!(report.iter().map(|r| r.rows).sum::<u64>(), 6);
-            let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM audit_logs WHERE organization_id = $1 ORDER BY seq")
-                .bind(&org.id)
-                .fetch_all(&sqlx::AnyPool::connect(&db.url).await.unwrap())
-                .await
-                .unwrap();
+            let ids: Vec<(String,)> =
+                sqlx::query_as("SELECT id FROM audit_logs WHERE organization_id = $1 ORDER BY seq")
+                    .bind(&org.id)
+                    .fetch_all(&sqlx::AnyPool::connect(&db.url).await.unwrap())
+                    .await
+                    .unwrap();
             let bad_of = |r: Vec<bitnet_platform::audit::ChainReport>| {
                 r.into_iter().find_map(|c| c.first_bad).map(|b| b.id)
             };
 
             // An edited row.
-            exec(&format!("UPDATE audit_logs SET details = '{{}}' WHERE id = '{}'", ids[2].0), &db.url, backend).await;
-            assert_eq!(bad_of(s.verify_audit(None).await.unwrap()).as_deref(), Some(ids[2].0.as_str()));
+            exec(
+                &format!(
+                    "UPDATE audit_logs SET details = '{{}}' WHERE id = '{}'",
+                    ids[2].0
+                ),
+                &db.url,
+                backend,
+            )
+            .await;
+            assert_eq!(
+                bad_of(s.verify_audit(None).await.unwrap()).as_deref(),
+                Some(ids[2].0.as_str())
+            );
             // The other organization's chain is untouched.
             assert!(intact(&s.verify_audit(Some(&other.id)).await.unwrap()));
         });
@@ -225,7 +346,9 @@ fn audit_verify_finds_the_first_tampered_row() {
             let cli = Actor::cli();
             let org = s.create_organization("acme", &cli).await.unwrap();
             for i in 0..4 {
-                s.create_project(&org.id, &format!("p{i}"), &cli).await.unwrap();
+                s.create_project(&org.id, &format!("p{i}"), &cli)
+                    .await
+                    .unwrap();
             }
             let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
             let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM audit_logs ORDER BY seq")
@@ -233,8 +356,19 @@ fn audit_verify_finds_the_first_tampered_row() {
                 .await
                 .unwrap();
             // A deleted row: the next one no longer links.
-            exec(&format!("DELETE FROM audit_logs WHERE id = '{}'", ids[1].0), &db.url, backend).await;
-            let bad = s.verify_audit(None).await.unwrap().remove(0).first_bad.unwrap();
+            exec(
+                &format!("DELETE FROM audit_logs WHERE id = '{}'", ids[1].0),
+                &db.url,
+                backend,
+            )
+            .await;
+            let bad = s
+                .verify_audit(None)
+                .await
+                .unwrap()
+                .remove(0)
+                .first_bad
+                .unwrap();
             assert_eq!(bad.id, ids[2].0, "{bad:?}");
         });
         let db = TestDb::new(backend, dir.path());
@@ -243,7 +377,9 @@ fn audit_verify_finds_the_first_tampered_row() {
             let cli = Actor::cli();
             let org = s.create_organization("acme", &cli).await.unwrap();
             for i in 0..4 {
-                s.create_project(&org.id, &format!("p{i}"), &cli).await.unwrap();
+                s.create_project(&org.id, &format!("p{i}"), &cli)
+                    .await
+                    .unwrap();
             }
             let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
             let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM audit_logs ORDER BY seq")
@@ -251,10 +387,31 @@ fn audit_verify_finds_the_first_tampered_row() {
                 .await
                 .unwrap();
             // Two rows swapped (their sequence numbers exchanged).
-            exec(&format!("UPDATE audit_logs SET seq = -1 WHERE id = '{}'", ids[1].0), &db.url, backend).await;
-            exec(&format!("UPDATE audit_logs SET seq = 2 WHERE id = '{}'", ids[2].0), &db.url, backend).await;
-            exec(&format!("UPDATE audit_logs SET seq = 3 WHERE id = '{}'", ids[1].0), &db.url, backend).await;
-            let bad = s.verify_audit(None).await.unwrap().remove(0).first_bad.unwrap();
+            exec(
+                &format!("UPDATE audit_logs SET seq = -1 WHERE id = '{}'", ids[1].0),
+                &db.url,
+                backend,
+            )
+            .await;
+            exec(
+                &format!("UPDATE audit_logs SET seq = 2 WHERE id = '{}'", ids[2].0),
+                &db.url,
+                backend,
+            )
+            .await;
+            exec(
+                &format!("UPDATE audit_logs SET seq = 3 WHERE id = '{}'", ids[1].0),
+                &db.url,
+                backend,
+            )
+            .await;
+            let bad = s
+                .verify_audit(None)
+                .await
+                .unwrap()
+                .remove(0)
+                .first_bad
+                .unwrap();
             assert_eq!(bad.id, ids[2].0, "{bad:?}");
             // The last row deleted: the organization's recorded head says so.
             let db2 = TestDb::new(backend, std::path::Path::new(&std::env::temp_dir()));
@@ -262,7 +419,13 @@ fn audit_verify_finds_the_first_tampered_row() {
             let o2 = s2.create_organization("x", &cli).await.unwrap();
             s2.create_project(&o2.id, "p", &cli).await.unwrap();
             exec("DELETE FROM audit_logs WHERE seq = 2", &db2.url, backend).await;
-            let bad = s2.verify_audit(None).await.unwrap().remove(0).first_bad.unwrap();
+            let bad = s2
+                .verify_audit(None)
+                .await
+                .unwrap()
+                .remove(0)
+                .first_bad
+                .unwrap();
             assert_eq!(bad.id, "(end)");
             if backend == Backend::Sqlite {
                 let _ = std::fs::remove_file(db2.url.trim_start_matches("sqlite://"));
@@ -284,11 +447,18 @@ fn a_database_from_before_organizations_keeps_its_keys() {
         let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
         let migrator = sqlx::migrate::Migrator::new(root.as_path()).await.unwrap();
-        let old: Vec<_> = migrator.iter().filter(|m| m.version <= 2).cloned().collect();
+        let old: Vec<_> = migrator
+            .iter()
+            .filter(|m| m.version <= 2)
+            .cloned()
+            .collect();
         let mut m2 = sqlx::migrate::Migrator::new(root.as_path()).await.unwrap();
         m2.migrations = std::borrow::Cow::Owned(old);
         m2.run_direct(&mut c).await.unwrap();
-        for (id, key, role) in [("k-admin", "bnk_adminadminadmin", "admin"), ("k-user", "bnk_useruseruser", "user")] {
+        for (id, key, role) in [
+            ("k-admin", "bnk_adminadminadmin", "admin"),
+            ("k-user", "bnk_useruseruser", "user"),
+        ] {
             let h: [u8; 32] = Sha256::digest(key.as_bytes()).into();
             sqlx::query("INSERT INTO api_keys (id, tenant_id, name, prefix, hash, role, created_at) VALUES (?, 'default', ?, ?, ?, ?, 1)")
                 .bind(id)
@@ -307,21 +477,34 @@ fn a_database_from_before_organizations_keeps_its_keys() {
         c.close().await.unwrap();
 
         let s = Store::open(&url).await.unwrap();
-        let admin = s.authenticate("bnk_adminadminadmin").await.unwrap().unwrap();
+        let admin = s
+            .authenticate("bnk_adminadminadmin")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(admin.kind, KeyKind::Admin);
         assert_eq!(admin.organization_id.as_deref(), Some("default"));
         let user = s.authenticate("bnk_useruseruser").await.unwrap().unwrap();
         assert_eq!(user.kind, KeyKind::Project);
         assert_eq!(user.project_id.as_deref(), Some("proj_default"));
         assert_eq!(s.usage_totals("default").await.unwrap(), (1, 3, 4));
-        let row: (Option<String>,) = sqlx::query_as("SELECT project_id FROM usage WHERE request_id = 'r1'")
-            .fetch_one(&sqlx::AnyPool::connect(&url).await.unwrap())
-            .await
-            .unwrap();
+        let row: (Option<String>,) =
+            sqlx::query_as("SELECT project_id FROM usage WHERE request_id = 'r1'")
+                .fetch_one(&sqlx::AnyPool::connect(&url).await.unwrap())
+                .await
+                .unwrap();
         assert_eq!(row.0.as_deref(), Some("proj_default"));
         // A new change in the migrated organization starts its audit chain.
-        s.create_project("default", "next", &Actor::cli()).await.unwrap();
-        assert!(s.verify_audit(None).await.unwrap().iter().all(|r| r.first_bad.is_none()));
+        s.create_project("default", "next", &Actor::cli())
+            .await
+            .unwrap();
+        assert!(
+            s.verify_audit(None)
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| r.first_bad.is_none())
+        );
     });
 }
 
@@ -333,7 +516,13 @@ fn a_fresh_database_has_no_organizations() {
         let db = TestDb::new(backend, dir.path());
         run(async {
             let s = Store::open(&db.url).await.unwrap();
-            assert!(s.organizations(&Page::default()).await.unwrap().data.is_empty());
+            assert!(
+                s.organizations(&Page::default())
+                    .await
+                    .unwrap()
+                    .data
+                    .is_empty()
+            );
             // Opening again runs no migration twice.
             drop(s);
             Store::open(&db.url).await.unwrap();

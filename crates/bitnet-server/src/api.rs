@@ -2,17 +2,17 @@
 //! request into engine requests (one per choice), then answer at once or stream the events as
 //! Server-Sent Events.
 
+use crate::auth::Caller;
 use crate::engine::{Event, GenRequest, SubmitError};
 use crate::error::ApiError;
 use crate::openai::*;
-use crate::store::Principal;
 use crate::usage::Ticket;
 use crate::{AppState, ServedModel};
+use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
 use bitnet_model::chat::Message;
 use bitnet_model::generate::{FinishReason, GenerateOptions};
 use bitnet_model::sampling::SamplingParams;
@@ -581,7 +581,7 @@ fn completion_logprobs(tokens: &[crate::engine::TokenInfo], offset: usize) -> Co
     security(("api_key" = [])))]
 pub async fn chat_completions(
     State(state): State<AppState>,
-    Extension(who): Extension<Principal>,
+    who: Caller,
     ids: crate::RequestIds,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
@@ -632,7 +632,7 @@ pub async fn chat_completions(
     security(("api_key" = [])))]
 pub async fn completions(
     State(state): State<AppState>,
-    Extension(who): Extension<Principal>,
+    who: Caller,
     ids: crate::RequestIds,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
@@ -712,7 +712,7 @@ async fn blocking<T: Send + 'static>(
 
 async fn run_plan(
     state: &AppState,
-    who: &Principal,
+    who: &Caller,
     ids: &crate::RequestIds,
     plan: Plan,
     kind: StreamKind,

@@ -24,6 +24,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{message}")]
     NotFound { message: String, code: &'static str },
+    /// The change conflicts with what is stored (a duplicate name, an archived project).
+    #[error("{0}")]
+    Conflict(String),
     /// The body is over the server's limit.
     #[error("{0}")]
     TooLarge(String),
@@ -85,6 +88,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Overloaded(..) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -100,6 +104,7 @@ impl ApiError {
             Self::Forbidden(_) => ("permission_error", None, "insufficient_permissions"),
             Self::TooLarge(_) => ("invalid_request_error", None, "body_too_large"),
             Self::NotFound { code, .. } => ("invalid_request_error", None, *code),
+            Self::Conflict(_) => ("invalid_request_error", None, "conflict"),
             Self::Overloaded(..) => ("rate_limit_error", None, "server_busy"),
             Self::Timeout(_) => ("timeout_error", None, "timeout"),
             Self::ShuttingDown => ("server_error", None, "shutting_down"),
@@ -135,8 +140,21 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Internal(format!("database: {e}"))
+impl From<bitnet_platform::PlatformError> for ApiError {
+    fn from(e: bitnet_platform::PlatformError) -> Self {
+        use bitnet_platform::PlatformError as P;
+        match e {
+            P::NotFound { .. } => Self::NotFound {
+                message: e.to_string(),
+                code: "not_found",
+            },
+            P::Invalid { param, message } => Self::BadRequest {
+                message,
+                param: Some(param.into()),
+                code: "invalid_value",
+            },
+            P::Conflict(m) => Self::Conflict(m),
+            other => Self::Internal(other.to_string()),
+        }
     }
 }

@@ -3,33 +3,37 @@
 //! and a generated OpenAPI document.
 //!
 //! Layout: [`engine`] schedules one model's sequences (no HTTP), [`api`] holds the OpenAI
-//! handlers, [`admin`] the key endpoints, [`store`] the database, [`usage`] the metering writer,
-//! and this file the shared state, the router and `serve`.
+//! inference handlers, [`org`] the organization API (OpenAI's Administration API shapes),
+//! [`operator`] the API above organizations, [`auth`] turns keys into callers,
+//! [`permissions`] decides every route, [`usage`] writes metering rows, and this file holds the
+//! shared state, the router and `serve`. The domain and its database live in `bitnet-platform`.
 
-pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod openai;
-pub mod store;
+pub mod operator;
+pub mod org;
+pub mod permissions;
 pub mod telemetry;
 pub mod usage;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{Principal, Store};
 use crate::usage::UsageLog;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use bitnet_formats::tokenizer::TextTokenizer;
 use bitnet_model::LoadedModel;
 use bitnet_model::chat::ChatTemplate;
+use bitnet_platform::Store;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -211,11 +215,16 @@ impl AppState {
     info(title = "bitnet-rust server", description = "OpenAI-compatible inference for ternary models, with API keys and usage metering."),
     paths(
         api::chat_completions, api::completions, api::list_models,
-        admin::create_key, admin::list_keys, admin::revoke_key,
+        org::doc_list_projects, org::doc_create_project, org::doc_get_project, org::doc_modify_project,
+        org::doc_archive_project, org::doc_list_project_users, org::doc_add_project_user,
+        org::doc_list_service_accounts, org::doc_create_service_account, org::doc_list_project_keys,
+        org::doc_list_users, org::doc_list_invites, org::doc_create_invite, org::doc_list_admin_keys,
+        org::doc_create_admin_key, org::doc_list_audit_logs,
         healthz, readyz, metrics_text
     ),
     modifiers(&Security),
-    tags((name = "inference"), (name = "admin"), (name = "operations"))
+    components(schemas(org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody)),
+    tags((name = "inference"), (name = "organization"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -300,30 +309,6 @@ async fn openapi_json(State(s): State<AppState>) -> Response {
         }
     }
     Json(doc).into_response()
-}
-
-/// `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every `/v1` route.
-async fn require_key(
-    State(s): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let h = req.headers();
-    let key = h
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim)
-        .ok_or_else(|| {
-            ApiError::Unauthorized("no API key: send `Authorization: Bearer KEY` (create one with `bitnet keys create`)".into())
-        })?;
-    let who: Principal =
-        s.store.authenticate(key).await?.ok_or_else(|| {
-            ApiError::Unauthorized("the API key is not valid or was revoked".into())
-        })?;
-    req.extensions_mut().insert(who);
-    Ok(next.run(req).await)
 }
 
 /// The method as a metrics label: the methods HTTP defines, anything else `other` (a client can
@@ -525,11 +510,85 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(api::completions))
         .route("/v1/models", get(api::list_models))
         .route(
-            "/v1/admin/keys",
-            post(admin::create_key).get(admin::list_keys),
+            "/v1/organization/projects",
+            get(org::list_projects).post(org::create_project),
         )
-        .route("/v1/admin/keys/{id}", delete(admin::revoke_key))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .route(
+            "/v1/organization/projects/{project_id}",
+            get(org::get_project).post(org::modify_project),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/archive",
+            post(org::archive_project),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/users",
+            get(org::list_project_users).post(org::add_project_user),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/users/{user_id}",
+            get(org::get_project_user)
+                .post(org::modify_project_user)
+                .delete(org::delete_project_user),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/service_accounts",
+            get(org::list_service_accounts).post(org::create_service_account),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/service_accounts/{service_account_id}",
+            get(org::get_service_account).delete(org::delete_service_account),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/api_keys",
+            get(org::list_project_keys),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/api_keys/{key_id}",
+            get(org::get_project_key).delete(org::delete_project_key),
+        )
+        .route("/v1/organization/users", get(org::list_users))
+        .route(
+            "/v1/organization/users/{user_id}",
+            get(org::get_user)
+                .post(org::modify_user)
+                .delete(org::delete_user),
+        )
+        .route(
+            "/v1/organization/invites",
+            get(org::list_invites).post(org::create_invite),
+        )
+        .route(
+            "/v1/organization/invites/{invite_id}",
+            get(org::get_invite).delete(org::delete_invite),
+        )
+        .route(
+            "/v1/organization/admin_api_keys",
+            get(org::list_admin_keys).post(org::create_admin_key),
+        )
+        .route(
+            "/v1/organization/admin_api_keys/{key_id}",
+            get(org::get_admin_key).delete(org::delete_admin_key),
+        )
+        .route("/v1/organization/audit_logs", get(org::list_audit_logs))
+        .route(
+            "/v1/operator/organizations",
+            get(operator::list_organizations).post(operator::create_organization),
+        )
+        .route(
+            "/v1/operator/organizations/{organization_id}",
+            get(operator::get_organization),
+        )
+        .route(
+            "/v1/operator/organizations/{organization_id}/admin_api_keys",
+            post(operator::create_admin_key),
+        )
+        // Authenticate first (outermost), then the permission table.
+        .route_layer(middleware::from_fn(permissions::authorize))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .merge(v1)
         .route("/healthz", get(healthz))
@@ -677,7 +736,17 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let svc = TowerToHyperService::new(app.clone());
+                // The client's address reaches handlers (the audit log records it).
+                let peer = stream.peer_addr().ok();
+                let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
+                    app.clone(),
+                    move |mut req: Request<hyper::body::Incoming>| {
+                        if let Some(p) = peer {
+                            req.extensions_mut().insert(axum::extract::ConnectInfo(p));
+                        }
+                        req
+                    },
+                ));
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {

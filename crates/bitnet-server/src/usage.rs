@@ -8,7 +8,9 @@
 //! The ticket also carries the request's `generation` span (a child of the request span), so
 //! a trace shows the whole generation, streamed or not, with its token counts and outcome.
 
-use crate::store::{Principal, Store, UsageRow};
+use crate::auth::Caller;
+use bitnet_platform::Store;
+use bitnet_platform::usage::UsageRow;
 use std::time::Instant;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -29,7 +31,7 @@ impl UsageLog {
         &self,
         request_id: &str,
         client_request_id: Option<&str>,
-        who: &Principal,
+        who: &Caller,
         model: &str,
         endpoint: &'static str,
     ) -> Ticket {
@@ -50,8 +52,11 @@ impl UsageLog {
             row: Some(UsageRow {
                 request_id: request_id.to_string(),
                 client_request_id: client_request_id.map(str::to_string),
-                tenant_id: who.tenant_id.clone(),
-                key_id: Some(who.key_id.clone()),
+                organization_id: who.cred.organization_id.clone().unwrap_or_default(),
+                project_id: who.cred.project_id.clone(),
+                key_id: Some(who.cred.key_id.clone()),
+                user_id: who.cred.user_id.clone(),
+                service_account_id: who.cred.service_account_id.clone(),
                 model: model.to_string(),
                 endpoint,
                 prompt_tokens: 0,

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod logits;
 pub mod models;
 pub mod perplexity;
+pub mod platform;
 pub mod quantize;
 pub mod run;
 pub mod serve;

@@ -1,11 +1,12 @@
 //! `bitnet serve`: the OpenAI-compatible server, and `bitnet keys`: its API keys.
 
 use super::common::set_threads;
+use super::platform::open_store;
 use crate::config::{self, Config};
 use anyhow::{Context, Result, bail};
+use bitnet_platform::audit::Actor;
 use bitnet_server::engine::EngineConfig;
 use bitnet_server::metrics::Metrics;
-use bitnet_server::store::{Role, Store};
 use bitnet_server::telemetry::{self, Tracing};
 use bitnet_server::usage::UsageLog;
 use bitnet_server::{AppState, ServedModel, ServerConfig};
@@ -134,12 +135,6 @@ fn listen_addr(args: &Args, configured: &str) -> Result<String> {
     } else {
         format!("{host}:{port}")
     })
-}
-
-async fn open_store(database: &str) -> Result<Store> {
-    Store::open(database)
-        .await
-        .with_context(|| format!("cannot open the database {database}"))
 }
 
 /// Logs to stderr (filtered by RUST_LOG, default info), plus the OpenTelemetry layer when
@@ -283,9 +278,15 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let store = open_store(&database).await?;
-        // A fresh database gets one admin key, printed once, so the server is usable at once.
-        let first_key = if store.list_keys(bitnet_server::store::DEFAULT_TENANT).await?.is_empty() {
-            Some(store.create_key("first admin key", Role::Admin).await?.1)
+        // A fresh database gets an organization `default` with an admin key, a project and a
+        // project key, printed once, so the server is usable at once.
+        let first_keys = if store.organizations(&bitnet_platform::Page::default()).await?.data.is_empty() {
+            let cli = Actor::cli();
+            let org = store.create_organization("default", &cli).await?;
+            let (_, admin) = store.create_admin_key(&org.id, "first admin key", &cli).await?;
+            let project = store.create_project(&org.id, "Default project", &cli).await?;
+            let sa = store.create_service_account(&org.id, &project.id, "default", &cli).await?;
+            Some((admin, sa.api_key.value))
         } else {
             None
         };
@@ -297,10 +298,15 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
         eprintln!("bitnet serve: {} on http://{local}/v1 (OpenAPI: /openapi.json, metrics: /metrics)", ids.join(", "));
-        let key = match &first_key {
-            Some(k) => {
-                eprintln!("created an admin API key (shown once; `bitnet keys create` makes more):\n  {k}");
-                k.as_str()
+        let key = match &first_keys {
+            Some((admin, project)) => {
+                eprintln!(
+                    "created organization `default` with a project; its keys are shown once \
+                     (`bitnet keys create` makes more):\n  \
+                     project key (calls the models):         {project}\n  \
+                     admin key (manages the organization):   {admin}"
+                );
+                project.as_str()
             }
             None => "$BITNET_API_KEY",
         };
@@ -313,82 +319,6 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         drop(state);
         let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
         eprintln!("bitnet serve: stopped");
-        Ok(())
-    })
-}
-
-#[derive(Debug, clap::Args)]
-pub struct KeysArgs {
-    #[command(subcommand)]
-    pub action: KeysAction,
-    /// Database URL (default: `server.database` from the config file).
-    #[arg(long, global = true)]
-    pub database: Option<String>,
-    /// Configuration file (default: $BITNET_CONFIG or ~/.config/bitnet/config.toml).
-    #[arg(long, global = true)]
-    pub config: Option<PathBuf>,
-    /// Print JSON.
-    #[arg(long, global = true)]
-    pub json: bool,
-}
-
-#[derive(Debug, clap::Subcommand)]
-pub enum KeysAction {
-    /// Create a key and print it (once: only its hash is stored).
-    Create {
-        /// A label: who or what uses the key.
-        #[arg(long, default_value = "cli")]
-        name: String,
-        /// An admin key (may manage keys through /v1/admin/keys).
-        #[arg(long)]
-        admin: bool,
-    },
-    /// List keys (never the keys themselves: their prefixes).
-    List,
-    /// Revoke a key by id or prefix.
-    Revoke { id: String },
-}
-
-pub fn keys(args: KeysArgs) -> Result<()> {
-    let cfg = Config::load_or_default(&config::path(args.config.as_deref()))?;
-    let database = args.database.unwrap_or(cfg.server.database);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let store = open_store(&database).await?;
-        let tenant = bitnet_server::store::DEFAULT_TENANT;
-        match args.action {
-            KeysAction::Create { name, admin } => {
-                let role = if admin { Role::Admin } else { Role::User };
-                let (info, key) = store.create_key(&name, role).await?;
-                if args.json {
-                    println!("{}", serde_json::json!({"key": key, "id": info.id, "prefix": info.prefix, "role": info.role, "name": info.name}));
-                } else {
-                    println!("{key}");
-                    eprintln!("id {} ({}, \"{}\"): keep the key now, it is not shown again", info.id, info.role.as_str(), info.name);
-                }
-            }
-            KeysAction::List => {
-                let keys = store.list_keys(tenant).await?;
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&keys)?);
-                } else {
-                    println!("{:<36}  {:<12}  {:<5}  {:<8}  NAME", "ID", "PREFIX", "ROLE", "STATE");
-                    for k in keys {
-                        let state = if k.revoked_at.is_some() { "revoked" } else { "active" };
-                        let role = if k.role == Role::Admin { "admin" } else { "user" };
-                        println!("{:<36}  {:<12}  {:<5}  {:<8}  {}", k.id, k.prefix, role, state, k.name);
-                    }
-                }
-            }
-            KeysAction::Revoke { id } => {
-                if !store.revoke_key(tenant, &id).await? {
-                    bail!("no active key with id or prefix {id:?}");
-                }
-                eprintln!("revoked {id}");
-            }
-        }
         Ok(())
     })
 }

@@ -1,0 +1,436 @@
+//! The router without a socket (`tower::ServiceExt::oneshot`), on both store backends, over a
+//! tiny real model: every route of the permission table with every kind of credential, and
+//! another organization's admin key against every route that takes one of A's ids.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use bitnet_platform::audit::Actor;
+use bitnet_platform::keys::ProjectKeyOwner;
+use bitnet_platform::testing::{TestDb, backends};
+use bitnet_platform::{Backend, Store};
+use bitnet_server::metrics::Metrics;
+use bitnet_server::permissions::{ROUTES, Who, allows};
+use bitnet_server::usage::UsageLog;
+use bitnet_server::{AppState, ServedModel, ServerConfig};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+/// A tiny BitNet-shaped model with random ternary weights and a real tokenizer (the
+/// SentencePiece one of a test GGUF), enough to run inference through the router.
+fn tiny_model() -> bitnet_model::LoadedModel {
+    use bitnet_model::spec::{Activation, Family, ModelSpec, RopeStyle};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let gguf = bitnet_formats::gguf::GgufFile::open(
+        root.join("testdata/models/tiny-llama-spm/tiny-llama-spm.gguf"),
+    )
+    .unwrap();
+    let mut tokenizer = bitnet_formats::tokenizer::TextTokenizer::from_gguf(&gguf.header).unwrap();
+    tokenizer.chat_template =
+        Some("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}".into());
+    let spec = ModelSpec {
+        family: Family::BitNet,
+        arch_name: "tiny synthetic".into(),
+        hidden: 64,
+        intermediate: 128,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+        vocab: tokenizer.vocab_size(),
+        context: 256,
+        rms_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_style: RopeStyle::NeoX,
+        activation: Activation::Relu2,
+        tied_embeddings: true,
+    };
+    bitnet_model::LoadedModel {
+        model: bitnet_model::synthetic::random_model(spec, bitnet_formats::gguf::GgmlType::F16, 7)
+            .unwrap(),
+        tokenizer: Some(tokenizer),
+        description: "tiny synthetic".into(),
+        sampling: Default::default(),
+    }
+}
+
+fn state(store: Store) -> AppState {
+    let metrics = Arc::new(Metrics::new());
+    let config = ServerConfig::default();
+    let model =
+        ServedModel::start("tiny".into(), tiny_model(), &config.engine, metrics.clone()).unwrap();
+    let (usage, _) = UsageLog::start(store.clone());
+    AppState::new(vec![model], store, metrics, usage, config)
+}
+
+/// One organization's objects, and every kind of credential.
+struct Fixture {
+    org: String,
+    project: String,
+    user: String,
+    /// A user of the organization in no project.
+    outsider: String,
+    service_account: String,
+    project_key_id: String,
+    admin_key_id: String,
+    invite: String,
+    keys: Vec<(Who, String)>,
+}
+
+async fn fixture(s: &Store, name: &str) -> Fixture {
+    let cli = Actor::cli();
+    let org = s.create_organization(name, &cli).await.unwrap();
+    let p = s.create_project(&org.id, "prod", &cli).await.unwrap();
+    let sa = s
+        .create_service_account(&org.id, &p.id, "app", &cli)
+        .await
+        .unwrap();
+    let u = s
+        .create_user(
+            &org.id,
+            &format!("ann@{name}.example.com"),
+            "Ann",
+            "reader",
+            None,
+            &cli,
+        )
+        .await
+        .unwrap();
+    s.add_project_user(&org.id, &p.id, &u.id, "member", &cli)
+        .await
+        .unwrap();
+    let outsider = s
+        .create_user(
+            &org.id,
+            &format!("cy@{name}.example.com"),
+            "Cy",
+            "reader",
+            None,
+            &cli,
+        )
+        .await
+        .unwrap();
+    let (_, read_only) = s
+        .create_project_key(
+            &org.id,
+            &p.id,
+            "ro",
+            ProjectKeyOwner::User(&u.id),
+            true,
+            &cli,
+        )
+        .await
+        .unwrap();
+    let (admin, admin_secret) = s.create_admin_key(&org.id, "ops", &cli).await.unwrap();
+    // A second admin key: the one the tests delete.
+    let (spare, _) = s.create_admin_key(&org.id, "spare", &cli).await.unwrap();
+    let invite = s
+        .create_invite(
+            &org.id,
+            &format!("bo@{name}.example.com"),
+            "reader",
+            vec![],
+            &cli,
+        )
+        .await
+        .unwrap();
+    let (_, operator) = s
+        .create_operator_key(&format!("root-{name}"))
+        .await
+        .unwrap();
+    let _ = admin;
+    Fixture {
+        org: org.id,
+        project: p.id,
+        user: u.id,
+        outsider: outsider.id,
+        service_account: sa.account.id,
+        project_key_id: sa.api_key.id.clone(),
+        admin_key_id: spare.id,
+        invite: invite.id,
+        keys: vec![
+            (Who::Operator, operator),
+            (Who::Admin, admin_secret),
+            (Who::Project, sa.api_key.value),
+            (Who::ProjectReadOnly, read_only),
+        ],
+    }
+}
+
+impl Fixture {
+    fn path(&self, template: &str) -> String {
+        template
+            .replace("{project_id}", &self.project)
+            .replace("{user_id}", &self.user)
+            .replace("{service_account_id}", &self.service_account)
+            .replace("{invite_id}", &self.invite)
+            .replace("{organization_id}", &self.org)
+            .replace(
+                "{key_id}",
+                if template.contains("admin_api_keys") {
+                    &self.admin_key_id
+                } else {
+                    &self.project_key_id
+                },
+            )
+    }
+
+    fn key(&self, who: Who) -> &str {
+        &self.keys.iter().find(|(w, _)| *w == who).unwrap().1
+    }
+}
+
+/// A valid body for each route that takes one.
+fn body(method: &Method, route: &str, f: &Fixture) -> Value {
+    if method != Method::POST {
+        return Value::Null;
+    }
+    match route {
+        "/v1/chat/completions" => {
+            json!({"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "a"}]})
+        }
+        "/v1/completions" => json!({"model": "tiny", "max_tokens": 1, "prompt": "a"}),
+        "/v1/organization/projects/{project_id}/users" => {
+            // A user in no project yet (the fixture's is a member already).
+            json!({"user_id": f.outsider, "role": "owner"})
+        }
+        r if r.ends_with("/users/{user_id}") => json!({"role": "owner"}),
+        "/v1/organization/invites" => json!({"email": "cy@example.com", "role": "reader"}),
+        "/v1/organization/projects/{project_id}/archive" => Value::Null,
+        _ => json!({"name": "new name"}),
+    }
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &Method,
+    path: &str,
+    key: &str,
+    body: &Value,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header("authorization", format!("Bearer {key}"));
+    let b = if body.is_null() {
+        Body::empty()
+    } else {
+        req = req.header("content-type", "application/json");
+        Body::from(body.to_string())
+    };
+    let resp = app.clone().oneshot(req.body(b).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every route × every credential: allowed ones pass the permission check (and succeed, on a
+/// fresh fixture), refused ones get 403 in OpenAI's shape; no credential gets 401.
+#[test]
+fn every_route_answers_each_credential_as_the_table_says() {
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path());
+        runtime().block_on(async {
+            let store = Store::open(&db.url).await.unwrap();
+            let app = bitnet_server::router(state(store.clone()));
+            for (i, (method, route, access)) in ROUTES.iter().enumerate() {
+                // A fresh organization per route: the allowed call may delete what it names.
+                let f = fixture(&store, &format!("org{i}")).await;
+                let path = f.path(route);
+                let body = body(method, route, &f);
+                let (s, e) = call(&app, method, &path, "", &body).await;
+                assert_eq!(
+                    s,
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {route} without a key: {e}"
+                );
+                // Refused credentials first, so nothing has changed when they ask.
+                let mut order = Who::ALL.to_vec();
+                order.sort_by_key(|w| allows(*w, *access));
+                for who in order {
+                    let (s, e) = call(&app, method, &path, f.key(who), &body).await;
+                    if allows(who, *access) {
+                        assert!(
+                            s.is_success(),
+                            "{backend:?} {method} {route} as {who:?}: expected success, got {s} {e}"
+                        );
+                    } else {
+                        assert_eq!(
+                            s,
+                            StatusCode::FORBIDDEN,
+                            "{backend:?} {method} {route} as {who:?}: {e}"
+                        );
+                        assert_eq!(e["error"]["type"], "permission_error");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Organization B's admin key against every organization route that takes an id of A's: 404
+/// (never 403: existence is not leaked), and nothing of A's changes; B's lists show nothing of
+/// A's. The operator routes sit above organizations and are not scoped.
+#[test]
+fn another_organizations_ids_are_not_found() {
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path());
+        runtime().block_on(async {
+            let store = Store::open(&db.url).await.unwrap();
+            let app = bitnet_server::router(state(store.clone()));
+            let a = fixture(&store, "a").await;
+            let b = fixture(&store, "b").await;
+            let b_admin = b.key(Who::Admin);
+            let before = store.verify_audit(Some(&a.org)).await.unwrap()[0].rows;
+            let mut checked = 0;
+            for (method, route, _) in ROUTES {
+                if !route.starts_with("/v1/organization/") {
+                    continue;
+                }
+                let path = a.path(route);
+                if route.contains('{') {
+                    let (s, e) = call(&app, method, &path, b_admin, &body(method, route, &a)).await;
+                    assert_eq!(s, StatusCode::NOT_FOUND, "{backend:?} {method} {path}: {e}");
+                    checked += 1;
+                } else if *method == Method::GET {
+                    let (s, list) = call(&app, method, &path, b_admin, &Value::Null).await;
+                    assert_eq!(s, StatusCode::OK, "{list}");
+                    let text = list.to_string();
+                    for id in [
+                        &a.org,
+                        &a.project,
+                        &a.user,
+                        &a.outsider,
+                        &a.service_account,
+                        &a.project_key_id,
+                        &a.admin_key_id,
+                        &a.invite,
+                    ] {
+                        assert!(
+                            !text.contains(id.as_str()),
+                            "{route} shows A's {id}: {text}"
+                        );
+                    }
+                }
+            }
+            assert!(checked >= 20, "{checked}");
+            // A's audit chain gained nothing from B's attempts.
+            let after = store.verify_audit(Some(&a.org)).await.unwrap();
+            assert_eq!(after[0].rows, before);
+            assert!(after[0].first_bad.is_none());
+            // And A's keys still work.
+            let (s, _) = call(
+                &app,
+                &Method::GET,
+                "/v1/models",
+                a.key(Who::Project),
+                &Value::Null,
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK);
+        });
+        if backend == Backend::Sqlite {
+            drop(db);
+        }
+    }
+}
+
+/// Malformed input to the organization API is a 400 in OpenAI's shape and changes nothing.
+#[test]
+fn malformed_organization_requests_are_400s_that_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(Backend::Sqlite, dir.path());
+    runtime().block_on(async {
+        let store = Store::open(&db.url).await.unwrap();
+        let app = bitnet_server::router(state(store.clone()));
+        let f = fixture(&store, "a").await;
+        let admin = f.key(Who::Admin);
+        let rows = store.verify_audit(Some(&f.org)).await.unwrap()[0].rows;
+        let p = format!("/v1/organization/projects/{}/users", f.project);
+        for (method, path, body) in [
+            (
+                Method::POST,
+                "/v1/organization/projects",
+                json!({"name": ""}),
+            ),
+            (
+                Method::POST,
+                "/v1/organization/projects",
+                json!({"nom": "x"}),
+            ),
+            (
+                Method::POST,
+                "/v1/organization/projects",
+                json!({"name": 7}),
+            ),
+            (
+                Method::POST,
+                "/v1/organization/invites",
+                json!({"email": "not-an-email", "role": "reader"}),
+            ),
+            (
+                Method::POST,
+                "/v1/organization/invites",
+                json!({"email": "a@b.co", "role": "god"}),
+            ),
+            (
+                Method::POST,
+                &p,
+                json!({"user_id": "user-nobody", "role": "member"}),
+            ),
+            (
+                Method::POST,
+                &p,
+                json!({"user_id": f.user, "role": "emperor"}),
+            ),
+            (
+                Method::GET,
+                "/v1/organization/projects?limit=0",
+                Value::Null,
+            ),
+            (
+                Method::GET,
+                "/v1/organization/projects?limit=abc",
+                Value::Null,
+            ),
+            (
+                Method::GET,
+                "/v1/organization/projects?include_archived=maybe",
+                Value::Null,
+            ),
+            (
+                Method::GET,
+                "/v1/organization/audit_logs?effective_at[gt]=soon",
+                Value::Null,
+            ),
+            (
+                Method::GET,
+                "/v1/organization/audit_logs?after=audit_log-nope",
+                Value::Null,
+            ),
+        ] {
+            let (s, e) = call(&app, &method, path, admin, &body).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {path} {body}: {e}");
+            assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+        }
+        assert_eq!(
+            store.verify_audit(Some(&f.org)).await.unwrap()[0].rows,
+            rows
+        );
+    });
+}
