@@ -47,6 +47,8 @@ enum Command {
     Orgs(cmd::platform::OrgsArgs),
     /// Verify or export the hash-chained audit log.
     Audit(cmd::platform::AuditArgs),
+    /// Sign-in keys: rotate the access-token signing key, print the JWKS.
+    Auth(cmd::platform::AuthArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => cmd::platform::keys(args),
         Command::Orgs(args) => cmd::platform::orgs(args),
         Command::Audit(args) => cmd::platform::audit(args),
+        Command::Auth(args) => cmd::platform::auth(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,9 @@ pub enum PlatformError {
         param: &'static str,
         message: String,
     },
+    /// A credential (password, token, invite secret) was refused.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The change conflicts with what is stored (a duplicate name, an archived project).
     #[error("{0}")]
     Conflict(String),

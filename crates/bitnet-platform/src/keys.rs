@@ -23,6 +23,8 @@ pub enum KeyKind {
     Operator,
     Admin,
     Project,
+    /// Not a key: a signed-in user's access token.
+    Session,
 }
 
 impl KeyKind {
@@ -31,6 +33,7 @@ impl KeyKind {
             Self::Operator => "sk-op-",
             Self::Admin => "sk-admin-",
             Self::Project => "sk-proj-",
+            Self::Session => "",
         }
     }
 
@@ -39,6 +42,7 @@ impl KeyKind {
             Self::Operator => "operator",
             Self::Admin => "admin",
             Self::Project => "project",
+            Self::Session => "session",
         }
     }
 
@@ -67,11 +71,20 @@ pub struct Credential {
     pub user_id: Option<String>,
     pub user_email: Option<String>,
     pub service_account_id: Option<String>,
+    /// A signed-in user's organization role (`owner`, `reader`).
+    pub role: Option<String>,
 }
 
 impl Credential {
     /// The audit log's actor for this key.
     pub fn actor(&self) -> Actor {
+        if self.kind == KeyKind::Session {
+            return crate::sessions::session_actor(
+                self.user_id.as_deref().unwrap_or(""),
+                self.user_email.as_deref().unwrap_or(""),
+                &Actor::anonymous(None),
+            );
+        }
         let owner = match (&self.user_id, &self.service_account_id) {
             (Some(u), _) => json!({"type": "user", "user": {"id": u, "email": self.user_email}}),
             (None, Some(s)) => json!({"type": "service_account", "service_account": {"id": s}}),
@@ -213,7 +226,9 @@ impl KeyRow {
                 };
                 ("organization.admin_api_key", owner)
             }
-            KeyKind::Operator => ("platform.operator_api_key", json!({"type": "operator"})),
+            KeyKind::Operator | KeyKind::Session => {
+                ("platform.operator_api_key", json!({"type": "operator"}))
+            }
         };
         ApiKey {
             object,
@@ -570,6 +585,7 @@ impl Store {
             user_id: user,
             user_email: email,
             service_account_id: sa,
+            role: None,
         }))
     }
 

@@ -22,6 +22,7 @@ pub mod ids;
 pub mod keys;
 pub mod orgs;
 pub mod projects;
+pub mod sessions;
 pub mod store;
 pub mod testing;
 pub mod usage;

@@ -85,6 +85,10 @@ pub struct Invite {
     pub expires_at: i64,
     pub accepted_at: Option<i64>,
     pub projects: Vec<InviteProject>,
+    /// Beyond OpenAI (which emails a link): the secret that accepts the invite
+    /// (`POST /v1/auth/invites/accept`), in the answer that created it only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +126,7 @@ impl InviteRow {
             expires_at: self.expires_at,
             accepted_at: self.accepted_at,
             projects: serde_json::from_str(&self.projects).unwrap_or_default(),
+            token: None,
         }
     }
 }
@@ -504,8 +509,9 @@ impl Store {
             expires_at: c.at + INVITE_SECONDS,
             accepted_at: None,
         };
+        let token = format!("inv_{}", crate::ids::random_token(40)?);
         sqlx::query(
-            "INSERT INTO invites (id, organization_id, email, role, projects, invited_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO invites (id, organization_id, email, role, projects, invited_at, expires_at, token_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&row.id)
         .bind(org)
@@ -514,6 +520,7 @@ impl Store {
         .bind(&row.projects)
         .bind(row.invited_at)
         .bind(row.expires_at)
+        .bind(crate::ids::secret_hash(&token))
         .execute(&mut *c.tx)
         .await?;
         c.audit(AuditEvent::new(
@@ -524,7 +531,9 @@ impl Store {
         ))
         .await?;
         c.commit().await?;
-        Ok(row.object(crate::ids::now()))
+        let mut invite = row.object(crate::ids::now());
+        invite.token = Some(token);
+        Ok(invite)
     }
 
     pub async fn invites(&self, org: &str, page: &Page) -> Result<List<Invite>> {

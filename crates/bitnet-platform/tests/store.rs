@@ -529,3 +529,141 @@ fn a_fresh_database_has_no_organizations() {
         });
     }
 }
+
+/// Users sign in with a password; the access token names them until they are removed; a
+/// refresh token is spent on use and its reuse revokes the family; rotated keys keep verifying.
+#[test]
+fn passwords_access_tokens_and_refresh_rotation() {
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path());
+        run(async {
+            let s = Store::open(&db.url).await.unwrap();
+            let cli = Actor::cli();
+            let org = s.create_organization("acme", &cli).await.unwrap();
+            let invite = s
+                .create_invite(&org.id, "ann@example.com", "owner", vec![], &cli)
+                .await
+                .unwrap();
+            let secret = invite.token.clone().unwrap();
+            assert!(matches!(
+                s.accept_invite(&secret, "Ann", "short", &cli).await,
+                Err(PlatformError::Invalid { .. })
+            ));
+            let t = s
+                .accept_invite(&secret, "Ann", "correct horse battery", &cli)
+                .await
+                .unwrap();
+            assert!(
+                s.accept_invite(&secret, "Ann", "correct horse battery", &cli)
+                    .await
+                    .is_err(),
+                "an invite works once"
+            );
+            let who = s
+                .authenticate_token(&t.access_token)
+                .await
+                .unwrap()
+                .expect("a valid token");
+            assert_eq!(who.kind, KeyKind::Session);
+            assert_eq!(who.role.as_deref(), Some("owner"));
+            assert_eq!(
+                s.invite(&org.id, &invite.id).await.unwrap().status,
+                "accepted"
+            );
+
+            assert!(matches!(
+                s.login(None, "ann@example.com", "wrong password!!", &cli)
+                    .await,
+                Err(PlatformError::Unauthorized(_))
+            ));
+            assert!(matches!(
+                s.login(None, "nobody@example.com", "correct horse battery", &cli)
+                    .await,
+                Err(PlatformError::Unauthorized(_))
+            ));
+            let t2 = s
+                .login(None, "ANN@example.com", "correct horse battery", &cli)
+                .await
+                .unwrap();
+            // A tampered token is refused.
+            let mut forged = t2.access_token.clone();
+            forged.pop();
+            forged.push(if t2.access_token.ends_with('A') {
+                'B'
+            } else {
+                'A'
+            });
+            assert!(s.authenticate_token(&forged).await.unwrap().is_none());
+
+            // Rotation: the old key still verifies its tokens; both are in the JWKS.
+            let old_kid = s.jwks().await.unwrap()["keys"][0]["kid"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let new_kid = s.rotate_signing_key().await.unwrap();
+            assert!(
+                s.authenticate_token(&t2.access_token)
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+            let jwks = s.jwks().await.unwrap();
+            let kids: Vec<&str> = jwks["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["kid"].as_str().unwrap())
+                .collect();
+            assert!(
+                kids.contains(&old_kid.as_str()) && kids.contains(&new_kid.as_str()),
+                "{kids:?}"
+            );
+
+            // Refresh: spent on use; presenting it again revokes the family.
+            let r1 = s.refresh(&t2.refresh_token, &cli).await.unwrap();
+            let r2 = s.refresh(&r1.refresh_token, &cli).await.unwrap();
+            assert!(
+                s.refresh(&t2.refresh_token, &cli).await.is_err(),
+                "a spent token is refused"
+            );
+            assert!(
+                s.refresh(&r2.refresh_token, &cli).await.is_err(),
+                "its family is revoked"
+            );
+            // Another session (the first login) is untouched.
+            assert!(s.refresh(&t.refresh_token, &cli).await.is_ok());
+
+            // Removing the user ends their access at once.
+            s.delete_user(&org.id, &who.user_id.clone().unwrap(), &cli)
+                .await
+                .unwrap();
+            assert!(
+                s.authenticate_token(&t2.access_token)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            // Logins and the reuse were audited.
+            let log = s
+                .audit_logs(
+                    &org.id,
+                    &AuditQuery {
+                        event_types: vec!["login.failed".into(), "login.succeeded".into()],
+                        ..Default::default()
+                    },
+                    &Page::default(),
+                    None,
+                )
+                .await
+                .unwrap();
+            let kinds: Vec<&str> = log.data.iter().map(|e| e.kind.as_str()).collect();
+            assert_eq!(
+                kinds.iter().filter(|k| **k == "login.failed").count(),
+                2,
+                "{kinds:?}"
+            );
+            assert!(kinds.contains(&"login.succeeded"));
+        });
+    }
+}

@@ -80,10 +80,19 @@ pub async fn authenticate(
             "no API key: send `Authorization: Bearer KEY` (`bitnet keys create` makes one)".into(),
         )
     })?;
-    let cred =
+    // An access token (three dot-separated parts) or an API key.
+    let cred = if key.split('.').count() == 3 && !key.starts_with("sk-") {
+        s.store.authenticate_token(key).await?.ok_or_else(|| {
+            ApiError::Unauthorized(
+                "the access token is not valid, has expired, or its user was removed; sign in again"
+                    .into(),
+            )
+        })?
+    } else {
         s.store.authenticate(key).await?.ok_or_else(|| {
             ApiError::Unauthorized("the API key is not valid or was revoked".into())
-        })?;
+        })?
+    };
     let request_id = req
         .headers()
         .get("x-request-id")

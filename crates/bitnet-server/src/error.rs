@@ -154,6 +154,11 @@ impl From<bitnet_platform::PlatformError> for ApiError {
                 code: "invalid_value",
             },
             P::Conflict(m) => Self::Conflict(m),
+            P::Unauthorized(m) => Self::Http {
+                status: axum::http::StatusCode::UNAUTHORIZED,
+                message: m,
+                code: "invalid_credentials",
+            },
             other => Self::Internal(other.to_string()),
         }
     }

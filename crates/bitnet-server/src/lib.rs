@@ -17,6 +17,7 @@ pub mod openai;
 pub mod operator;
 pub mod org;
 pub mod permissions;
+pub mod signin;
 pub mod telemetry;
 pub mod usage;
 
@@ -220,11 +221,12 @@ impl AppState {
         org::doc_list_service_accounts, org::doc_create_service_account, org::doc_list_project_keys,
         org::doc_list_users, org::doc_list_invites, org::doc_create_invite, org::doc_list_admin_keys,
         org::doc_create_admin_key, org::doc_list_audit_logs,
+        signin::login, signin::refresh, signin::logout, signin::accept_invite, signin::jwks,
         healthz, readyz, metrics_text
     ),
     modifiers(&Security),
-    components(schemas(org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody)),
-    tags((name = "inference"), (name = "organization"), (name = "operations"))
+    components(schemas(signin::LoginBody, signin::RefreshBody, signin::AcceptInviteBody, org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody)),
+    tags((name = "inference"), (name = "organization"), (name = "sign-in"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -589,8 +591,16 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ));
+    // Signing in takes no credential (the table lists these routes as `Public`).
+    let public = Router::new()
+        .route("/v1/auth/login", post(signin::login))
+        .route("/v1/auth/refresh", post(signin::refresh))
+        .route("/v1/auth/logout", post(signin::logout))
+        .route("/v1/auth/invites/accept", post(signin::accept_invite))
+        .route("/.well-known/jwks.json", get(signin::jwks));
     Router::new()
         .merge(v1)
+        .merge(public)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -27,6 +27,8 @@ pub enum Access {
     OrgWrite,
     /// Create organizations and their first admin keys (operator keys).
     Operator,
+    /// Anyone: signing in, the public keys. These routes take no credential.
+    Public,
 }
 
 /// The kinds of credential a request can carry.
@@ -36,6 +38,10 @@ pub enum Who {
     Admin,
     Project,
     ProjectReadOnly,
+    /// A signed-in user whose organization role is `owner`.
+    UserOwner,
+    /// A signed-in user whose organization role is `reader`.
+    UserReader,
 }
 
 impl Who {
@@ -45,14 +51,18 @@ impl Who {
             (KeyKind::Admin, _) => Self::Admin,
             (KeyKind::Project, false) => Self::Project,
             (KeyKind::Project, true) => Self::ProjectReadOnly,
+            (KeyKind::Session, _) if c.cred.role.as_deref() == Some("owner") => Self::UserOwner,
+            (KeyKind::Session, _) => Self::UserReader,
         }
     }
 
-    pub const ALL: [Who; 4] = [
+    pub const ALL: [Who; 6] = [
         Who::Operator,
         Who::Admin,
         Who::Project,
         Who::ProjectReadOnly,
+        Who::UserOwner,
+        Who::UserReader,
     ];
 }
 
@@ -64,8 +74,10 @@ pub fn allows(who: Who, access: Access) -> bool {
         (who, access),
         (W::Project, A::Models | A::Inference)
             | (W::ProjectReadOnly, A::Models)
-            | (W::Admin, A::OrgRead | A::OrgWrite)
+            | (W::Admin | W::UserOwner, A::OrgRead | A::OrgWrite)
+            | (W::UserReader, A::OrgRead)
             | (W::Operator, A::Operator)
+            | (_, A::Public)
     )
 }
 
@@ -161,6 +173,11 @@ pub const ROUTES: &[(Method, &str, Access)] = {
             "/v1/operator/organizations/{organization_id}/admin_api_keys",
             Operator,
         ),
+        (P, "/v1/auth/login", Public),
+        (P, "/v1/auth/refresh", Public),
+        (P, "/v1/auth/logout", Public),
+        (P, "/v1/auth/invites/accept", Public),
+        (G, "/.well-known/jwks.json", Public),
     ]
 };
 
@@ -176,7 +193,11 @@ fn needs(a: Access) -> &'static str {
     match a {
         Access::Models => "a project API key (sk-proj-…)",
         Access::Inference => "a project API key (sk-proj-…) that is not read-only",
-        Access::OrgRead | Access::OrgWrite => "an admin API key (sk-admin-…)",
+        Access::OrgRead => "an admin API key (sk-admin-…) or a signed-in user of the organization",
+        Access::OrgWrite => {
+            "an admin API key (sk-admin-…) or a signed-in owner of the organization"
+        }
+        Access::Public => "nothing",
         Access::Operator => "an operator key (sk-op-…, from `bitnet keys create --operator`)",
     }
 }

@@ -9,7 +9,7 @@ use bitnet_platform::keys::ProjectKeyOwner;
 use bitnet_platform::testing::{TestDb, backends};
 use bitnet_platform::{Backend, Store};
 use bitnet_server::metrics::Metrics;
-use bitnet_server::permissions::{ROUTES, Who, allows};
+use bitnet_server::permissions::{Access, ROUTES, Who, allows};
 use bitnet_server::usage::UsageLog;
 use bitnet_server::{AppState, ServedModel, ServerConfig};
 use serde_json::{Value, json};
@@ -139,6 +139,20 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
         .await
         .unwrap();
     let _ = admin;
+    // Two signed-in users: an owner and a reader of the organization.
+    let mut sessions = Vec::new();
+    for (who, role) in [(Who::UserOwner, "owner"), (Who::UserReader, "reader")] {
+        let email = format!("{role}@{name}.example.com");
+        let hash = bitnet_platform::sessions::hash_password("correct horse battery").unwrap();
+        s.create_user(&org.id, &email, role, role, Some(&hash), &cli)
+            .await
+            .unwrap();
+        let t = s
+            .login(Some(&org.id), &email, "correct horse battery", &cli)
+            .await
+            .unwrap();
+        sessions.push((who, t.access_token));
+    }
     Fixture {
         org: org.id,
         project: p.id,
@@ -153,6 +167,8 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
             (Who::Admin, admin_secret),
             (Who::Project, sa.api_key.value),
             (Who::ProjectReadOnly, read_only),
+            (Who::UserOwner, sessions[0].1.clone()),
+            (Who::UserReader, sessions[1].1.clone()),
         ],
     }
 }
@@ -208,10 +224,10 @@ async fn call(
     key: &str,
     body: &Value,
 ) -> (StatusCode, Value) {
-    let mut req = Request::builder()
-        .method(method.clone())
-        .uri(path)
-        .header("authorization", format!("Bearer {key}"));
+    let mut req = Request::builder().method(method.clone()).uri(path);
+    if !key.is_empty() {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
     let b = if body.is_null() {
         Body::empty()
     } else {
@@ -252,16 +268,36 @@ fn every_route_answers_each_credential_as_the_table_says() {
                 let f = fixture(&store, &format!("org{i}")).await;
                 let path = f.path(route);
                 let body = body(method, route, &f);
+                if *access == Access::Public {
+                    // Signing in takes no credential: the route answers (a 400 for the body
+                    // that is not its own, the keys for the JWKS), never 401 or 403.
+                    let (s, e) = call(&app, method, &path, "", &body).await;
+                    assert!(
+                        s == StatusCode::OK || s == StatusCode::BAD_REQUEST,
+                        "{method} {route}: {s} {e}"
+                    );
+                    continue;
+                }
                 let (s, e) = call(&app, method, &path, "", &body).await;
                 assert_eq!(
                     s,
                     StatusCode::UNAUTHORIZED,
                     "{method} {route} without a key: {e}"
                 );
-                // Refused credentials first, so nothing has changed when they ask.
+                // Refused credentials ask first, so nothing has changed when they do; each
+                // allowed one gets a fresh organization (the call before may have deleted what
+                // the path names).
                 let mut order = Who::ALL.to_vec();
                 order.sort_by_key(|w| allows(*w, *access));
-                for who in order {
+                for (j, who) in order.into_iter().enumerate() {
+                    let fresh;
+                    let f = if allows(who, *access) {
+                        fresh = fixture(&store, &format!("org{i}-{j}")).await;
+                        &fresh
+                    } else {
+                        &f
+                    };
+                    let (path, body) = (f.path(route), self::body(method, route, f));
                     let (s, e) = call(&app, method, &path, f.key(who), &body).await;
                     if allows(who, *access) {
                         assert!(
@@ -303,28 +339,32 @@ fn another_organizations_ids_are_not_found() {
                     continue;
                 }
                 let path = a.path(route);
-                if route.contains('{') {
-                    let (s, e) = call(&app, method, &path, b_admin, &body(method, route, &a)).await;
-                    assert_eq!(s, StatusCode::NOT_FOUND, "{backend:?} {method} {path}: {e}");
-                    checked += 1;
-                } else if *method == Method::GET {
-                    let (s, list) = call(&app, method, &path, b_admin, &Value::Null).await;
-                    assert_eq!(s, StatusCode::OK, "{list}");
-                    let text = list.to_string();
-                    for id in [
-                        &a.org,
-                        &a.project,
-                        &a.user,
-                        &a.outsider,
-                        &a.service_account,
-                        &a.project_key_id,
-                        &a.admin_key_id,
-                        &a.invite,
-                    ] {
-                        assert!(
-                            !text.contains(id.as_str()),
-                            "{route} shows A's {id}: {text}"
-                        );
+                // B's admin key and B's signed-in owner alike.
+                for b_key in [b_admin, b.key(Who::UserOwner)] {
+                    if route.contains('{') {
+                        let (s, e) =
+                            call(&app, method, &path, b_key, &body(method, route, &a)).await;
+                        assert_eq!(s, StatusCode::NOT_FOUND, "{backend:?} {method} {path}: {e}");
+                        checked += 1;
+                    } else if *method == Method::GET {
+                        let (s, list) = call(&app, method, &path, b_key, &Value::Null).await;
+                        assert_eq!(s, StatusCode::OK, "{list}");
+                        let text = list.to_string();
+                        for id in [
+                            &a.org,
+                            &a.project,
+                            &a.user,
+                            &a.outsider,
+                            &a.service_account,
+                            &a.project_key_id,
+                            &a.admin_key_id,
+                            &a.invite,
+                        ] {
+                            assert!(
+                                !text.contains(id.as_str()),
+                                "{route} shows A's {id}: {text}"
+                            );
+                        }
                     }
                 }
             }

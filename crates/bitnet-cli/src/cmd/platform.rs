@@ -344,3 +344,38 @@ pub fn audit(args: AuditArgs) -> Result<()> {
         }
     })
 }
+
+#[derive(Debug, clap::Args)]
+pub struct AuthArgs {
+    #[command(subcommand)]
+    pub action: AuthAction,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AuthAction {
+    /// Make a new key for signing access tokens; the old one keeps verifying the tokens it
+    /// signed until they expire (15 minutes). Prints the new key's id (`kid`).
+    RotateSigningKey,
+    /// Print the public keys that verify access tokens (what /.well-known/jwks.json serves).
+    Jwks,
+}
+
+pub fn auth(args: AuthArgs) -> Result<()> {
+    let url = args.db.url()?;
+    block_on(async move {
+        let store = open_store(&url).await?;
+        match args.action {
+            AuthAction::RotateSigningKey => {
+                let kid = store.rotate_signing_key().await?;
+                println!("{kid}");
+                eprintln!(
+                    "new signing key {kid}; tokens signed by the old one stay valid until they expire"
+                );
+            }
+            AuthAction::Jwks => println!("{}", serde_json::to_string_pretty(&store.jwks().await?)?),
+        }
+        Ok(())
+    })
+}
