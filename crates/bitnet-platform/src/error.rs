@@ -17,6 +17,13 @@ pub enum PlatformError {
     /// A credential (password, token, invite secret) was refused.
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller is known but not let in (single sign-on from a domain the organization does
+    /// not allow).
+    #[error("{0}")]
+    Forbidden(String),
+    /// An identity provider could not be reached or answered something unusable.
+    #[error("{0}")]
+    Upstream(String),
     /// The change conflicts with what is stored (a duplicate name, an archived project).
     #[error("{0}")]
     Conflict(String),

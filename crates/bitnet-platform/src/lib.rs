@@ -23,6 +23,7 @@ pub mod keys;
 pub mod orgs;
 pub mod projects;
 pub mod sessions;
+pub mod sso;
 pub mod store;
 pub mod testing;
 pub mod usage;

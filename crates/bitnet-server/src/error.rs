@@ -154,6 +154,12 @@ impl From<bitnet_platform::PlatformError> for ApiError {
                 code: "invalid_value",
             },
             P::Conflict(m) => Self::Conflict(m),
+            P::Forbidden(m) => Self::Forbidden(m),
+            P::Upstream(m) => Self::Http {
+                status: axum::http::StatusCode::BAD_GATEWAY,
+                message: m,
+                code: "identity_provider_error",
+            },
             P::Unauthorized(m) => Self::Http {
                 status: axum::http::StatusCode::UNAUTHORIZED,
                 message: m,

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// On shutdown, in-flight generations get this long to finish before they are cancelled.
     pub shutdown_grace: Duration,
+    /// The server's address as browsers reach it (single sign-on's callback); default: the
+    /// request's `Host` over http.
+    pub public_url: Option<String>,
     pub engine: EngineConfig,
 }
 
@@ -73,6 +76,7 @@ impl Default for ServerConfig {
             max_tokens: usize::MAX,
             request_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
+            public_url: None,
             engine: EngineConfig::default(),
         }
     }
@@ -222,6 +226,7 @@ impl AppState {
         org::doc_list_users, org::doc_list_invites, org::doc_create_invite, org::doc_list_admin_keys,
         org::doc_create_admin_key, org::doc_list_audit_logs,
         signin::login, signin::refresh, signin::logout, signin::accept_invite, signin::jwks,
+        signin::sso_start, signin::sso_callback,
         healthz, readyz, metrics_text
     ),
     modifiers(&Security),
@@ -574,6 +579,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/organization/audit_logs", get(org::list_audit_logs))
         .route(
+            "/v1/organization/sso",
+            get(org::get_sso).post(org::set_sso).delete(org::delete_sso),
+        )
+        .route(
             "/v1/operator/organizations",
             get(operator::list_organizations).post(operator::create_organization),
         )
@@ -597,7 +606,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/refresh", post(signin::refresh))
         .route("/v1/auth/logout", post(signin::logout))
         .route("/v1/auth/invites/accept", post(signin::accept_invite))
-        .route("/.well-known/jwks.json", get(signin::jwks));
+        .route("/.well-known/jwks.json", get(signin::jwks))
+        .route("/v1/auth/sso/{organization}/start", get(signin::sso_start))
+        .route("/v1/auth/sso/callback", get(signin::sso_callback));
     Router::new()
         .merge(v1)
         .merge(public)

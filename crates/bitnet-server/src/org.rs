@@ -483,6 +483,30 @@ pub async fn list_audit_logs(
     ))
 }
 
+/// The organization's single sign-on (OpenID Connect) connection.
+pub async fn get_sso(State(s): State<AppState>, who: Caller) -> Answer<serde_json::Value> {
+    Ok(Json(s.store.sso(who.org()?).await?))
+}
+
+/// Set or replace it: `{"issuer", "client_id", "client_secret", "allowed_domains": [...],
+/// "default_role"}`.
+pub async fn set_sso(
+    State(s): State<AppState>,
+    who: Caller,
+    ApiJson(b): ApiJson<bitnet_platform::sso::SsoConfig>,
+) -> Answer<serde_json::Value> {
+    Ok(Json(s.store.set_sso(who.org()?, &b, &who.actor).await?))
+}
+
+pub async fn delete_sso(State(s): State<AppState>, who: Caller) -> Answer<Deleted> {
+    let org = who.org()?;
+    s.store.delete_sso(org, &who.actor).await?;
+    Ok(Json(Deleted::new(
+        "organization.sso_connection.deleted",
+        org,
+    )))
+}
+
 doc!(get, "/v1/organization/projects", doc_list_projects);
 doc!(post, "/v1/organization/projects", doc_create_project);
 doc!(

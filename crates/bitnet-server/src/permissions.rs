@@ -178,6 +178,11 @@ pub const ROUTES: &[(Method, &str, Access)] = {
         (P, "/v1/auth/logout", Public),
         (P, "/v1/auth/invites/accept", Public),
         (G, "/.well-known/jwks.json", Public),
+        (G, "/v1/auth/sso/{organization}/start", Public),
+        (G, "/v1/auth/sso/callback", Public),
+        (G, "/v1/organization/sso", OrgRead),
+        (P, "/v1/organization/sso", OrgWrite),
+        (D, "/v1/organization/sso", OrgWrite),
     ]
 };
 

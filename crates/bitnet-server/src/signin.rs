@@ -108,3 +108,70 @@ pub async fn accept_invite(
 pub async fn jwks(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(Json(s.store.jwks().await?))
 }
+
+/// Where the provider sends the browser back: `--public-url` (or the request's `Host`) and
+/// `/v1/auth/sso/callback`.
+fn callback_url(s: &AppState, req: &Request) -> String {
+    let base = s.config.public_url.clone().unwrap_or_else(|| {
+        let host = req
+            .headers()
+            .get(axum::http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("127.0.0.1");
+        format!("http://{host}")
+    });
+    format!("{}/v1/auth/sso/callback", base.trim_end_matches('/'))
+}
+
+/// Begin single sign-on for an organization (id or name): a redirect to its identity
+/// provider.
+#[utoipa::path(get, path = "/v1/auth/sso/{organization}/start", tag = "sign-in",
+    params(("organization" = String, Path, description = "The organization's id or name")),
+    responses((status = 302, description = "To the identity provider's authorization endpoint"),
+              (status = 404, body = crate::error::ErrorBody), (status = 502, body = crate::error::ErrorBody)))]
+pub async fn sso_start(
+    State(s): State<AppState>,
+    axum::extract::Path(org): axum::extract::Path<String>,
+    req: Request,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let url = s.store.sso_start(&org, &callback_url(&s, &req)).await?;
+    Ok((
+        axum::http::StatusCode::FOUND,
+        [(axum::http::header::LOCATION, url)],
+    )
+        .into_response())
+}
+
+/// The identity provider's redirect back: `code` and `state` (or its `error`).
+#[utoipa::path(get, path = "/v1/auth/sso/callback", tag = "sign-in",
+    params(("code" = Option<String>, Query, description = "The authorization code"),
+           ("state" = Option<String>, Query, description = "The sign-in's state")),
+    responses((status = 200, description = "Tokens for the signed-in user"),
+              (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody)))]
+pub async fn sso_callback(
+    State(s): State<AppState>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    req: Request,
+) -> Result<Json<Tokens>, ApiError> {
+    let by = who(&req);
+    let p = crate::org::Params::parse(q.as_deref())?;
+    if let Some(e) = p.one("error") {
+        return Err(ApiError::Http {
+            status: axum::http::StatusCode::UNAUTHORIZED,
+            message: format!(
+                "the identity provider refused the sign-in: {e} ({})",
+                p.one("error_description").unwrap_or("no description")
+            ),
+            code: "invalid_credentials",
+        });
+    }
+    let (Some(code), Some(state)) = (p.one("code"), p.one("state")) else {
+        return Err(ApiError::bad(
+            "code",
+            "the callback needs `code` and `state`",
+        ));
+    };
+    Ok(Json(s.store.sso_callback(code, state, &by).await?))
+}

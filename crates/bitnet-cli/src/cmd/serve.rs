@@ -91,6 +91,10 @@ pub struct Args {
     /// no export.
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// This server's URL as browsers reach it (behind a proxy, say), for single sign-on's
+    /// callback (`URL/v1/auth/sso/callback`). Default: the request's Host over http.
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
 }
 
 /// `NAME=PATH` or `PATH` → (id, path). A bare name is looked up in `models.dir`.
@@ -270,6 +274,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         request_timeout: Duration::from_secs(args.request_timeout),
         max_tokens: args.max_tokens.unwrap_or(usize::MAX).max(1),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        public_url: args.public_url.clone(),
         engine,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
