@@ -52,6 +52,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any HTTPS client exists (trace export, single sign-on).
+    bitnet_platform::sso::install_tls_provider();
     // llama-cli's single-dash `-cnv` (conversation mode) is `--cnv` here (`run --chat`).
     let cli =
         Cli::parse_from(std::env::args_os().map(|a| if a == "-cnv" { "--cnv".into() } else { a }));

@@ -62,11 +62,16 @@ struct IdClaims {
     name: Option<String>,
 }
 
-fn client() -> Result<reqwest::Client> {
-    // The one TLS provider of the process (ring: it builds with a C compiler alone, where
-    // aws-lc needs cmake); a second call finds it installed.
+/// Install the process's TLS crypto provider (ring: it builds with a C compiler alone, where
+/// aws-lc needs cmake). Every HTTPS client of the process needs it (reqwest is built without a
+/// provider of its own): the `bitnet` binary calls this first thing; a second call is a no-op.
+pub fn install_tls_provider() {
     #[allow(deprecated)]
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn client() -> Result<reqwest::Client> {
+    install_tls_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(std::time::Duration::from_secs(15))
