@@ -1620,7 +1620,8 @@ fn idle_connections_are_closed_and_the_connection_cap_holds() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&model, &temp_db(&dir), &["--max-connections", "6"]);
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &["--max-connections", "6"]);
     let idle: Vec<TcpStream> = (0..12)
         .map(|_| TcpStream::connect(&server.addr).unwrap())
         .collect();
@@ -1655,8 +1656,8 @@ fn descriptor_exhaustion_backs_off_and_recovers() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server =
-        Server::start_with_nofile(&model, &temp_db(&dir), &["--max-connections", "1000"], 96);
+    let db = temp_db(&dir);
+    let server = Server::start_with_nofile(&model, &db, &["--max-connections", "1000"], 96);
     let idle: Vec<TcpStream> = (0..150)
         .filter_map(|_| TcpStream::connect(&server.addr).ok())
         .collect();
@@ -1681,7 +1682,8 @@ fn serve_ctx_caps_the_sequence_length() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&model, &temp_db(&dir), &["--ctx", "32"]);
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &["--ctx", "32"]);
     let (s, b) = server.post_json(
         "/v1/completions",
         &format!(
@@ -1702,7 +1704,8 @@ fn metrics_labels_stay_bounded_under_junk_methods_and_paths() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&model, &temp_db(&dir), &[]);
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
     let (_, _, before) = server.http("GET", "/metrics", None, b"", "");
     for i in 0..150 {
         let method = format!("XJUNK{i}{}", "A".repeat(500));
@@ -1818,7 +1821,8 @@ fn a_trickling_body_gets_408_at_the_body_deadline() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&model, &temp_db(&dir), &[]);
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{", server.key).unwrap();
@@ -1850,7 +1854,8 @@ fn protocol_refusals_and_small_faults() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&model, &temp_db(&dir), &[]);
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
     let (s, head, b) = server.http("PUT", "/v1/models", Some(&server.key), b"", "");
     assert_eq!(s, 405, "{b}");
     assert_eq!(error_code(&b), "method_not_allowed");
@@ -1907,7 +1912,8 @@ fn logprobs_carry_each_tokens_own_bytes() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&model, &temp_db(&dir), &[]);
+    let db = temp_db(&dir);
+    let server = Server::start(&model, &db, &[]);
     let (s, b) = server.post_json(
         "/v1/chat/completions",
         r#"{"model": "smol", "messages": [{"role": "user", "content": "Write the word cat in Japanese, Chinese and Korean."}],
@@ -1951,9 +1957,10 @@ fn a_short_request_is_not_held_behind_a_long_prefill() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
     let server = Server::start(
         &model,
-        &temp_db(&dir),
+        &db,
         &["--max-step-tokens", "8", "--prefix-cache-mb", "0"],
     );
     let stream = |prompt: &str, key: &str, addr: &str| {

@@ -595,7 +595,10 @@ pub fn router(state: AppState) -> Router {
             post(operator::create_admin_key),
         )
         // Authenticate first (outermost), then the permission table.
-        .route_layer(middleware::from_fn(permissions::authorize))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            permissions::authorize,
+        ))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

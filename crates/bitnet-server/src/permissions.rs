@@ -6,9 +6,10 @@
 //! Objects are scoped separately, in the store: a handler only ever asks for objects of the
 //! caller's organization, so another organization's id is a plain 404.
 
+use crate::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -25,6 +26,10 @@ pub enum Access {
     OrgRead,
     /// Change them (admin keys).
     OrgWrite,
+    /// Read one project's users, service accounts and keys (as `OrgRead`).
+    ProjectRead,
+    /// Change them: admin keys, organization owners, and the project's own owners.
+    ProjectWrite,
     /// Create organizations and their first admin keys (operator keys).
     Operator,
     /// Anyone: signing in, the public keys. These routes take no credential.
@@ -42,6 +47,9 @@ pub enum Who {
     UserOwner,
     /// A signed-in user whose organization role is `reader`.
     UserReader,
+    /// A signed-in `reader` of the organization who is an `owner` of the project the route
+    /// names (the route's `{project_id}`).
+    ProjectOwner,
 }
 
 impl Who {
@@ -56,13 +64,14 @@ impl Who {
         }
     }
 
-    pub const ALL: [Who; 6] = [
+    pub const ALL: [Who; 7] = [
         Who::Operator,
         Who::Admin,
         Who::Project,
         Who::ProjectReadOnly,
         Who::UserOwner,
         Who::UserReader,
+        Who::ProjectOwner,
     ];
 }
 
@@ -74,8 +83,15 @@ pub fn allows(who: Who, access: Access) -> bool {
         (who, access),
         (W::Project, A::Models | A::Inference)
             | (W::ProjectReadOnly, A::Models)
-            | (W::Admin | W::UserOwner, A::OrgRead | A::OrgWrite)
-            | (W::UserReader, A::OrgRead)
+            | (
+                W::Admin | W::UserOwner,
+                A::OrgRead | A::OrgWrite | A::ProjectRead | A::ProjectWrite
+            )
+            | (W::UserReader, A::OrgRead | A::ProjectRead)
+            | (
+                W::ProjectOwner,
+                A::OrgRead | A::ProjectRead | A::ProjectWrite
+            )
             | (W::Operator, A::Operator)
             | (_, A::Public)
     )
@@ -93,64 +109,72 @@ pub const ROUTES: &[(Method, &str, Access)] = {
         (P, "/v1/completions", Inference),
         (G, "/v1/organization/projects", OrgRead),
         (P, "/v1/organization/projects", OrgWrite),
-        (G, "/v1/organization/projects/{project_id}", OrgRead),
+        (G, "/v1/organization/projects/{project_id}", ProjectRead),
         (P, "/v1/organization/projects/{project_id}", OrgWrite),
         (
             P,
             "/v1/organization/projects/{project_id}/archive",
             OrgWrite,
         ),
-        (G, "/v1/organization/projects/{project_id}/users", OrgRead),
-        (P, "/v1/organization/projects/{project_id}/users", OrgWrite),
+        (
+            G,
+            "/v1/organization/projects/{project_id}/users",
+            ProjectRead,
+        ),
+        (
+            P,
+            "/v1/organization/projects/{project_id}/users",
+            ProjectWrite,
+        ),
         (
             G,
             "/v1/organization/projects/{project_id}/users/{user_id}",
-            OrgRead,
+            ProjectRead,
         ),
         (
             P,
             "/v1/organization/projects/{project_id}/users/{user_id}",
-            OrgWrite,
+            ProjectWrite,
         ),
         (
             D,
             "/v1/organization/projects/{project_id}/users/{user_id}",
-            OrgWrite,
+            ProjectWrite,
         ),
         (
             G,
             "/v1/organization/projects/{project_id}/service_accounts",
-            OrgRead,
+            ProjectRead,
         ),
         (
             P,
             "/v1/organization/projects/{project_id}/service_accounts",
-            OrgWrite,
+            ProjectWrite,
         ),
         (
             G,
             "/v1/organization/projects/{project_id}/service_accounts/{service_account_id}",
-            OrgRead,
+            ProjectRead,
         ),
         (
             D,
             "/v1/organization/projects/{project_id}/service_accounts/{service_account_id}",
-            OrgWrite,
+            ProjectWrite,
         ),
         (
             G,
             "/v1/organization/projects/{project_id}/api_keys",
-            OrgRead,
+            ProjectRead,
         ),
         (
             G,
             "/v1/organization/projects/{project_id}/api_keys/{key_id}",
-            OrgRead,
+            ProjectRead,
         ),
         (
             D,
             "/v1/organization/projects/{project_id}/api_keys/{key_id}",
-            OrgWrite,
+            ProjectWrite,
         ),
         (G, "/v1/organization/users", OrgRead),
         (G, "/v1/organization/users/{user_id}", OrgRead),
@@ -203,12 +227,28 @@ fn needs(a: Access) -> &'static str {
             "an admin API key (sk-admin-…) or a signed-in owner of the organization"
         }
         Access::Public => "nothing",
+        Access::ProjectRead => {
+            "an admin API key (sk-admin-…) or a signed-in user of the organization"
+        }
+        Access::ProjectWrite => {
+            "an admin API key (sk-admin-…), a signed-in owner of the organization, or an owner of the project"
+        }
         Access::Operator => "an operator key (sk-op-…, from `bitnet keys create --operator`)",
     }
 }
 
+/// The path's value for a template's `{name}` segment.
+fn path_param<'a>(template: &str, path: &'a str, name: &str) -> Option<&'a str> {
+    let i = template.split('/').position(|seg| seg == name)?;
+    path.split('/').nth(i)
+}
+
 /// Refuse (403) a caller the table does not allow on this route.
-pub async fn authorize(req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn authorize(
+    State(s): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -247,7 +287,17 @@ pub async fn authorize(req: Request, next: Next) -> Result<Response, ApiError> {
         .extensions()
         .get::<Caller>()
         .ok_or_else(|| ApiError::Unauthorized("no API key".into()))?;
-    if !allows(Who::of(caller), access) {
+    let mut who = Who::of(caller);
+    // A reader who owns the project the route names may change it.
+    if who == Who::UserReader
+        && access == Access::ProjectWrite
+        && let Some(project) = path_param(&route, req.uri().path(), "{project_id}")
+        && let (Some(org), Some(user)) = (&caller.cred.organization_id, &caller.cred.user_id)
+        && s.store.project_role(org, project, user).await?.as_deref() == Some("owner")
+    {
+        who = Who::ProjectOwner;
+    }
+    if !allows(who, access) {
         return Err(ApiError::Forbidden(format!(
             "{} {route} needs {}",
             req.method(),

@@ -142,18 +142,26 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
         .await
         .unwrap();
     let _ = admin;
-    // Two signed-in users: an owner and a reader of the organization.
+    // Three signed-in users: an owner and a reader of the organization, and a reader who owns
+    // the fixture's project.
     let mut sessions = Vec::new();
-    for (who, role) in [(Who::UserOwner, "owner"), (Who::UserReader, "reader")] {
-        let email = format!("{role}@{name}.example.com");
-        let hash = bitnet_platform::sessions::hash_password("correct horse battery").unwrap();
-        s.create_user(&org.id, &email, role, role, Some(&hash), &cli)
+    for (who, role) in [
+        (Who::UserOwner, "owner"),
+        (Who::UserReader, "reader"),
+        (Who::ProjectOwner, "reader"),
+    ] {
+        let email = format!("{who:?}@{name}.example.com").to_lowercase();
+        // Signed in directly (as single sign-on does): the password path has its own tests.
+        let u = s
+            .create_user(&org.id, &email, role, role, None, &cli)
             .await
             .unwrap();
-        let t = s
-            .login(Some(&org.id), &email, "correct horse battery", &cli)
-            .await
-            .unwrap();
+        if who == Who::ProjectOwner {
+            s.add_project_user(&org.id, &p.id, &u.id, "owner", &cli)
+                .await
+                .unwrap();
+        }
+        let t = s.sign_in(&org.id, &u, &cli).await.unwrap();
         sessions.push((who, t.access_token));
     }
     Fixture {
@@ -172,6 +180,7 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
             (Who::ProjectReadOnly, read_only),
             (Who::UserOwner, sessions[0].1.clone()),
             (Who::UserReader, sessions[1].1.clone()),
+            (Who::ProjectOwner, sessions[2].1.clone()),
         ],
     }
 }
@@ -488,6 +497,49 @@ fn malformed_organization_requests_are_400s_that_change_nothing() {
         assert_eq!(
             store.verify_audit(Some(&f.org)).await.unwrap()[0].rows,
             rows
+        );
+    });
+}
+
+/// A project's owner (an organization reader) changes that project and no other.
+#[test]
+fn a_project_owner_changes_that_project_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(Backend::Sqlite, dir.path());
+    runtime().block_on(async {
+        let store = Store::open(&db.url).await.unwrap();
+        let app = bitnet_server::router(state(store.clone()));
+        let f = fixture(&store, "a").await;
+        let other = store
+            .create_project(&f.org, "other", &Actor::cli())
+            .await
+            .unwrap();
+        let owner = f.key(Who::ProjectOwner);
+        let body = json!({"name": "bot"});
+        let mine = format!("/v1/organization/projects/{}/service_accounts", f.project);
+        let theirs = format!("/v1/organization/projects/{}/service_accounts", other.id);
+        assert_eq!(
+            call(&app, &Method::POST, &mine, owner, &body).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&app, &Method::POST, &theirs, owner, &body).await.0,
+            StatusCode::FORBIDDEN
+        );
+        // Reading the other project is a reader's right.
+        assert_eq!(
+            call(&app, &Method::GET, &theirs, owner, &Value::Null)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        // Archiving or renaming a project is the organization's business.
+        let archive = format!("/v1/organization/projects/{}/archive", f.project);
+        assert_eq!(
+            call(&app, &Method::POST, &archive, owner, &Value::Null)
+                .await
+                .0,
+            StatusCode::FORBIDDEN
         );
     });
 }
