@@ -724,8 +724,10 @@ fn organizations_projects_keys_and_the_audit_log_end_to_end() {
     );
 
     // The usage row names the organization, project, key and service account.
-    let rows: Vec<(String, Option<String>, Option<String>, Option<String>)> = wait_for(30, || {
-        let r: Vec<(String, Option<String>, Option<String>, Option<String>)> = query_db(
+    // organization, project, key, service account.
+    type Owner = (String, Option<String>, Option<String>, Option<String>);
+    let rows: Vec<Owner> = wait_for(30, || {
+        let r: Vec<Owner> = query_db(
             &db,
             "SELECT organization_id, project_id, key_id, service_account_id FROM usage ORDER BY id",
         );

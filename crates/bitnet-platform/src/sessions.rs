@@ -337,7 +337,17 @@ impl Store {
     /// Trade a refresh token for new tokens. The old one is spent; presenting a spent one again
     /// (a stolen copy, or the thief after the owner) revokes every token of its family.
     pub async fn refresh(&self, token: &str, by: &Actor) -> Result<Tokens> {
-        let row: Option<(String, String, String, String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+        // id, family, organization, user, expiry, spent, revoked.
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            i64,
+            Option<i64>,
+            Option<i64>,
+        );
+        let row: Option<Row> = sqlx::query_as(
             "SELECT id, family_id, organization_id, user_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE hash = $1",
         )
         .bind(secret_hash(token.trim()))
@@ -457,7 +467,9 @@ impl Store {
     ) -> Result<Tokens> {
         check_password(password)?;
         let name = crate::check_name("name", name)?;
-        let row: Option<(String, String, String, String, String, i64, Option<i64>)> = sqlx::query_as(
+        // id, organization, email, role, projects, expiry, accepted.
+        type Row = (String, String, String, String, String, i64, Option<i64>);
+        let row: Option<Row> = sqlx::query_as(
             "SELECT id, organization_id, email, role, projects, expires_at, accepted_at FROM invites \
              WHERE token_hash = $1 AND deleted_at IS NULL",
         )
