@@ -22,7 +22,7 @@ port=${PORT:-8197}
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do grep -q "^try:" "$work/serve.log" 2>/dev/null && break; sleep 0.2; done
-key=$(grep -o 'bnk_[A-Za-z0-9]*' "$work/serve.log" | head -1)
+key=$(grep -o 'sk-proj-[A-Za-z0-9]*' "$work/serve.log" | head -1)
 base="http://127.0.0.1:$port"
 
 # The generation stream: back-to-back streaming completions until told to stop.
