@@ -2,15 +2,17 @@
 // (installed by scripts/fetch-test-assets.sh into target/test-assets/oidc), with its
 // development login pages (any email signs in as itself, no password check).
 //
-//   node oidc_provider.mjs PORT REDIRECT_URI [CLOCK_OFFSET_SECONDS]
+//   node oidc_provider.mjs REDIRECT_URI [CLOCK_OFFSET_SECONDS]
 //
+// It listens on a free loopback port the kernel picks and prints `ready ISSUER` once it serves.
 // Clients: `bitnet` (secret `bitnet-secret`, id_tokens signed RS256 with the provider's keys)
 // and `bitnet-hs` (the same, but id_tokens signed HS256 with the client secret: a signature the
 // relying party must not accept). PKCE (S256) is required. A clock offset makes the provider
 // live in the past, so its id_tokens (valid one minute) are already expired when they arrive.
+import { createServer } from 'node:http';
 import { pathToFileURL } from 'node:url';
 
-const [port, redirect, offset = '0'] = process.argv.slice(2);
+const [redirect, offset = '0'] = process.argv.slice(2);
 if (Number(offset)) {
   const real = Date.now;
   Date.now = () => real() + Number(offset) * 1000;
@@ -20,7 +22,10 @@ const { default: Provider } = await import(
   pathToFileURL(`${dir}/node_modules/oidc-provider/lib/index.js`).href
 );
 
-const issuer = `http://127.0.0.1:${port}`;
+// The port first (the issuer names it), then the provider on that server.
+const server = createServer();
+await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+const issuer = `http://127.0.0.1:${server.address().port}`;
 const client = (id, alg) => ({
   client_id: id,
   client_secret: 'bitnet-secret',
@@ -45,4 +50,5 @@ const provider = new Provider(issuer, {
   // its login cookies (an hour) still work in the browser.
   ttl: { IdToken: 60 },
 });
-provider.listen(Number(port), '127.0.0.1', () => console.log(`ready ${issuer}`));
+server.on('request', provider.callback());
+console.log(`ready ${issuer}`);

@@ -1059,18 +1059,10 @@ impl OpenIdProvider {
             );
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // The provider picks its own free port and names it in its `ready` line.
         let mut child = std::process::Command::new("node")
             .arg(common::repo_root().join("scripts/tests/oidc_provider.mjs"))
-            .args([
-                port.to_string(),
-                redirect.to_string(),
-                clock_offset.to_string(),
-            ])
+            .args([redirect.to_string(), clock_offset.to_string()])
             .env("OIDC_PROVIDER_DIR", &dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -78,6 +78,27 @@ impl Store {
         Ok(l)
     }
 
+    /// Whether `org` has an object of `kind` (`project`, `user`, `invite`, `API key`) with this
+    /// id, live or not: what the permission check asks before refusing, so that an id of
+    /// another organization is a 404 like any unknown id.
+    pub async fn owns(&self, org: &str, kind: &str, id: &str) -> Result<bool> {
+        let table = match kind {
+            "project" => "projects",
+            "user" => "users",
+            "invite" => "invites",
+            "API key" => "api_keys",
+            _ => return Ok(false),
+        };
+        let row: Option<(String,)> = sqlx::query_as(&format!(
+            "SELECT id FROM {table} WHERE organization_id = $1 AND id = $2"
+        ))
+        .bind(org)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
     /// An organization by id or by name.
     pub async fn organization(&self, id_or_name: &str) -> Result<Organization> {
         let row: Option<Organization> = sqlx::query_as(

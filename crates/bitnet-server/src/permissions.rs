@@ -298,6 +298,23 @@ pub async fn authorize(
         who = Who::ProjectOwner;
     }
     if !allows(who, access) {
+        // An id that is not the caller's organization's is not found, even where the caller
+        // could not act anyway: a 403 would tell that the id exists elsewhere.
+        if let Some(org) = caller.cred.organization_id.as_deref() {
+            let path = req.uri().path();
+            for (param, kind) in [
+                ("{project_id}", "project"),
+                ("{user_id}", "user"),
+                ("{invite_id}", "invite"),
+                ("{key_id}", "API key"),
+            ] {
+                if let Some(id) = path_param(&route, path, param)
+                    && !s.store.owns(org, kind, id).await?
+                {
+                    return Err(bitnet_platform::PlatformError::not_found(kind, id).into());
+                }
+            }
+        }
         return Err(ApiError::Forbidden(format!(
             "{} {route} needs {}",
             req.method(),

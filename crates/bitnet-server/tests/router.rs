@@ -365,8 +365,14 @@ fn another_organizations_ids_are_not_found() {
                     continue;
                 }
                 let path = a.path(route);
-                // B's admin key and B's signed-in owner alike.
-                for b_key in [b_admin, b.key(Who::UserOwner)] {
+                // B's admin key, B's signed-in owner, and B's project keys (which may not manage
+                // anything, but still must not learn that A's ids exist) alike.
+                for b_key in [
+                    b_admin,
+                    b.key(Who::UserOwner),
+                    b.key(Who::Project),
+                    b.key(Who::ProjectReadOnly),
+                ] {
                     if route.contains('{') {
                         let (s, e) =
                             call(&app, method, &path, b_key, &body(method, route, &a)).await;
@@ -374,7 +380,14 @@ fn another_organizations_ids_are_not_found() {
                         checked += 1;
                     } else if *method == Method::GET {
                         let (s, list) = call(&app, method, &path, b_key, &Value::Null).await;
-                        assert_eq!(s, StatusCode::OK, "{list}");
+                        // Project keys may not list anything; the others see B's rows only.
+                        let may = b_key == b_admin || b_key == b.key(Who::UserOwner);
+                        let expect = if may {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::FORBIDDEN
+                        };
+                        assert_eq!(s, expect, "{list}");
                         let text = list.to_string();
                         for id in [
                             &a.org,
