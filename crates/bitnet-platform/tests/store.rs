@@ -5,7 +5,7 @@
 use bitnet_platform::audit::{Actor, AuditQuery};
 use bitnet_platform::keys::{KeyKind, ProjectKeyOwner};
 use bitnet_platform::testing::{TestDb, backends};
-use bitnet_platform::{Backend, Page, PlatformError, Store};
+use bitnet_platform::{Page, PlatformError, Store};
 
 fn run<F: std::future::Future<Output = ()>>(f: F) {
     tokio::runtime::Builder::new_current_thread()
@@ -279,157 +279,98 @@ fn lists_page_by_id_with_has_more() {
     }
 }
 
-async fn exec(s: &str, url: &str, backend: Backend) {
+/// Run one statement straight on the database, behind the store's back.
+async fn exec(sql: &str, url: &str) {
     use sqlx::Connection;
-    match backend {
-        Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-            sqlx::Executor::execute(&mut c, s).await.unwrap();
-        }
-        Backend::Postgres => {
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::Executor::execute(&mut c, s).await.unwrap();
-        }
+    let mut c = sqlx::AnyConnection::connect(url).await.unwrap();
+    sqlx::Executor::execute(&mut c, sql).await.unwrap();
+}
+
+/// A store whose organization `acme` has five audit events (its creation, four projects), and
+/// their ids in order.
+async fn five_events(url: &str) -> (Store, String, Vec<String>) {
+    let s = Store::open(url).await.unwrap();
+    let cli = Actor::cli();
+    let org = s.create_organization("acme", &cli).await.unwrap();
+    for i in 0..4 {
+        s.create_project(&org.id, &format!("p{i}"), &cli)
+            .await
+            .unwrap();
     }
+    let ids: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM audit_logs WHERE organization_id = $1 ORDER BY seq")
+            .bind(&org.id)
+            .fetch_all(&sqlx::AnyPool::connect(url).await.unwrap())
+            .await
+            .unwrap();
+    (s, org.id, ids.into_iter().map(|r| r.0).collect())
+}
+
+/// The first bad row `verify` names, if any.
+async fn first_bad(s: &Store, org: Option<&str>) -> Option<String> {
+    let reports = s.verify_audit(org).await.unwrap();
+    reports.into_iter().find_map(|c| c.first_bad).map(|b| b.id)
 }
 
 #[test]
 fn audit_verify_finds_the_first_tampered_row() {
     for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
+        // An edited row is named; another organization's chain is untouched.
         let db = TestDb::new(backend, dir.path());
         run(async {
-            let s = Store::open(&db.url).await.unwrap();
-            let cli = Actor::cli();
-            let org = s.create_organization("acme", &cli).await.unwrap();
-            let other = s.create_organization("other", &cli).await.unwrap();
-            for i in 0..4 {
-                s.create_project(&org.id, &format!("p{i}"), &cli)
-                    .await
-                    .unwrap();
-            }
-            let intact =
-                |r: &[bitnet_platform::audit::ChainReport]| r.iter().all(|c| c.first_bad.is_none());
-            let report = s.verify_audit(None).await.unwrap();
-            assert!(intact(&report), "{report:?}");
-            assert_eq!(report.iter().map(|r| r.rows).sum::<u64>(), 6);
-            let ids: Vec<(String,)> =
-                sqlx::query_as("SELECT id FROM audit_logs WHERE organization_id = $1 ORDER BY seq")
-                    .bind(&org.id)
-                    .fetch_all(&sqlx::AnyPool::connect(&db.url).await.unwrap())
-                    .await
-                    .unwrap();
-            let bad_of = |r: Vec<bitnet_platform::audit::ChainReport>| {
-                r.into_iter().find_map(|c| c.first_bad).map(|b| b.id)
-            };
-
-            // An edited row.
+            let (s, _, ids) = five_events(&db.url).await;
+            let other = s.create_organization("other", &Actor::cli()).await.unwrap();
+            assert_eq!(first_bad(&s, None).await, None);
+            let rows: u64 = s
+                .verify_audit(None)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.rows)
+                .sum();
+            assert_eq!(rows, 6);
             exec(
                 &format!(
                     "UPDATE audit_logs SET details = '{{}}' WHERE id = '{}'",
-                    ids[2].0
+                    ids[2]
                 ),
                 &db.url,
-                backend,
             )
             .await;
-            assert_eq!(
-                bad_of(s.verify_audit(None).await.unwrap()).as_deref(),
-                Some(ids[2].0.as_str())
-            );
-            // The other organization's chain is untouched.
-            assert!(intact(&s.verify_audit(Some(&other.id)).await.unwrap()));
+            assert_eq!(first_bad(&s, None).await.as_deref(), Some(ids[2].as_str()));
+            assert_eq!(first_bad(&s, Some(&other.id)).await, None);
         });
+        // A deleted row: the next one no longer links.
         let db = TestDb::new(backend, dir.path());
         run(async {
-            let s = Store::open(&db.url).await.unwrap();
-            let cli = Actor::cli();
-            let org = s.create_organization("acme", &cli).await.unwrap();
-            for i in 0..4 {
-                s.create_project(&org.id, &format!("p{i}"), &cli)
-                    .await
-                    .unwrap();
-            }
-            let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
-            let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM audit_logs ORDER BY seq")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-            // A deleted row: the next one no longer links.
+            let (s, _, ids) = five_events(&db.url).await;
             exec(
-                &format!("DELETE FROM audit_logs WHERE id = '{}'", ids[1].0),
+                &format!("DELETE FROM audit_logs WHERE id = '{}'", ids[1]),
                 &db.url,
-                backend,
             )
             .await;
-            let bad = s
-                .verify_audit(None)
-                .await
-                .unwrap()
-                .remove(0)
-                .first_bad
-                .unwrap();
-            assert_eq!(bad.id, ids[2].0, "{bad:?}");
+            assert_eq!(first_bad(&s, None).await.as_deref(), Some(ids[2].as_str()));
         });
+        // Two rows swapped (their sequence numbers exchanged).
         let db = TestDb::new(backend, dir.path());
         run(async {
-            let s = Store::open(&db.url).await.unwrap();
-            let cli = Actor::cli();
-            let org = s.create_organization("acme", &cli).await.unwrap();
-            for i in 0..4 {
-                s.create_project(&org.id, &format!("p{i}"), &cli)
-                    .await
-                    .unwrap();
+            let (s, _, ids) = five_events(&db.url).await;
+            for (id, seq) in [(&ids[1], -1), (&ids[2], 2), (&ids[1], 3)] {
+                exec(
+                    &format!("UPDATE audit_logs SET seq = {seq} WHERE id = '{id}'"),
+                    &db.url,
+                )
+                .await;
             }
-            let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
-            let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM audit_logs ORDER BY seq")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-            // Two rows swapped (their sequence numbers exchanged).
-            exec(
-                &format!("UPDATE audit_logs SET seq = -1 WHERE id = '{}'", ids[1].0),
-                &db.url,
-                backend,
-            )
-            .await;
-            exec(
-                &format!("UPDATE audit_logs SET seq = 2 WHERE id = '{}'", ids[2].0),
-                &db.url,
-                backend,
-            )
-            .await;
-            exec(
-                &format!("UPDATE audit_logs SET seq = 3 WHERE id = '{}'", ids[1].0),
-                &db.url,
-                backend,
-            )
-            .await;
-            let bad = s
-                .verify_audit(None)
-                .await
-                .unwrap()
-                .remove(0)
-                .first_bad
-                .unwrap();
-            assert_eq!(bad.id, ids[2].0, "{bad:?}");
-            // The last row deleted: the organization's recorded head says so.
-            let db2 = TestDb::new(backend, std::path::Path::new(&std::env::temp_dir()));
-            let s2 = Store::open(&db2.url).await.unwrap();
-            let o2 = s2.create_organization("x", &cli).await.unwrap();
-            s2.create_project(&o2.id, "p", &cli).await.unwrap();
-            exec("DELETE FROM audit_logs WHERE seq = 2", &db2.url, backend).await;
-            let bad = s2
-                .verify_audit(None)
-                .await
-                .unwrap()
-                .remove(0)
-                .first_bad
-                .unwrap();
-            assert_eq!(bad.id, "(end)");
-            if backend == Backend::Sqlite {
-                let _ = std::fs::remove_file(db2.url.trim_start_matches("sqlite://"));
-            }
+            assert_eq!(first_bad(&s, None).await.as_deref(), Some(ids[2].as_str()));
+        });
+        // The last row deleted: the organization's recorded head says so.
+        let db = TestDb::new(backend, dir.path());
+        run(async {
+            let (s, org, _) = five_events(&db.url).await;
+            exec("DELETE FROM audit_logs WHERE seq = 5", &db.url).await;
+            assert_eq!(first_bad(&s, Some(&org)).await.as_deref(), Some("(end)"));
         });
     }
 }
