@@ -152,6 +152,27 @@ impl Server {
         (status, head.to_string(), body.to_string())
     }
 
+    /// A JSON request and its JSON answer (`null` when the body is not JSON).
+    fn json(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let (s, _, b) = self.http(
+            method,
+            path,
+            key,
+            body.as_bytes(),
+            "Content-Type: application/json\r\n",
+        );
+        (
+            s,
+            serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     fn post_json(&self, path: &str, json: &str) -> (u16, String) {
         let (s, _, b) = self.http(
             "POST",
@@ -633,18 +654,8 @@ fn organizations_projects_keys_and_the_audit_log_end_to_end() {
     // The database has organizations, so the server makes none of its own.
     let server = Server::start(&model, &db, &[]);
     assert!(server.key.is_empty() && server.admin.is_empty());
-    let call = |method: &str, path: &str, key: &str, body: &str| -> (u16, serde_json::Value) {
-        let (s, _, b) = server.http(
-            method,
-            path,
-            Some(key),
-            body.as_bytes(),
-            "Content-Type: application/json\r\n",
-        );
-        (
-            s,
-            serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
-        )
+    let call = |method: &str, path: &str, key: &str, body: &str| {
+        server.json(method, path, Some(key), body)
     };
     let (s, project) = call(
         "POST",
@@ -839,15 +850,9 @@ fn a_revocation_reaches_every_replica_at_once() {
         "the second replica found the organization made by the first"
     );
     let post = |s: &Server, path: &str, body: &str| -> serde_json::Value {
-        let (st, _, b) = s.http(
-            "POST",
-            path,
-            Some(&one.admin),
-            body.as_bytes(),
-            "Content-Type: application/json\r\n",
-        );
-        assert_eq!(st, 200, "{b}");
-        serde_json::from_str(&b).unwrap()
+        let (st, v) = s.json("POST", path, Some(&one.admin), body);
+        assert_eq!(st, 200, "{v}");
+        v
     };
     let p = post(
         &one,
@@ -908,20 +913,9 @@ fn users_sign_in_with_invites_passwords_and_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let db = temp_db(&dir);
     let server = Server::start(&model, &db, &[]);
-    let call =
-        |method: &str, path: &str, key: Option<&str>, body: &str| -> (u16, serde_json::Value) {
-            let (s, _, b) = server.http(
-                method,
-                path,
-                key,
-                body.as_bytes(),
-                "Content-Type: application/json\r\n",
-            );
-            (
-                s,
-                serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
-            )
-        };
+    let call = |method: &str, path: &str, key: Option<&str>, body: &str| {
+        server.json(method, path, key, body)
+    };
     let admin = Some(server.admin.as_str());
     let (s, invite) = call(
         "POST",
@@ -1106,20 +1100,9 @@ fn single_sign_on_through_a_real_openid_provider() {
         return;
     };
     let past = OpenIdProvider::start(&redirect, -600).unwrap();
-    let call =
-        |method: &str, path: &str, key: Option<&str>, body: &str| -> (u16, serde_json::Value) {
-            let (s, _, b) = server.http(
-                method,
-                path,
-                key,
-                body.as_bytes(),
-                "Content-Type: application/json\r\n",
-            );
-            (
-                s,
-                serde_json::from_str(&b).unwrap_or(serde_json::Value::Null),
-            )
-        };
+    let call = |method: &str, path: &str, key: Option<&str>, body: &str| {
+        server.json(method, path, key, body)
+    };
     let admin = Some(server.admin.as_str());
     let connect = |issuer: &str, client: &str| {
         let body = format!(
