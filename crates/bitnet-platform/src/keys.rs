@@ -521,13 +521,18 @@ impl Store {
                     .await?
             }
             None => {
+                let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND organization_id IS NULL",
                 )
                 .bind(now())
                 .bind(&k.id)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                if self.backend() == crate::Backend::Postgres {
+                    crate::store::notify_credentials(&mut tx, "*").await?;
+                }
+                tx.commit().await?;
             }
         }
         Ok(k)
@@ -536,6 +541,12 @@ impl Store {
     /// The credential of a presented key, or `None` for an unknown, revoked or orphaned key
     /// (its project archived, its user removed, its service account deleted).
     pub async fn authenticate(&self, presented: &str) -> Result<Option<Credential>> {
+        let hash = secret_hash(presented.trim());
+        if let Some((cred, last_used)) = self.cache.get(&hash) {
+            self.touch(&hash, &cred.key_id, last_used);
+            return Ok(Some(cred));
+        }
+        let generation = self.cache.generation();
         type Row = (
             String,
             String,
@@ -557,26 +568,13 @@ impl Store {
              WHERE k.hash = $1 AND k.revoked_at IS NULL AND p.archived_at IS NULL \
                AND u.deleted_at IS NULL AND s.deleted_at IS NULL",
         )
-        .bind(secret_hash(presented.trim()))
+        .bind(&hash)
         .fetch_optional(&self.pool)
         .await?;
         let Some((key_id, kind, org, project, scope, user, email, sa, last_used)) = row else {
             return Ok(None);
         };
-        // `last_used_at` to the minute: one write a minute per key, not one per request.
-        let t = now();
-        if last_used.is_none_or(|l| t - l >= 60) {
-            let pool = self.pool.clone();
-            let id = key_id.clone();
-            tokio::spawn(async move {
-                let _ = sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
-                    .bind(t)
-                    .bind(id)
-                    .execute(&pool)
-                    .await;
-            });
-        }
-        Ok(Some(Credential {
+        let cred = Credential {
             key_id,
             kind: KeyKind::from_db(&kind),
             organization_id: org,
@@ -586,7 +584,32 @@ impl Store {
             user_email: email,
             service_account_id: sa,
             role: None,
-        }))
+        };
+        let last_used = self.touch(&hash, &cred.key_id, last_used);
+        if let Some(g) = generation {
+            self.cache.put(hash, cred.clone(), last_used, g);
+        }
+        Ok(Some(cred))
+    }
+
+    /// Mark a key used: `last_used_at` to the minute, one write a minute per key, not one per
+    /// request. Returns when it was last written.
+    fn touch(&self, hash: &str, key_id: &str, last_used: Option<i64>) -> Option<i64> {
+        let t = now();
+        if last_used.is_some_and(|l| t - l < 60) {
+            return last_used;
+        }
+        self.cache.touched(hash, t);
+        let pool = self.pool.clone();
+        let id = key_id.to_string();
+        tokio::spawn(async move {
+            let _ = sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+                .bind(t)
+                .bind(id)
+                .execute(&pool)
+                .await;
+        });
+        Some(t)
     }
 
     /// Create a service account in a project, with its first key.

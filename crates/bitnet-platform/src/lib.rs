@@ -17,6 +17,7 @@
 //! ```
 
 pub mod audit;
+pub mod cache;
 pub mod error;
 pub mod ids;
 pub mod keys;

@@ -436,6 +436,14 @@ impl Store {
             return Ok(None);
         };
         let c = data.claims;
+        // The signature and expiry are checked on every request; whether the user still
+        // exists, and its role, may come from the cache.
+        let k = format!("user:{}:{}", c.org, c.sub);
+        if let Some((mut cred, _)) = self.cache.get(&k) {
+            cred.key_id = c.jti;
+            return Ok(Some(cred));
+        }
+        let generation = self.cache.generation();
         let row: Option<(String, String)> = sqlx::query_as(
             "SELECT role, email FROM users WHERE id = $1 AND organization_id = $2 AND deleted_at IS NULL",
         )
@@ -443,7 +451,10 @@ impl Store {
         .bind(&c.org)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(role, email)| Credential {
+        let Some((role, email)) = row else {
+            return Ok(None);
+        };
+        let cred = Credential {
             key_id: c.jti,
             kind: KeyKind::Session,
             organization_id: Some(c.org),
@@ -453,7 +464,11 @@ impl Store {
             user_email: Some(email),
             service_account_id: None,
             role: Some(role),
-        }))
+        };
+        if let Some(g) = generation {
+            self.cache.put(k, cred.clone(), None, g);
+        }
+        Ok(Some(cred))
     }
 
     /// Accept an invite with its secret: the user is created with the invite's role and

@@ -4,11 +4,13 @@
 //! in column types and live in `migrations/{sqlite,postgres}`.
 
 use crate::audit::{self, AuditEvent};
+use crate::cache::CredentialCache;
 use crate::error::{PlatformError, Result};
 use crate::ids::now;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Transaction};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Which database a store talks to.
@@ -22,6 +24,9 @@ pub enum Backend {
 pub struct Store {
     pub(crate) pool: AnyPool,
     backend: Backend,
+    /// The URL, kept for PostgreSQL's listener (see [`crate::cache`]).
+    url: String,
+    pub(crate) cache: Arc<CredentialCache>,
 }
 
 /// What a URL names, checked before anything connects.
@@ -40,6 +45,7 @@ impl Store {
     pub async fn open(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let backend = backend_of(url)?;
+        let given = url.to_string();
         let mut url = url.to_string();
         let mut memory = false;
         if backend == Backend::Sqlite {
@@ -91,11 +97,20 @@ impl Store {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            url: given,
+            cache: Arc::default(),
+        })
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    pub(crate) fn postgres_url(&self) -> Option<&str> {
+        (self.backend == Backend::Postgres).then_some(self.url.as_str())
     }
 
     /// Whether the database answers (for `/readyz`).
@@ -122,6 +137,7 @@ impl Store {
             seq,
             head,
             at: now(),
+            backend: self.backend,
         })
     }
 }
@@ -135,6 +151,7 @@ pub(crate) struct Change {
     head: String,
     /// The change's time: the audit events' `effective_at` and the rows' timestamps.
     pub at: i64,
+    backend: Backend,
 }
 
 impl Change {
@@ -154,7 +171,25 @@ impl Change {
             .bind(&self.org)
             .execute(&mut *self.tx)
             .await?;
+        // Every replica's credential cache forgets the organization's callers when this
+        // commits (PostgreSQL delivers notifications at commit, and only then).
+        if self.backend == Backend::Postgres {
+            notify_credentials(&mut self.tx, &self.org).await?;
+        }
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// Tell every replica (on commit) that organization `org`'s credentials changed (`*`: any).
+pub(crate) async fn notify_credentials(
+    tx: &mut Transaction<'static, Any>,
+    org: &str,
+) -> Result<()> {
+    sqlx::query("SELECT 1 FROM pg_notify($1, $2)")
+        .bind(crate::cache::CHANNEL)
+        .bind(org)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -608,3 +608,98 @@ fn passwords_access_tokens_and_refresh_rotation() {
         });
     }
 }
+
+/// Poll `f` until it is true; how long it took, or `None` after `limit`.
+async fn within<F, Fut>(limit: std::time::Duration, mut f: F) -> Option<std::time::Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if f().await {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Two replicas on one PostgreSQL database, each with its credential cache: a revocation,
+/// a removed user and a revoked operator key reach the other replica in under a second, and
+/// the cache really serves callers (a change behind the store's back, which notifies no one,
+/// goes unseen until the next notification).
+#[test]
+fn credential_caches_forget_changes_on_every_replica_within_a_second() {
+    let Some(backend) = backends()
+        .into_iter()
+        .find(|b| *b == bitnet_platform::Backend::Postgres)
+    else {
+        eprintln!("skipped: no PostgreSQL (BITNET_TEST_POSTGRES=skip)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(backend, dir.path());
+    run(async {
+        let one = Store::open(&db.url).await.unwrap();
+        let two = Store::open(&db.url).await.unwrap();
+        one.start_credential_cache().await.unwrap();
+        two.start_credential_cache().await.unwrap();
+        assert!(two.credential_cache().is_live());
+        let cli = Actor::cli();
+        let org = one.create_organization("acme", &cli).await.unwrap();
+        let other = one.create_organization("other", &cli).await.unwrap();
+        let p = one.create_project(&org.id, "p", &cli).await.unwrap();
+        let sa = one
+            .create_service_account(&org.id, &p.id, "bot", &cli)
+            .await
+            .unwrap();
+        let key = sa.api_key.value.clone();
+        let (admin, admin_secret) = one.create_admin_key(&org.id, "ops", &cli).await.unwrap();
+
+        // Replica two caches both callers.
+        assert!(two.authenticate(&key).await.unwrap().is_some());
+        assert!(two.authenticate(&admin_secret).await.unwrap().is_some());
+        assert_eq!(two.credential_cache().len(), 2);
+
+        // Behind the store's back (no notification): the cached caller is still served.
+        exec(
+            &format!(
+                "UPDATE api_keys SET revoked_at = 1 WHERE id = '{}'",
+                admin.id
+            ),
+            &db.url,
+        )
+        .await;
+        assert!(two.authenticate(&admin_secret).await.unwrap().is_some());
+        // Another organization's change leaves acme's callers cached.
+        one.create_project(&other.id, "q", &cli).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(two.authenticate(&admin_secret).await.unwrap().is_some());
+
+        // Through replica one: the service account goes, and with it its key, on replica
+        // two in under a second (and the directly revoked admin key with the same
+        // notification).
+        one.delete_service_account(&org.id, &p.id, &sa.account.id, &cli)
+            .await
+            .unwrap();
+        let took = within(std::time::Duration::from_secs(5), || async {
+            two.authenticate(&key).await.unwrap().is_none()
+        })
+        .await
+        .expect("replica two still accepts a deleted service account's key after 5 s");
+        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+        assert!(two.authenticate(&admin_secret).await.unwrap().is_none());
+
+        // An operator key (no organization) revoked on one is refused by two.
+        let (op, op_secret) = one.create_operator_key("ops").await.unwrap();
+        assert!(two.authenticate(&op_secret).await.unwrap().is_some());
+        one.revoke_any_key(&op.id).await.unwrap();
+        let took = within(std::time::Duration::from_secs(5), || async {
+            two.authenticate(&op_secret).await.unwrap().is_none()
+        })
+        .await
+        .expect("replica two still accepts a revoked operator key after 5 s");
+        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    });
+}

@@ -222,7 +222,7 @@ impl AppState {
         api::chat_completions, api::completions, api::list_models,
         org::doc_list_projects, org::doc_create_project, org::doc_get_project, org::doc_modify_project,
         org::doc_archive_project, org::doc_list_project_users, org::doc_add_project_user,
-        org::doc_list_service_accounts, org::doc_create_service_account, org::doc_list_project_keys,
+        org::doc_list_service_accounts, org::doc_create_service_account, org::doc_list_project_keys, org::doc_create_own_project_key,
         org::doc_list_users, org::doc_list_invites, org::doc_create_invite, org::doc_list_admin_keys,
         org::doc_create_admin_key, org::doc_list_audit_logs,
         signin::login, signin::refresh, signin::logout, signin::accept_invite, signin::jwks,
@@ -548,7 +548,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/v1/organization/projects/{project_id}/api_keys",
-            get(org::list_project_keys),
+            get(org::list_project_keys).post(org::create_own_project_key),
         )
         .route(
             "/v1/organization/projects/{project_id}/api_keys/{key_id}",

@@ -11,7 +11,9 @@ use crate::error::ApiError;
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use bitnet_platform::audit::{AuditLog, AuditQuery};
-use bitnet_platform::keys::{ApiKey, CreatedServiceAccount, KeyKind, ServiceAccount};
+use bitnet_platform::keys::{
+    ApiKey, CreatedServiceAccount, KeyKind, ProjectKeyOwner, ServiceAccount,
+};
 use bitnet_platform::projects::Project;
 use bitnet_platform::users::{Invite, InviteProject, ProjectUser, User};
 use bitnet_platform::{Deleted, List, Page};
@@ -299,6 +301,40 @@ pub async fn list_project_keys(
     Ok(Json(s.store.project_keys(who.org()?, &p, &page).await?))
 }
 
+/// `{"name": ..., "read_only": false}`: a project key of one's own.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct OwnKeyBody {
+    pub name: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A signed-in member of the project makes a project key of its own (OpenAI's users make
+/// theirs in its dashboard). The key dies with the membership. Its secret is in `value`, once.
+pub async fn create_own_project_key(
+    State(s): State<AppState>,
+    who: Caller,
+    Path(p): Path<String>,
+    ApiJson(b): ApiJson<OwnKeyBody>,
+) -> Answer<ApiKey> {
+    let org = who.org()?;
+    let user = who.cred.user_id.as_deref().ok_or_else(|| {
+        ApiError::Forbidden("a project key of one's own needs a signed-in user".into())
+    })?;
+    let (key, _) = s
+        .store
+        .create_project_key(
+            org,
+            &p,
+            &b.name,
+            ProjectKeyOwner::User(user),
+            b.read_only,
+            &who.actor,
+        )
+        .await?;
+    Ok(Json(key))
+}
+
 pub async fn get_project_key(
     State(s): State<AppState>,
     who: Caller,
@@ -555,6 +591,12 @@ doc!(
     get,
     "/v1/organization/projects/{project_id}/api_keys",
     doc_list_project_keys,
+    "project_id"
+);
+doc!(
+    post,
+    "/v1/organization/projects/{project_id}/api_keys",
+    doc_create_own_project_key,
     "project_id"
 );
 doc!(get, "/v1/organization/users", doc_list_users);

@@ -30,6 +30,8 @@ pub enum Access {
     ProjectRead,
     /// Change them: admin keys, organization owners, and the project's own owners.
     ProjectWrite,
+    /// Make a project key of one's own: signed-in members of the project the route names.
+    OwnProjectKey,
     /// Create organizations and their first admin keys (operator keys).
     Operator,
     /// Anyone: signing in, the public keys. These routes take no credential.
@@ -50,6 +52,9 @@ pub enum Who {
     /// A signed-in `reader` of the organization who is an `owner` of the project the route
     /// names (the route's `{project_id}`).
     ProjectOwner,
+    /// A signed-in `reader` of the organization who is a `member` of the project the route
+    /// names.
+    ProjectMember,
 }
 
 impl Who {
@@ -64,7 +69,7 @@ impl Who {
         }
     }
 
-    pub const ALL: [Who; 7] = [
+    pub const ALL: [Who; 8] = [
         Who::Operator,
         Who::Admin,
         Who::Project,
@@ -72,6 +77,7 @@ impl Who {
         Who::UserOwner,
         Who::UserReader,
         Who::ProjectOwner,
+        Who::ProjectMember,
     ];
 }
 
@@ -90,7 +96,11 @@ pub fn allows(who: Who, access: Access) -> bool {
             | (W::UserReader, A::OrgRead | A::ProjectRead)
             | (
                 W::ProjectOwner,
-                A::OrgRead | A::ProjectRead | A::ProjectWrite
+                A::OrgRead | A::ProjectRead | A::ProjectWrite | A::OwnProjectKey
+            )
+            | (
+                W::ProjectMember,
+                A::OrgRead | A::ProjectRead | A::OwnProjectKey
             )
             | (W::Operator, A::Operator)
             | (_, A::Public)
@@ -167,6 +177,11 @@ pub const ROUTES: &[(Method, &str, Access)] = {
             ProjectRead,
         ),
         (
+            P,
+            "/v1/organization/projects/{project_id}/api_keys",
+            OwnProjectKey,
+        ),
+        (
             G,
             "/v1/organization/projects/{project_id}/api_keys/{key_id}",
             ProjectRead,
@@ -233,6 +248,7 @@ fn needs(a: Access) -> &'static str {
         Access::ProjectWrite => {
             "an admin API key (sk-admin-…), a signed-in owner of the organization, or an owner of the project"
         }
+        Access::OwnProjectKey => "a signed-in member of the project (the key is the user's own)",
         Access::Operator => "an operator key (sk-op-…, from `bitnet keys create --operator`)",
     }
 }
@@ -288,14 +304,19 @@ pub async fn authorize(
         .get::<Caller>()
         .ok_or_else(|| ApiError::Unauthorized("no API key".into()))?;
     let mut who = Who::of(caller);
-    // A reader who owns the project the route names may change it.
-    if who == Who::UserReader
-        && access == Access::ProjectWrite
+    // A signed-in user's role in the project the route names: a reader who owns the project
+    // may change it, and its members may make keys of their own.
+    let asks_role = (who == Who::UserReader && access == Access::ProjectWrite)
+        || (caller.kind() == KeyKind::Session && access == Access::OwnProjectKey);
+    if asks_role
         && let Some(project) = path_param(&route, req.uri().path(), "{project_id}")
         && let (Some(org), Some(user)) = (&caller.cred.organization_id, &caller.cred.user_id)
-        && s.store.project_role(org, project, user).await?.as_deref() == Some("owner")
     {
-        who = Who::ProjectOwner;
+        match s.store.project_role(org, project, user).await?.as_deref() {
+            Some("owner") => who = Who::ProjectOwner,
+            Some(_) if access == Access::OwnProjectKey => who = Who::ProjectMember,
+            _ => {}
+        }
     }
     if !allows(who, access) {
         // An id that is not the caller's organization's is not found, even where the caller

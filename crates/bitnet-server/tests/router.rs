@@ -142,13 +142,14 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
         .await
         .unwrap();
     let _ = admin;
-    // Three signed-in users: an owner and a reader of the organization, and a reader who owns
-    // the fixture's project.
+    // Four signed-in users: an owner and a reader of the organization, and readers who own
+    // and who are members of the fixture's project.
     let mut sessions = Vec::new();
     for (who, role) in [
         (Who::UserOwner, "owner"),
         (Who::UserReader, "reader"),
         (Who::ProjectOwner, "reader"),
+        (Who::ProjectMember, "reader"),
     ] {
         let email = format!("{who:?}@{name}.example.com").to_lowercase();
         // Signed in directly (as single sign-on does): the password path has its own tests.
@@ -156,8 +157,12 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
             .create_user(&org.id, &email, role, role, None, &cli)
             .await
             .unwrap();
-        if who == Who::ProjectOwner {
-            s.add_project_user(&org.id, &p.id, &u.id, "owner", &cli)
+        if let Some(role) = match who {
+            Who::ProjectOwner => Some("owner"),
+            Who::ProjectMember => Some("member"),
+            _ => None,
+        } {
+            s.add_project_user(&org.id, &p.id, &u.id, role, &cli)
                 .await
                 .unwrap();
         }
@@ -181,6 +186,7 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
             (Who::UserOwner, sessions[0].1.clone()),
             (Who::UserReader, sessions[1].1.clone()),
             (Who::ProjectOwner, sessions[2].1.clone()),
+            (Who::ProjectMember, sessions[3].1.clone()),
         ],
     }
 }
@@ -553,6 +559,79 @@ fn a_project_owner_changes_that_project_only() {
                 .await
                 .0,
             StatusCode::FORBIDDEN
+        );
+    });
+}
+
+/// A member makes a project key of its own: it runs the models, it is listed as the user's,
+/// another project refuses it, and it dies when the member leaves the project.
+#[test]
+fn a_project_member_makes_a_key_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(Backend::Sqlite, dir.path());
+    runtime().block_on(async {
+        let store = Store::open(&db.url).await.unwrap();
+        let app = bitnet_server::router(state(store.clone()));
+        let f = fixture(&store, "a").await;
+        let other = store
+            .create_project(&f.org, "other", &Actor::cli())
+            .await
+            .unwrap();
+        let member = f.key(Who::ProjectMember);
+        let keys = format!("/v1/organization/projects/{}/api_keys", f.project);
+        let (s, key) = call(
+            &app,
+            &Method::POST,
+            &keys,
+            member,
+            &json!({"name": "laptop"}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{key}");
+        let secret = key["value"].as_str().unwrap().to_string();
+        assert!(secret.starts_with("sk-proj-"), "{key}");
+        assert_eq!(key["owner"]["type"], "user", "{key}");
+        let user = key["owner"]["user"]["id"].as_str().unwrap().to_string();
+        // It runs the models; its secret is not shown again.
+        assert_eq!(
+            call(&app, &Method::GET, "/v1/models", &secret, &Value::Null)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        let (_, listed) = call(&app, &Method::GET, &keys, f.key(Who::Admin), &Value::Null).await;
+        let mine: Vec<&Value> = listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["id"] == key["id"])
+            .collect();
+        assert_eq!(mine.len(), 1, "{listed}");
+        assert!(mine[0].get("value").is_none(), "{listed}");
+        // Not a member of the other project: refused.
+        let theirs = format!("/v1/organization/projects/{}/api_keys", other.id);
+        assert_eq!(
+            call(&app, &Method::POST, &theirs, member, &json!({"name": "x"}))
+                .await
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        // Leaving the project revokes the key.
+        let leave = format!("/v1/organization/projects/{}/users/{user}", f.project);
+        let (s, e) = call(
+            &app,
+            &Method::DELETE,
+            &leave,
+            f.key(Who::Admin),
+            &Value::Null,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{e}");
+        assert_eq!(
+            call(&app, &Method::GET, "/v1/models", &secret, &Value::Null)
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
         );
     });
 }

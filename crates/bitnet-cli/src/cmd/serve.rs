@@ -95,6 +95,11 @@ pub struct Args {
     /// callback (`URL/v1/auth/sso/callback`). Default: the request's Host over http.
     #[arg(long, value_name = "URL")]
     pub public_url: Option<String>,
+    /// Read every request's key from the database instead of caching callers. With
+    /// PostgreSQL the cache is on by default and every replica forgets a changed
+    /// organization's callers within milliseconds (LISTEN/NOTIFY); SQLite never caches.
+    #[arg(long)]
+    pub no_credential_cache: bool,
 }
 
 /// `NAME=PATH` or `PATH` → (id, path). A bare name is looked up in `models.dir`.
@@ -283,6 +288,9 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let store = open_store(&database).await?;
+        if !args.no_credential_cache {
+            store.start_credential_cache().await?;
+        }
         // A fresh database gets an organization `default` with an admin key, a project and a
         // project key, printed once, so the server is usable at once.
         let first_keys = if store.organizations(&bitnet_platform::Page::default()).await?.data.is_empty() {
