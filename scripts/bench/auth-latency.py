@@ -3,7 +3,8 @@ key) and GET /v1/organization/projects (an admin key) at a fixed rate while a ge
 stream runs, reporting latency percentiles as the client sees them.
 
     python3 scripts/bench/auth-latency.py --bitnet target/release/bitnet --model M.gguf \
-        [--database sqlite:///tmp/x.db | postgres://postgres@127.0.0.1/bench] [--rate 500] [--seconds 10]
+        [--database sqlite:///tmp/x.db | postgres://postgres@127.0.0.1/bench] [--rate 500] [--seconds 10] \
+        [--serve-arg=--no-credential-cache]
 
 It starts `bitnet serve` on a fresh database, reads the keys it prints, starts one long
 streamed completion, then sends requests on a fixed schedule (open loop: a slow answer does not
@@ -33,11 +34,13 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=500.0, help="requests per second per route")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--threads", default="1", help="kernel threads of the server")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="one more argument for `bitnet serve` (e.g. --serve-arg=--no-credential-cache)")
     a = ap.parse_args()
 
     srv = subprocess.Popen(
         [a.bitnet, "serve", "-m", f"smol={a.model}", "--addr", "127.0.0.1:0", "--database", a.database,
-         "--threads", a.threads],
+         "--threads", a.threads, *a.serve_arg],
         stderr=subprocess.PIPE, text=True)
     addr = project = admin = None
     for line in srv.stderr:
@@ -108,7 +111,7 @@ def main() -> None:
     stop.set()
     srv.terminate()
     srv.wait()
-    backend = a.database.split(":")[0]
+    backend = a.database.split(":")[0] + "".join(" " + x for x in a.serve_arg)
     for r in routes:
         xs = lat[r]
         print(f"{backend:8s} {r:28s} {a.rate:.0f} req/s x {a.seconds:.0f} s: "

@@ -41,6 +41,12 @@ pub struct Server {
     pub addr: String,
     /// Database URL: `sqlite://PATH` (embedded, the default) or `postgres://...`.
     pub database: String,
+    /// Where uploaded files and models are kept: `file:///DIR` (the default, under the data
+    /// directory) or `s3://BUCKET[/PREFIX]` (endpoint and credentials from `AWS_*`).
+    pub storage: String,
+    /// The master key that wraps each organization's data key (made on first start if
+    /// missing; `BITNET_MASTER_KEY` holding the key itself wins over the file).
+    pub master_key_file: PathBuf,
     /// Redis URL for shared rate limits and queues when running several servers (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<String>,
@@ -79,6 +85,8 @@ impl Default for Server {
         Self {
             addr: "127.0.0.1:8080".into(),
             database: format!("sqlite://{}", data_dir().join("bitnet.db").display()),
+            storage: format!("file://{}", data_dir().join("storage").display()),
+            master_key_file: data_dir().join("master.key"),
             redis: None,
             otlp_endpoint: None,
         }

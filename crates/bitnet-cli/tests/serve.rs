@@ -69,7 +69,18 @@ impl Server {
             .arg("--database")
             .arg(&db.url)
             .args(extra)
+            .args(if extra.contains(&"--storage") {
+                vec![]
+            } else {
+                let dir = std::env::temp_dir().join("bitnet-serve-tests-storage");
+                vec!["--storage".to_string(), format!("file://{}", dir.display())]
+            })
             .env("BITNET_CONFIG", no_config())
+            // One master key for every server of the tests (replicas share their data keys).
+            .env(
+                "BITNET_MASTER_KEY",
+                "0707070707070707070707070707070707070707070707070707070707070707",
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

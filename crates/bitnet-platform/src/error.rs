@@ -36,6 +36,15 @@ pub enum PlatformError {
     Database(#[from] sqlx::Error),
     #[error("no randomness from the operating system: {0}")]
     Random(String),
+    /// The platform's own setup is wrong (a master key that does not fit, a storage URL).
+    #[error("{0}")]
+    Config(String),
+    /// The artifact storage failed, or a stored object does not authenticate.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// More bytes than the limit allows.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl PlatformError {

@@ -51,6 +51,13 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// A key as listings show it: its kind prefix, a few characters, and its last four.
+/// The bytes of a hex string (pairs that are not hex are skipped).
+pub fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
 pub fn redact(key: &str, prefix: &str) -> String {
     let body = &key[prefix.len()..];
     let tail = &body[body.len().saturating_sub(4)..];

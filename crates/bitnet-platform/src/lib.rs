@@ -18,13 +18,16 @@
 
 pub mod audit;
 pub mod cache;
+pub mod crypto;
 pub mod error;
+pub mod files;
 pub mod ids;
 pub mod keys;
 pub mod orgs;
 pub mod projects;
 pub mod sessions;
 pub mod sso;
+pub mod storage;
 pub mod store;
 pub mod testing;
 pub mod usage;

@@ -87,6 +87,7 @@ impl Store {
             "user" => "users",
             "invite" => "invites",
             "API key" => "api_keys",
+            "file" => "files",
             _ => return Ok(false),
         };
         let row: Option<(String,)> = sqlx::query_as(&format!(

@@ -149,6 +149,13 @@ impl Store {
     /// Set (or replace) an organization's single sign-on connection.
     pub async fn set_sso(&self, org: &str, config: &SsoConfig, by: &Actor) -> Result<Value> {
         let c = check_config(config)?;
+        // The client secret is kept sealed by the organization's data key where this process
+        // has the master key (`bitnet serve` always does).
+        let secret = if self.keys.is_some() {
+            self.seal_secret(Some(org), &c.client_secret).await?
+        } else {
+            c.client_secret.clone()
+        };
         let mut ch = self.change(org).await?;
         sqlx::query(
             "INSERT INTO sso_connections (organization_id, issuer, client_id, client_secret, allowed_domains, default_role, created_at, updated_at) \
@@ -158,7 +165,7 @@ impl Store {
         .bind(org)
         .bind(&c.issuer)
         .bind(&c.client_id)
-        .bind(&c.client_secret)
+        .bind(&secret)
         .bind(serde_json::to_string(&c.allowed_domains).unwrap_or_default())
         .bind(&c.default_role)
         .bind(ch.at)
@@ -184,6 +191,7 @@ impl Store {
         .await?;
         let (issuer, client_id, client_secret, domains, default_role) =
             row.ok_or_else(|| PlatformError::not_found("single sign-on connection", org))?;
+        let client_secret = self.open_secret(Some(org), &client_secret).await?;
         Ok(SsoConfig {
             issuer,
             client_id,

@@ -27,6 +27,8 @@ pub struct Store {
     /// The URL, kept for PostgreSQL's listener (see [`crate::cache`]).
     url: String,
     pub(crate) cache: Arc<CredentialCache>,
+    /// The master key, where this process was given one ([`crate::crypto`]).
+    pub(crate) keys: Option<Arc<dyn crate::crypto::KeyProvider>>,
 }
 
 /// What a URL names, checked before anything connects.
@@ -102,6 +104,7 @@ impl Store {
             backend,
             url: given,
             cache: Arc::default(),
+            keys: None,
         })
     }
 

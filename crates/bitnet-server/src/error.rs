@@ -165,6 +165,12 @@ impl From<bitnet_platform::PlatformError> for ApiError {
                 message: m,
                 code: "invalid_credentials",
             },
+            P::TooLarge(m) => Self::TooLarge(m),
+            P::Storage(m) => Self::Http {
+                status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                message: format!("storage: {m}"),
+                code: "storage_error",
+            },
             other => Self::Internal(other.to_string()),
         }
     }

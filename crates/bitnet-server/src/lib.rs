@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod openai;
 pub mod operator;
@@ -46,6 +47,8 @@ use utoipa::OpenApi;
 pub struct ServerConfig {
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
+    /// Largest file `POST /v1/files` takes (streamed to storage, never held in memory).
+    pub max_file_bytes: u64,
     /// A request body must arrive within this time (slow senders are cut off with 408).
     pub body_timeout: Duration,
     /// A request head must arrive within this time of the connection opening or of the last
@@ -70,6 +73,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1 << 20,
+            max_file_bytes: 8 << 30,
             body_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             max_connections: default_max_connections(),
@@ -173,6 +177,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub usage: UsageLog,
     pub config: Arc<ServerConfig>,
+    /// Where files live (`None`: the Files API answers 503).
+    pub storage: Option<Arc<bitnet_platform::storage::Storage>>,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -190,8 +196,15 @@ impl AppState {
             metrics,
             usage,
             config: Arc::new(config),
+            storage: None,
             shutting_down: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Keep files in `storage`.
+    pub fn with_storage(mut self, storage: bitnet_platform::storage::Storage) -> Self {
+        self.storage = Some(Arc::new(storage));
+        self
     }
 
     pub fn model(&self, id: &str) -> Option<Arc<ServedModel>> {
@@ -413,6 +426,15 @@ const MAX_URI_BYTES: usize = 8 << 10;
 /// Most bytes of request headers answered normally; more get 431 in the OpenAI error shape.
 const MAX_HEADER_BYTES: usize = 32 << 10;
 
+/// Routes whose bodies stream to storage.
+fn is_upload(req: &Request) -> bool {
+    req.method() == axum::http::Method::POST
+        && req
+            .extensions()
+            .get::<MatchedPath>()
+            .is_some_and(|p| p.as_str() == "/v1/files")
+}
+
 /// HTTP-level refusals in OpenAI's error shape: request targets and headers over the limits
 /// (414, 431; hyper refuses far larger ones itself, without a body), a body that has not fully
 /// arrived by `body_timeout` from the head (408: one deadline for the whole body, not per
@@ -446,6 +468,11 @@ async fn http_limits(State(s): State<AppState>, req: Request, next: Next) -> Res
             "headers_too_large",
         )
         .into_response();
+    }
+    // Uploads stream to storage under their own limits (the handler's idle timeout, the
+    // route's size limit): their bodies are not gathered here.
+    if is_upload(&req) {
+        return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
     let limit = s.config.max_body_bytes;
@@ -578,6 +605,21 @@ pub fn router(state: AppState) -> Router {
             get(org::get_admin_key).delete(org::delete_admin_key),
         )
         .route("/v1/organization/audit_logs", get(org::list_audit_logs))
+        .route(
+            "/v1/files",
+            get(files::list_files)
+                .post(files::create_file)
+                .layer(DefaultBodyLimit::max(
+                    usize::try_from(state.config.max_file_bytes)
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(64 << 10),
+                )),
+        )
+        .route(
+            "/v1/files/{file_id}",
+            get(files::get_file).delete(files::delete_file),
+        )
+        .route("/v1/files/{file_id}/content", get(files::file_content))
         .route(
             "/v1/organization/sso",
             get(org::get_sso).post(org::set_sso).delete(org::delete_sso),

@@ -22,6 +22,10 @@ pub enum Access {
     Models,
     /// Run a model (project keys, not read-only ones).
     Inference,
+    /// Read the project's files (project keys, read-only ones too).
+    FilesRead,
+    /// Upload and delete the project's files (project keys, not read-only ones).
+    FilesWrite,
     /// Read the organization's projects, users, keys and audit log (admin keys).
     OrgRead,
     /// Change them (admin keys).
@@ -87,8 +91,10 @@ pub fn allows(who: Who, access: Access) -> bool {
     use Who as W;
     matches!(
         (who, access),
-        (W::Project, A::Models | A::Inference)
-            | (W::ProjectReadOnly, A::Models)
+        (
+            W::Project,
+            A::Models | A::Inference | A::FilesRead | A::FilesWrite
+        ) | (W::ProjectReadOnly, A::Models | A::FilesRead)
             | (
                 W::Admin | W::UserOwner,
                 A::OrgRead | A::OrgWrite | A::ProjectRead | A::ProjectWrite
@@ -204,6 +210,11 @@ pub const ROUTES: &[(Method, &str, Access)] = {
         (G, "/v1/organization/admin_api_keys/{key_id}", OrgRead),
         (D, "/v1/organization/admin_api_keys/{key_id}", OrgWrite),
         (G, "/v1/organization/audit_logs", OrgRead),
+        (G, "/v1/files", FilesRead),
+        (P, "/v1/files", FilesWrite),
+        (G, "/v1/files/{file_id}", FilesRead),
+        (D, "/v1/files/{file_id}", FilesWrite),
+        (G, "/v1/files/{file_id}/content", FilesRead),
         (G, "/v1/operator/organizations", Operator),
         (P, "/v1/operator/organizations", Operator),
         (G, "/v1/operator/organizations/{organization_id}", Operator),
@@ -237,6 +248,8 @@ fn needs(a: Access) -> &'static str {
     match a {
         Access::Models => "a project API key (sk-proj-…)",
         Access::Inference => "a project API key (sk-proj-…) that is not read-only",
+        Access::FilesRead => "a project API key (sk-proj-…)",
+        Access::FilesWrite => "a project API key (sk-proj-…) that is not read-only",
         Access::OrgRead => "an admin API key (sk-admin-…) or a signed-in user of the organization",
         Access::OrgWrite => {
             "an admin API key (sk-admin-…) or a signed-in owner of the organization"
@@ -328,6 +341,7 @@ pub async fn authorize(
                 ("{user_id}", "user"),
                 ("{invite_id}", "invite"),
                 ("{key_id}", "API key"),
+                ("{file_id}", "file"),
             ] {
                 if let Some(id) = path_param(&route, path, param)
                     && !s.store.owns(org, kind, id).await?

@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use bitnet_platform::audit::Actor;
 use bitnet_platform::keys::ProjectKeyOwner;
+use bitnet_platform::storage::Storage;
 use bitnet_platform::testing::{TestDb, backends};
 use bitnet_platform::{Backend, Store};
 use bitnet_server::metrics::Metrics;
@@ -54,13 +55,21 @@ fn tiny_model() -> bitnet_model::LoadedModel {
     }
 }
 
-fn state(store: Store) -> AppState {
+fn state(store: Store, storage: &Storage) -> AppState {
     let metrics = Arc::new(Metrics::new());
     let config = ServerConfig::default();
     let model =
         ServedModel::start("tiny".into(), tiny_model(), &config.engine, metrics.clone()).unwrap();
     let (usage, _) = UsageLog::start(store.clone());
-    AppState::new(vec![model], store, metrics, usage, config)
+    AppState::new(vec![model], store, metrics, usage, config).with_storage(storage.clone())
+}
+
+/// The store (with a master key) and a file storage in `dir`.
+async fn open(url: &str, dir: &std::path::Path) -> (Store, Storage) {
+    let key = Arc::new(bitnet_platform::crypto::MasterKey::from_bytes(&[7; 32]));
+    let store = Store::open(url).await.unwrap().with_master_key(key);
+    let storage = Storage::open(&format!("file://{}", dir.join("storage").display())).unwrap();
+    (store, storage)
 }
 
 /// One organization's objects, and every kind of credential.
@@ -74,10 +83,11 @@ struct Fixture {
     project_key_id: String,
     admin_key_id: String,
     invite: String,
+    file: String,
     keys: Vec<(Who, String)>,
 }
 
-async fn fixture(s: &Store, name: &str) -> Fixture {
+async fn fixture(s: &Store, storage: &Storage, name: &str) -> Fixture {
     let cli = Actor::cli();
     let org = s.create_organization(name, &cli).await.unwrap();
     let p = s.create_project(&org.id, "prod", &cli).await.unwrap();
@@ -142,6 +152,25 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
         .await
         .unwrap();
     let _ = admin;
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+        b"a file of the fixture",
+    ))]);
+    let seg = s
+        .write_segment(storage, &org.id, body, 1 << 20)
+        .await
+        .unwrap();
+    let file = s
+        .create_file(
+            storage,
+            &org.id,
+            &p.id,
+            "user_data",
+            "notes.txt",
+            &[seg],
+            &cli,
+        )
+        .await
+        .unwrap();
     // Four signed-in users: an owner and a reader of the organization, and readers who own
     // and who are members of the fixture's project.
     let mut sessions = Vec::new();
@@ -178,6 +207,7 @@ async fn fixture(s: &Store, name: &str) -> Fixture {
         project_key_id: sa.api_key.id.clone(),
         admin_key_id: spare.id,
         invite: invite.id,
+        file: file.id,
         keys: vec![
             (Who::Operator, operator),
             (Who::Admin, admin_secret),
@@ -198,6 +228,7 @@ impl Fixture {
             .replace("{user_id}", &self.user)
             .replace("{service_account_id}", &self.service_account)
             .replace("{invite_id}", &self.invite)
+            .replace("{file_id}", &self.file)
             .replace("{organization_id}", &self.org)
             .replace("{organization}", &self.org)
             .replace(
@@ -239,6 +270,9 @@ fn body(method: &Method, route: &str, f: &Fixture) -> Value {
         "/v1/organization/invites" => json!({"email": "cy@example.com", "role": "reader"}),
         "/v1/organization/sso" => sso(),
         "/v1/organization/projects/{project_id}/archive" => Value::Null,
+        "/v1/files" => {
+            json!({"multipart": [["purpose", null, "user_data"], ["file", "a.txt", "hello"]]})
+        }
         _ => json!({"name": "new name"}),
     }
 }
@@ -256,6 +290,23 @@ async fn call(
     }
     let b = if body.is_null() {
         Body::empty()
+    } else if let Some(fields) = body.get("multipart").and_then(Value::as_array) {
+        // [[name, filename or null, content], ...] as multipart/form-data.
+        let mut text = String::new();
+        for f in fields {
+            text.push_str("--XyZ\r\nContent-Disposition: form-data; name=\"");
+            text.push_str(f[0].as_str().unwrap());
+            text.push('"');
+            if let Some(name) = f[1].as_str() {
+                text.push_str(&format!("; filename=\"{name}\""));
+            }
+            text.push_str("\r\n\r\n");
+            text.push_str(f[2].as_str().unwrap());
+            text.push_str("\r\n");
+        }
+        text.push_str("--XyZ--\r\n");
+        req = req.header("content-type", "multipart/form-data; boundary=XyZ");
+        Body::from(text)
     } else {
         req = req.header("content-type", "application/json");
         Body::from(body.to_string())
@@ -287,11 +338,11 @@ fn every_route_answers_each_credential_as_the_table_says() {
         let dir = tempfile::tempdir().unwrap();
         let db = TestDb::new(backend, dir.path());
         runtime().block_on(async {
-            let store = Store::open(&db.url).await.unwrap();
-            let app = bitnet_server::router(state(store.clone()));
+            let (store, storage) = open(&db.url, dir.path()).await;
+            let app = bitnet_server::router(state(store.clone(), &storage));
             for (i, (method, route, access)) in ROUTES.iter().enumerate() {
                 // A fresh organization per route: the allowed call may delete what it names.
-                let f = fixture(&store, &format!("org{i}")).await;
+                let f = fixture(&store, &storage, &format!("org{i}")).await;
                 let path = f.path(route);
                 let body = body(method, route, &f);
                 if *access == Access::Public {
@@ -324,7 +375,7 @@ fn every_route_answers_each_credential_as_the_table_says() {
                 for (j, who) in order.into_iter().enumerate() {
                     let fresh;
                     let f = if allows(who, *access) {
-                        fresh = fixture(&store, &format!("org{i}-{j}")).await;
+                        fresh = fixture(&store, &storage, &format!("org{i}-{j}")).await;
                         &fresh
                     } else {
                         &f
@@ -359,15 +410,15 @@ fn another_organizations_ids_are_not_found() {
         let dir = tempfile::tempdir().unwrap();
         let db = TestDb::new(backend, dir.path());
         runtime().block_on(async {
-            let store = Store::open(&db.url).await.unwrap();
-            let app = bitnet_server::router(state(store.clone()));
-            let a = fixture(&store, "a").await;
-            let b = fixture(&store, "b").await;
+            let (store, storage) = open(&db.url, dir.path()).await;
+            let app = bitnet_server::router(state(store.clone(), &storage));
+            let a = fixture(&store, &storage, "a").await;
+            let b = fixture(&store, &storage, "b").await;
             let b_admin = b.key(Who::Admin);
             let before = store.verify_audit(Some(&a.org)).await.unwrap()[0].rows;
             let mut checked = 0;
             for (method, route, _) in ROUTES {
-                if !route.starts_with("/v1/organization/") {
+                if !route.starts_with("/v1/organization/") && !route.starts_with("/v1/files") {
                     continue;
                 }
                 let path = a.path(route);
@@ -386,8 +437,11 @@ fn another_organizations_ids_are_not_found() {
                         checked += 1;
                     } else if *method == Method::GET {
                         let (s, list) = call(&app, method, &path, b_key, &Value::Null).await;
-                        // Project keys may not list anything; the others see B's rows only.
-                        let may = b_key == b_admin || b_key == b.key(Who::UserOwner);
+                        // Project keys list files only, the others organizations' objects
+                        // only; each sees B's rows only.
+                        let project_key =
+                            b_key == b.key(Who::Project) || b_key == b.key(Who::ProjectReadOnly);
+                        let may = project_key == route.starts_with("/v1/files");
                         let expect = if may {
                             StatusCode::OK
                         } else {
@@ -404,6 +458,7 @@ fn another_organizations_ids_are_not_found() {
                             &a.project_key_id,
                             &a.admin_key_id,
                             &a.invite,
+                            &a.file,
                         ] {
                             assert!(
                                 !text.contains(id.as_str()),
@@ -441,9 +496,9 @@ fn malformed_organization_requests_are_400s_that_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::new(Backend::Sqlite, dir.path());
     runtime().block_on(async {
-        let store = Store::open(&db.url).await.unwrap();
-        let app = bitnet_server::router(state(store.clone()));
-        let f = fixture(&store, "a").await;
+        let (store, storage) = open(&db.url, dir.path()).await;
+        let app = bitnet_server::router(state(store.clone(), &storage));
+        let f = fixture(&store, &storage, "a").await;
         let admin = f.key(Who::Admin);
         let rows = store.verify_audit(Some(&f.org)).await.unwrap()[0].rows;
         let p = format!("/v1/organization/projects/{}/users", f.project);
@@ -526,9 +581,9 @@ fn a_project_owner_changes_that_project_only() {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::new(Backend::Sqlite, dir.path());
     runtime().block_on(async {
-        let store = Store::open(&db.url).await.unwrap();
-        let app = bitnet_server::router(state(store.clone()));
-        let f = fixture(&store, "a").await;
+        let (store, storage) = open(&db.url, dir.path()).await;
+        let app = bitnet_server::router(state(store.clone(), &storage));
+        let f = fixture(&store, &storage, "a").await;
         let other = store
             .create_project(&f.org, "other", &Actor::cli())
             .await
@@ -570,9 +625,9 @@ fn a_project_member_makes_a_key_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::new(Backend::Sqlite, dir.path());
     runtime().block_on(async {
-        let store = Store::open(&db.url).await.unwrap();
-        let app = bitnet_server::router(state(store.clone()));
-        let f = fixture(&store, "a").await;
+        let (store, storage) = open(&db.url, dir.path()).await;
+        let app = bitnet_server::router(state(store.clone(), &storage));
+        let f = fixture(&store, &storage, "a").await;
         let other = store
             .create_project(&f.org, "other", &Actor::cli())
             .await
@@ -634,4 +689,190 @@ fn a_project_member_makes_a_key_of_its_own() {
             StatusCode::UNAUTHORIZED
         );
     });
+}
+
+/// A raw request: status, headers, body bytes.
+async fn raw(
+    app: &axum::Router,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap();
+    (parts.status, parts.headers, bytes.to_vec())
+}
+
+fn multipart(purpose: &str, filename: &str, content: &[u8]) -> (String, Vec<u8>) {
+    let b = "bitnetBoundary7";
+    let mut body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={b}"), body)
+}
+
+/// A file larger than a few sealed chunks goes up, comes back whole and in ranges (across
+/// chunk boundaries, from the end, a 416 past it), is listed, is sealed on disk (no plaintext
+/// run of it is there), is not another project's, and is gone from disk once deleted.
+#[test]
+fn files_go_up_and_come_back_whole_and_in_ranges_sealed_on_disk() {
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path());
+        runtime().block_on(async {
+            let (store, storage) = open(&db.url, dir.path()).await;
+            let app = bitnet_server::router(state(store.clone(), &storage));
+            let f = fixture(&store, &storage, "a").await;
+            let key = f.key(Who::Project);
+            // 700 kB of pseudo-random bytes: three chunks, the last one short.
+            let mut x = 0x9e3779b97f4a7c15u64;
+            let content: Vec<u8> = (0..700_000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let (ct, body) = multipart("model", "weights.bin", &content);
+            let req = Request::post("/v1/files")
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", ct)
+                .body(Body::from(body))
+                .unwrap();
+            let (s, _, b) = raw(&app, req).await;
+            let file: Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(s, StatusCode::OK, "{file}");
+            assert_eq!(file["object"], "file");
+            assert_eq!(file["bytes"], 700_000);
+            assert_eq!(file["purpose"], "model");
+            assert_eq!(file["filename"], "weights.bin");
+            let id = file["id"].as_str().unwrap().to_string();
+            assert!(id.starts_with("file-"));
+            let get = |range: Option<&str>| {
+                let mut r = Request::get(format!("/v1/files/{id}/content"))
+                    .header("authorization", format!("Bearer {key}"));
+                if let Some(v) = range {
+                    r = r.header("range", v);
+                }
+                r.body(Body::empty()).unwrap()
+            };
+            let (s, h, b) = raw(&app, get(None)).await;
+            assert_eq!(s, StatusCode::OK);
+            assert_eq!(h["content-length"], "700000");
+            assert!(b == content, "the content differs");
+            for (spec, want) in [
+                ("bytes=0-0", 0..1),
+                ("bytes=262140-262150", 262_140..262_151),
+                ("bytes=100000-600000", 100_000..600_001),
+                ("bytes=524288-", 524_288..700_000),
+                ("bytes=-10", 699_990..700_000),
+                ("bytes=699999-800000", 699_999..700_000),
+            ] {
+                let (s, h, b) = raw(&app, get(Some(spec))).await;
+                assert_eq!(s, StatusCode::PARTIAL_CONTENT, "{spec}");
+                assert_eq!(
+                    h["content-range"].to_str().unwrap(),
+                    format!("bytes {}-{}/700000", want.start, want.end - 1),
+                    "{spec}"
+                );
+                assert!(b == content[want.clone()], "{spec}: wrong bytes");
+            }
+            let (s, h, _) = raw(&app, get(Some("bytes=700000-"))).await;
+            assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE);
+            assert_eq!(h["content-range"], "bytes */700000");
+
+            // Listed (newest first), with the fixture's file.
+            let (s, list) = call(&app, &Method::GET, "/v1/files", key, &Value::Null).await;
+            assert_eq!(s, StatusCode::OK);
+            assert_eq!(list["data"][0]["id"], id.as_str(), "{list}");
+            assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+            let (_, only) = call(
+                &app,
+                &Method::GET,
+                "/v1/files?purpose=model",
+                key,
+                &Value::Null,
+            )
+            .await;
+            assert_eq!(only["data"].as_array().unwrap().len(), 1, "{only}");
+
+            // Sealed on disk: no 32-byte run of the content is there.
+            let objects = storage.list("").await.unwrap();
+            assert!(!objects.is_empty());
+            for o in &objects {
+                let stored = storage.raw(o).await.unwrap();
+                for probe in [
+                    &content[..32],
+                    &content[300_000..300_032],
+                    &content[699_968..],
+                ] {
+                    assert!(
+                        !stored.windows(32).any(|w| w == probe),
+                        "{o} holds plaintext"
+                    );
+                }
+            }
+
+            // Another project of the same organization does not see it.
+            let other = store
+                .create_project(&f.org, "other", &Actor::cli())
+                .await
+                .unwrap();
+            let sa = store
+                .create_service_account(&f.org, &other.id, "bot", &Actor::cli())
+                .await
+                .unwrap();
+            let (s, _) = call(
+                &app,
+                &Method::GET,
+                &format!("/v1/files/{id}"),
+                &sa.api_key.value,
+                &Value::Null,
+            )
+            .await;
+            assert_eq!(s, StatusCode::NOT_FOUND);
+
+            // Deleted: gone from the API and from disk.
+            let (s, d) = call(
+                &app,
+                &Method::DELETE,
+                &format!("/v1/files/{id}"),
+                key,
+                &Value::Null,
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK, "{d}");
+            assert_eq!(d, json!({"object": "file", "id": id, "deleted": true}));
+            let (s, _, _) = raw(&app, get(None)).await;
+            assert_eq!(s, StatusCode::NOT_FOUND);
+            assert_eq!(storage.list("").await.unwrap().len(), objects.len() - 1);
+
+            // Bad forms: 400 in OpenAI's shape, nothing stored.
+            let before = storage.list("").await.unwrap().len();
+            for (ct, body) in [
+                multipart("nonsense", "a.bin", b"x"),
+                (
+                    "multipart/form-data; boundary=zz".to_string(),
+                    b"--zz\r\nbroken".to_vec(),
+                ),
+                ("application/json".to_string(), b"{}".to_vec()),
+            ] {
+                let req = Request::post("/v1/files")
+                    .header("authorization", format!("Bearer {key}"))
+                    .header("content-type", ct)
+                    .body(Body::from(body))
+                    .unwrap();
+                let (s, _, b) = raw(&app, req).await;
+                let e: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+                assert!(s.is_client_error(), "{s} {e}");
+                assert!(e["error"]["message"].is_string(), "{e}");
+            }
+            assert_eq!(storage.list("").await.unwrap().len(), before);
+        });
+    }
 }

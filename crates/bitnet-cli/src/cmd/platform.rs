@@ -38,6 +38,44 @@ pub async fn open_store(database: &str) -> Result<Store> {
         .with_context(|| format!("cannot open the database {database}"))
 }
 
+/// The master key: `BITNET_MASTER_KEY` (the key itself), else the key file given, else the
+/// default one (made with a new key if missing).
+pub fn master_key(
+    file: Option<&std::path::Path>,
+    default: &std::path::Path,
+) -> Result<std::sync::Arc<dyn bitnet_platform::crypto::KeyProvider>> {
+    use bitnet_platform::crypto::MasterKey;
+    let key = match std::env::var("BITNET_MASTER_KEY") {
+        Ok(v) if !v.trim().is_empty() => {
+            MasterKey::parse(&v).context("BITNET_MASTER_KEY is not a master key")?
+        }
+        _ => match file {
+            Some(f) => MasterKey::from_file(f)?,
+            None => MasterKey::load_or_create(default)?,
+        },
+    };
+    Ok(std::sync::Arc::new(key))
+}
+
+/// Where a server on `database` keeps its files and master key when not told: beside an
+/// SQLite file given on the command line, else the configured defaults.
+pub fn beside_database(database: &str, given: bool) -> Option<(String, std::path::PathBuf)> {
+    if !given {
+        return None;
+    }
+    let path = database.strip_prefix("sqlite://")?.split('?').next()?;
+    let p = std::path::Path::new(path);
+    let (dir, stem) = (p.parent()?, p.file_stem()?.to_str()?);
+    if path.contains(":memory:") || stem.is_empty() {
+        return None;
+    }
+    let dir = std::path::absolute(dir).ok()?;
+    Some((
+        format!("file://{}", dir.join(format!("{stem}-storage")).display()),
+        dir.join(format!("{stem}.master.key")),
+    ))
+}
+
 fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -82,6 +82,9 @@ pub struct Args {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body: usize,
+    /// Largest file `POST /v1/files` takes, in bytes (it streams to storage).
+    #[arg(long, default_value_t = 8 << 30)]
+    pub max_file_bytes: u64,
     /// Log as JSON lines (default: human-readable). RUST_LOG filters (default: info).
     #[arg(long)]
     pub log_json: bool,
@@ -95,6 +98,16 @@ pub struct Args {
     /// callback (`URL/v1/auth/sso/callback`). Default: the request's Host over http.
     #[arg(long, value_name = "URL")]
     pub public_url: Option<String>,
+    /// Where uploaded files are kept: `file:///DIR` or `s3://BUCKET[/PREFIX]` with the
+    /// standard `AWS_*` variables (default: `server.storage` from the config, a directory
+    /// beside the database).
+    #[arg(long, value_name = "URL")]
+    pub storage: Option<String>,
+    /// The master key file (64 hex digits) that wraps the organizations' data keys; made if
+    /// missing (default: `server.master_key_file`). `BITNET_MASTER_KEY` holding the key
+    /// itself wins over the file.
+    #[arg(long, value_name = "PATH")]
+    pub master_key_file: Option<std::path::PathBuf>,
     /// Read every request's key from the database instead of caching callers. With
     /// PostgreSQL the cache is on by default and every replica forgets a changed
     /// organization's callers within milliseconds (LISTEN/NOTIFY); SQLite never caches.
@@ -271,6 +284,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
     let addr = listen_addr(&args, &cfg.server.addr)?;
     let server = ServerConfig {
         max_body_bytes: args.max_body,
+        max_file_bytes: args.max_file_bytes,
         body_timeout: Duration::from_secs(args.client_timeout),
         header_timeout: Duration::from_secs(args.client_timeout),
         max_connections: args
@@ -287,7 +301,17 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let store = open_store(&database).await?;
+        let beside = super::platform::beside_database(&database, args.database.is_some());
+        let (storage_url, key_file) = match beside {
+            Some((s, k)) => (s, k),
+            None => (cfg.server.storage.clone(), cfg.server.master_key_file.clone()),
+        };
+        let master = super::platform::master_key(args.master_key_file.as_deref(), &key_file)?;
+        let store = open_store(&database).await?.with_master_key(master);
+        let storage = bitnet_platform::storage::Storage::open(
+            args.storage.as_deref().unwrap_or(&storage_url),
+        )
+        .context("cannot open the storage")?;
         if !args.no_credential_cache {
             store.start_credential_cache().await?;
         }
@@ -305,7 +329,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         };
         let (usage, writer) = UsageLog::start(store.clone());
         let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
-        let state = AppState::new(models, store, metrics, usage, server);
+        let state = AppState::new(models, store, metrics, usage, server).with_storage(storage);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
