@@ -307,6 +307,21 @@ impl Store {
         })
     }
 
+    /// Check that the master key opens the data keys already stored (a server started with
+    /// the wrong key stops at once, naming both keys, instead of failing request by request).
+    pub async fn check_master_key(&self) -> Result<()> {
+        let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+            "SELECT id, scope, master_key_id, wrapped FROM data_keys ORDER BY created_at, id LIMIT 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for (id, s, mk, wrapped) in rows {
+            let org = (s != "platform").then_some(s.as_str());
+            self.unwrap_row(&id, org, &mk, &wrapped)?;
+        }
+        Ok(())
+    }
+
     /// The organization's current data key (made on first use).
     pub async fn data_key(&self, org: Option<&str>) -> Result<DataKey> {
         let provider = self.provider()?;

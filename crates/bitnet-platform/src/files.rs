@@ -6,6 +6,7 @@ use crate::audit::{Actor, AuditEvent};
 use crate::error::{PlatformError, Result};
 use crate::ids::new_id;
 use crate::storage::{Storage, Written};
+use crate::store::Change;
 use crate::{HasId, List, Page, Store};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -148,11 +149,8 @@ impl Store {
         segments: &[Segment],
         by: &Actor,
     ) -> Result<FileObject> {
-        check_purpose(purpose)?;
-        let filename = check_filename(filename)?;
-        self.active_project(org, project).await?;
-        let (bytes, sha256) = match segments {
-            [one] => (one.written.bytes, one.written.sha256.clone()),
+        let one = match segments {
+            [one] => one,
             _ => {
                 return Err(PlatformError::invalid(
                     "file",
@@ -160,7 +158,35 @@ impl Store {
                 ));
             }
         };
+        let digests = (one.written.sha256.clone(), one.written.md5.clone());
         let mut c = self.change(org).await?;
+        let f = self
+            .insert_file_in(
+                &mut c, org, project, purpose, filename, segments, digests, by,
+            )
+            .await?;
+        c.commit().await?;
+        Ok(f)
+    }
+
+    /// A file's rows (and its `file.created` event) within change `c`; `digests` are the whole
+    /// content's SHA-256 and MD5.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn insert_file_in(
+        &self,
+        c: &mut Change,
+        org: &str,
+        project: &str,
+        purpose: &str,
+        filename: &str,
+        segments: &[Segment],
+        digests: (String, String),
+        by: &Actor,
+    ) -> Result<FileObject> {
+        check_purpose(purpose)?;
+        let filename = check_filename(filename)?;
+        self.active_project(org, project).await?;
+        let bytes: u64 = segments.iter().map(|s| s.written.bytes).sum();
         let f = FileObject {
             id: new_id("file-"),
             object: "file",
@@ -170,7 +196,7 @@ impl Store {
             filename,
             purpose: purpose.to_string(),
             status: "processed",
-            sha256,
+            sha256: digests.0,
         };
         sqlx::query(
             "INSERT INTO files (id, organization_id, project_id, purpose, filename, bytes, sha256, md5, created_at) \
@@ -183,7 +209,7 @@ impl Store {
         .bind(&f.filename)
         .bind(f.bytes)
         .bind(&f.sha256)
-        .bind(&segments[0].written.md5)
+        .bind(&digests.1)
         .bind(f.created_at)
         .execute(&mut *c.tx)
         .await?;
@@ -212,7 +238,6 @@ impl Store {
             .in_project(project),
         )
         .await?;
-        c.commit().await?;
         Ok(f)
     }
 

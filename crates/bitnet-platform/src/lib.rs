@@ -30,6 +30,7 @@ pub mod sso;
 pub mod storage;
 pub mod store;
 pub mod testing;
+pub mod uploads;
 pub mod usage;
 pub mod users;
 

@@ -88,6 +88,7 @@ impl Store {
             "invite" => "invites",
             "API key" => "api_keys",
             "file" => "files",
+            "upload" => "uploads",
             _ => return Ok(false),
         };
         let row: Option<(String,)> = sqlx::query_as(&format!(

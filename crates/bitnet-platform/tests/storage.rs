@@ -81,7 +81,7 @@ async fn read(
 #[test]
 fn sealed_objects_round_trip_in_ranges_and_refuse_tampering() {
     let backend = backends()[0];
-    for_each_storage(backend, |storage, store, org| async move {
+    for_each_storage(backend, |storage, store, org, _url| async move {
         let content = pseudo_random(1_000_003, 11);
         // Fed in odd-sized pieces, as a network delivers them.
         let pieces: Vec<Result<Bytes, std::io::Error>> = content
@@ -157,7 +157,7 @@ fn sealed_objects_round_trip_in_ranges_and_refuse_tampering() {
 #[test]
 fn a_wrong_master_key_is_named_and_rotation_keeps_everything_readable() {
     let backend = backends()[0];
-    for_each_storage(backend, |storage, store, org| async move {
+    for_each_storage(backend, |storage, store, org, _url| async move {
         let content = pseudo_random(300_000, 5);
         let seg = store
             .write_segment(
@@ -211,7 +211,7 @@ fn a_wrong_master_key_is_named_and_rotation_keeps_everything_readable() {
 /// Run `f` with each storage, a store with a master key, and an organization.
 fn for_each_storage<F, Fut>(backend: bitnet_platform::Backend, f: F)
 where
-    F: Fn(Storage, Store, String) -> Fut,
+    F: Fn(Storage, Store, String, String) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let dir = tempfile::tempdir().unwrap();
@@ -229,7 +229,61 @@ where
                 )
                 .await
                 .unwrap();
-            f(storage, store, org.id).await;
+            f(storage, store, org.id, db.url.clone()).await;
         });
     }
+}
+
+/// An upload left pending past its hour is marked expired by the sweep, and its parts leave
+/// storage; it takes no more parts.
+#[test]
+fn expired_uploads_are_swept_with_their_parts() {
+    let backend = backends()[0];
+    for_each_storage(backend, |storage, store, org, url| async move {
+        let cli = bitnet_platform::audit::Actor::cli();
+        let p = store.create_project(&org, "p", &cli).await.unwrap();
+        let u = store
+            .create_upload(
+                &org,
+                &p.id,
+                "a.bin",
+                "model",
+                10,
+                "application/octet-stream",
+                1 << 20,
+                &cli,
+            )
+            .await
+            .unwrap();
+        let part =
+            || futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"12345"))]);
+        store
+            .add_upload_part(&storage, &org, &p.id, &u.id, part())
+            .await
+            .unwrap();
+        let before = storage.list("").await.unwrap().len();
+        assert_eq!(store.sweep_expired_uploads(&storage).await.unwrap(), 0);
+        // An hour later (set behind the store's back).
+        let mut c = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE uploads SET expires_at = 1 WHERE id = $1")
+            .bind(&u.id)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.upload(&org, &p.id, &u.id).await.unwrap().status,
+            "expired"
+        );
+        assert_eq!(store.sweep_expired_uploads(&storage).await.unwrap(), 1);
+        assert_eq!(storage.list("").await.unwrap().len(), before - 1);
+        assert!(
+            store
+                .add_upload_part(&storage, &org, &p.id, &u.id, part())
+                .await
+                .is_err()
+        );
+        assert_eq!(storage.list("").await.unwrap().len(), before - 1);
+    });
 }

@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bitnet_platform::files::{FileObject, Segment};
 use bitnet_platform::storage::Storage;
+use bitnet_platform::uploads::{Upload, UploadPart};
 use bitnet_platform::{Deleted, List};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
@@ -328,3 +329,162 @@ pub async fn file_content(
     *r.status_mut() = status;
     Ok(r)
 }
+
+/// `POST /v1/uploads` body.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+pub struct CreateUpload {
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: i64,
+    pub mime_type: String,
+}
+
+/// `POST /v1/uploads/{upload_id}/complete` body.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+pub struct CompleteUpload {
+    pub part_ids: Vec<String>,
+    #[serde(default)]
+    pub md5: Option<String>,
+}
+
+/// `POST /v1/uploads`: an upload of `bytes` bytes in parts, pending for an hour.
+pub async fn create_upload(
+    State(s): State<AppState>,
+    who: Caller,
+    crate::api::ApiJson(b): crate::api::ApiJson<CreateUpload>,
+) -> Answer<Upload> {
+    s.storage()?;
+    Ok(Json(
+        s.store
+            .create_upload(
+                who.org()?,
+                who.project()?,
+                &b.filename,
+                &b.purpose,
+                b.bytes,
+                &b.mime_type,
+                s.config.max_file_bytes,
+                &who.actor,
+            )
+            .await?,
+    ))
+}
+
+/// `POST /v1/uploads/{upload_id}/parts`: one part, the multipart form's `data` field, streamed
+/// to storage.
+pub async fn add_upload_part(
+    State(s): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+    Form(mut form): Form,
+) -> Answer<UploadPart> {
+    let (org, project) = (who.org()?, who.project()?);
+    let storage = s.storage()?;
+    let mut part = None;
+    while let Some(field) = form.next_field().await.map_err(multipart_err)? {
+        match field.name().unwrap_or("") {
+            "data" if part.is_none() => {
+                let body = with_idle_timeout(field, s.config.body_timeout);
+                part = Some(
+                    s.store
+                        .add_upload_part(storage, org, project, &id, body)
+                        .await?,
+                );
+            }
+            "data" => return Err(ApiError::bad("data", "one part per request")),
+            other => {
+                return Err(ApiError::bad(
+                    "data",
+                    format!("unknown form field {other:?}: send the part as `data`"),
+                ));
+            }
+        }
+    }
+    Ok(Json(part.ok_or_else(|| {
+        ApiError::bad("data", "data is required")
+    })?))
+}
+
+/// `POST /v1/uploads/{upload_id}/complete`.
+pub async fn complete_upload(
+    State(s): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+    crate::api::ApiJson(b): crate::api::ApiJson<CompleteUpload>,
+) -> Answer<Upload> {
+    Ok(Json(
+        s.store
+            .complete_upload(
+                s.storage()?,
+                who.org()?,
+                who.project()?,
+                &id,
+                &b.part_ids,
+                b.md5.as_deref(),
+                &who.actor,
+            )
+            .await?,
+    ))
+}
+
+/// `POST /v1/uploads/{upload_id}/cancel`.
+pub async fn cancel_upload(
+    State(s): State<AppState>,
+    who: Caller,
+    Path(id): Path<String>,
+) -> Answer<Upload> {
+    Ok(Json(
+        s.store
+            .cancel_upload(s.storage()?, who.org()?, who.project()?, &id, &who.actor)
+            .await?,
+    ))
+}
+
+macro_rules! doc {
+    ($method:ident, $path:literal, $name:ident $(, $param:literal)*) => {
+        #[utoipa::path($method, path = $path, tag = "files",
+            params($(($param = String, Path, description = "An id of the caller's project")),*),
+            responses((status = 200, description = "OpenAI's Files / Uploads API object"),
+                      (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+                      (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)),
+            security(("api_key" = [])))]
+        #[allow(dead_code)]
+        fn $name() {}
+    };
+}
+
+doc!(get, "/v1/files", doc_list_files);
+doc!(get, "/v1/files/{file_id}", doc_get_file, "file_id");
+doc!(delete, "/v1/files/{file_id}", doc_delete_file, "file_id");
+doc!(
+    get,
+    "/v1/files/{file_id}/content",
+    doc_file_content,
+    "file_id"
+);
+doc!(
+    post,
+    "/v1/uploads/{upload_id}/cancel",
+    doc_cancel_upload,
+    "upload_id"
+);
+
+/// `POST /v1/uploads` with its JSON body described.
+#[utoipa::path(post, path = "/v1/uploads", tag = "files", request_body = CreateUpload,
+    responses((status = 200, description = "OpenAI's upload object"),
+              (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody)),
+    security(("api_key" = [])))]
+#[allow(dead_code)]
+fn doc_create_upload() {}
+
+/// `POST /v1/uploads/{upload_id}/complete` with its JSON body described.
+#[utoipa::path(post, path = "/v1/uploads/{upload_id}/complete", tag = "files", request_body = CompleteUpload,
+    params(("upload_id" = String, Path, description = "An id of the caller's project")),
+    responses((status = 200, description = "OpenAI's upload object"),
+              (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
+              (status = 409, body = crate::error::ErrorBody)),
+    security(("api_key" = [])))]
+#[allow(dead_code)]
+fn doc_complete_upload() {}

@@ -238,12 +238,14 @@ impl AppState {
         org::doc_list_service_accounts, org::doc_create_service_account, org::doc_list_project_keys, org::doc_create_own_project_key,
         org::doc_list_users, org::doc_list_invites, org::doc_create_invite, org::doc_list_admin_keys,
         org::doc_create_admin_key, org::doc_list_audit_logs,
+        files::doc_list_files, files::doc_get_file, files::doc_delete_file, files::doc_file_content,
+        files::doc_create_upload, files::doc_complete_upload, files::doc_cancel_upload,
         signin::login, signin::refresh, signin::logout, signin::accept_invite, signin::jwks,
         signin::sso_start, signin::sso_callback,
         healthz, readyz, metrics_text
     ),
     modifiers(&Security),
-    components(schemas(signin::LoginBody, signin::RefreshBody, signin::AcceptInviteBody, org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody)),
+    components(schemas(signin::LoginBody, signin::RefreshBody, signin::AcceptInviteBody, org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody, files::CreateUpload, files::CompleteUpload)),
     tags((name = "inference"), (name = "organization"), (name = "sign-in"), (name = "operations"))
 )]
 pub struct ApiDoc;
@@ -429,10 +431,9 @@ const MAX_HEADER_BYTES: usize = 32 << 10;
 /// Routes whose bodies stream to storage.
 fn is_upload(req: &Request) -> bool {
     req.method() == axum::http::Method::POST
-        && req
-            .extensions()
-            .get::<MatchedPath>()
-            .is_some_and(|p| p.as_str() == "/v1/files")
+        && req.extensions().get::<MatchedPath>().is_some_and(|p| {
+            p.as_str() == "/v1/files" || p.as_str() == "/v1/uploads/{upload_id}/parts"
+        })
 }
 
 /// HTTP-level refusals in OpenAI's error shape: request targets and headers over the limits
@@ -620,6 +621,18 @@ pub fn router(state: AppState) -> Router {
             get(files::get_file).delete(files::delete_file),
         )
         .route("/v1/files/{file_id}/content", get(files::file_content))
+        .route("/v1/uploads", post(files::create_upload))
+        .route(
+            "/v1/uploads/{upload_id}/parts",
+            post(files::add_upload_part).layer(DefaultBodyLimit::max(
+                bitnet_platform::uploads::MAX_PART_BYTES as usize + (64 << 10),
+            )),
+        )
+        .route(
+            "/v1/uploads/{upload_id}/complete",
+            post(files::complete_upload),
+        )
+        .route("/v1/uploads/{upload_id}/cancel", post(files::cancel_upload))
         .route(
             "/v1/organization/sso",
             get(org::get_sso).post(org::set_sso).delete(org::delete_sso),

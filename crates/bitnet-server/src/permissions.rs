@@ -215,6 +215,10 @@ pub const ROUTES: &[(Method, &str, Access)] = {
         (G, "/v1/files/{file_id}", FilesRead),
         (D, "/v1/files/{file_id}", FilesWrite),
         (G, "/v1/files/{file_id}/content", FilesRead),
+        (P, "/v1/uploads", FilesWrite),
+        (P, "/v1/uploads/{upload_id}/parts", FilesWrite),
+        (P, "/v1/uploads/{upload_id}/complete", FilesWrite),
+        (P, "/v1/uploads/{upload_id}/cancel", FilesWrite),
         (G, "/v1/operator/organizations", Operator),
         (P, "/v1/operator/organizations", Operator),
         (G, "/v1/operator/organizations/{organization_id}", Operator),
@@ -342,6 +346,7 @@ pub async fn authorize(
                 ("{invite_id}", "invite"),
                 ("{key_id}", "API key"),
                 ("{file_id}", "file"),
+                ("{upload_id}", "upload"),
             ] {
                 if let Some(id) = path_param(&route, path, param)
                     && !s.store.owns(org, kind, id).await?

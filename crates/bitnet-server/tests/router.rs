@@ -84,6 +84,9 @@ struct Fixture {
     admin_key_id: String,
     invite: String,
     file: String,
+    /// An upload with room for another part, and one ready to complete with its part.
+    upload: String,
+    whole_upload: (String, String),
     keys: Vec<(Who, String)>,
 }
 
@@ -171,6 +174,32 @@ async fn fixture(s: &Store, storage: &Storage, name: &str) -> Fixture {
         )
         .await
         .unwrap();
+    // Two uploads with a 5-byte part each: one with room for another part (to add to and to
+    // cancel), one whose part makes it whole (to complete).
+    let hello = || {
+        futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"hello"))])
+    };
+    let mut uploads = Vec::new();
+    for size in [10, 5] {
+        let u = s
+            .create_upload(
+                &org.id,
+                &p.id,
+                "a.bin",
+                "user_data",
+                size,
+                "application/octet-stream",
+                1 << 20,
+                &cli,
+            )
+            .await
+            .unwrap();
+        let part = s
+            .add_upload_part(storage, &org.id, &p.id, &u.id, hello())
+            .await
+            .unwrap();
+        uploads.push((u.id, part.id));
+    }
     // Four signed-in users: an owner and a reader of the organization, and readers who own
     // and who are members of the fixture's project.
     let mut sessions = Vec::new();
@@ -208,6 +237,8 @@ async fn fixture(s: &Store, storage: &Storage, name: &str) -> Fixture {
         admin_key_id: spare.id,
         invite: invite.id,
         file: file.id,
+        upload: uploads[0].0.clone(),
+        whole_upload: uploads[1].clone(),
         keys: vec![
             (Who::Operator, operator),
             (Who::Admin, admin_secret),
@@ -229,6 +260,14 @@ impl Fixture {
             .replace("{service_account_id}", &self.service_account)
             .replace("{invite_id}", &self.invite)
             .replace("{file_id}", &self.file)
+            .replace(
+                "{upload_id}",
+                if template.ends_with("/complete") {
+                    &self.whole_upload.0
+                } else {
+                    &self.upload
+                },
+            )
             .replace("{organization_id}", &self.org)
             .replace("{organization}", &self.org)
             .replace(
@@ -273,6 +312,12 @@ fn body(method: &Method, route: &str, f: &Fixture) -> Value {
         "/v1/files" => {
             json!({"multipart": [["purpose", null, "user_data"], ["file", "a.txt", "hello"]]})
         }
+        "/v1/uploads" => {
+            json!({"filename": "b.bin", "purpose": "model", "bytes": 3, "mime_type": "application/octet-stream"})
+        }
+        "/v1/uploads/{upload_id}/parts" => json!({"multipart": [["data", "blob", "hello"]]}),
+        "/v1/uploads/{upload_id}/complete" => json!({"part_ids": [f.whole_upload.1]}),
+        "/v1/uploads/{upload_id}/cancel" => Value::Null,
         _ => json!({"name": "new name"}),
     }
 }
@@ -418,7 +463,10 @@ fn another_organizations_ids_are_not_found() {
             let before = store.verify_audit(Some(&a.org)).await.unwrap()[0].rows;
             let mut checked = 0;
             for (method, route, _) in ROUTES {
-                if !route.starts_with("/v1/organization/") && !route.starts_with("/v1/files") {
+                if !route.starts_with("/v1/organization/")
+                    && !route.starts_with("/v1/files")
+                    && !route.starts_with("/v1/uploads")
+                {
                     continue;
                 }
                 let path = a.path(route);
@@ -459,6 +507,7 @@ fn another_organizations_ids_are_not_found() {
                             &a.admin_key_id,
                             &a.invite,
                             &a.file,
+                            &a.upload,
                         ] {
                             assert!(
                                 !text.contains(id.as_str()),
@@ -875,4 +924,141 @@ fn files_go_up_and_come_back_whole_and_in_ranges_sealed_on_disk() {
             assert_eq!(storage.list("").await.unwrap().len(), before);
         });
     }
+}
+
+/// A file sent in three parts, out of order, becomes one file whose bytes are the parts in
+/// the order `complete` names them; a wrong MD5 or size is a 400 that leaves the upload
+/// pending; a part past the declared size is 413; a completed or cancelled upload takes no
+/// more parts (409); cancelling removes the parts from storage.
+#[test]
+fn uploads_in_parts_become_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(Backend::Sqlite, dir.path());
+    runtime().block_on(async {
+        let (store, storage) = open(&db.url, dir.path()).await;
+        let app = bitnet_server::router(state(store.clone(), &storage));
+        let f = fixture(&store, &storage, "a").await;
+        let key = f.key(Who::Project);
+        let post_part = |upload: &str, data: &[u8]| {
+            let b = "pArTbOuNdArY";
+            let mut body = format!(
+                "--{b}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"blob\"\r\n\r\n"
+            )
+            .into_bytes();
+            body.extend_from_slice(data);
+            body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+            Request::post(format!("/v1/uploads/{upload}/parts"))
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", format!("multipart/form-data; boundary={b}"))
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let content: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (s, u) = call(
+            &app,
+            &Method::POST,
+            "/v1/uploads",
+            key,
+            &json!({"filename": "big.gguf", "purpose": "model", "bytes": 600_000,
+                    "mime_type": "application/octet-stream"}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{u}");
+        assert_eq!(u["object"], "upload");
+        assert_eq!(u["status"], "pending");
+        assert!(u["file"].is_null());
+        let id = u["id"].as_str().unwrap().to_string();
+        // The parts go up last first.
+        let mut parts = vec![String::new(); 3];
+        for i in [2usize, 0, 1] {
+            let (s, _, b) = raw(&app, post_part(&id, &content[i * 200_000..(i + 1) * 200_000])).await;
+            let p: Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(s, StatusCode::OK, "{p}");
+            assert_eq!(p["object"], "upload.part");
+            assert_eq!(p["upload_id"], id.as_str());
+            parts[i] = p["id"].as_str().unwrap().to_string();
+        }
+        // No room for more.
+        let (s, _, _) = raw(&app, post_part(&id, b"x")).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+        let complete = format!("/v1/uploads/{id}/complete");
+        // A wrong MD5, a missing part, an unknown part: 400, still pending.
+        for body in [
+            json!({"part_ids": parts, "md5": "00000000000000000000000000000000"}),
+            json!({"part_ids": [parts[0], parts[1]]}),
+            json!({"part_ids": [parts[0], parts[1], "part_nope"]}),
+            json!({"part_ids": [parts[0], parts[0], parts[1]]}),
+        ] {
+            let (s, e) = call(&app, &Method::POST, &complete, key, &body).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {e}");
+        }
+        let md5 = {
+            use md5::Digest;
+            bitnet_platform::ids::hex(&md5::Md5::digest(&content))
+        };
+        let (s, done) = call(
+            &app,
+            &Method::POST,
+            &complete,
+            key,
+            &json!({"part_ids": parts, "md5": md5}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{done}");
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["file"]["object"], "file");
+        assert_eq!(done["file"]["bytes"], 600_000);
+        assert_eq!(done["file"]["filename"], "big.gguf");
+        let file = done["file"]["id"].as_str().unwrap().to_string();
+        // The file's bytes are the parts in order, across part boundaries too.
+        let get = |range: &str| {
+            Request::get(format!("/v1/files/{file}/content"))
+                .header("authorization", format!("Bearer {key}"))
+                .header("range", range)
+                .body(Body::empty())
+                .unwrap()
+        };
+        let (s, _, b) = raw(&app, get("bytes=0-")).await;
+        assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+        assert!(b == content, "the file is not the parts in order");
+        let (_, _, b) = raw(&app, get("bytes=199990-400009")).await;
+        assert!(b == content[199_990..400_010], "a range across parts");
+        // Done: no more parts, no cancel.
+        let (s, _, _) = raw(&app, post_part(&id, b"x")).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        let cancel = format!("/v1/uploads/{id}/cancel");
+        let (s, _) = call(&app, &Method::POST, &cancel, key, &Value::Null).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+
+        // Another upload, cancelled: its parts leave storage.
+        let before = storage.list("").await.unwrap().len();
+        let (_, u2) = call(
+            &app,
+            &Method::POST,
+            "/v1/uploads",
+            key,
+            &json!({"filename": "x.bin", "purpose": "model", "bytes": 10, "mime_type": "application/octet-stream"}),
+        )
+        .await;
+        let id2 = u2["id"].as_str().unwrap().to_string();
+        let (s, _, _) = raw(&app, post_part(&id2, b"12345")).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(storage.list("").await.unwrap().len(), before + 1);
+        let (s, c) = call(&app, &Method::POST, &format!("/v1/uploads/{id2}/cancel"), key, &Value::Null).await;
+        assert_eq!(s, StatusCode::OK, "{c}");
+        assert_eq!(c["status"], "cancelled");
+        assert_eq!(storage.list("").await.unwrap().len(), before);
+        let (s, _, _) = raw(&app, post_part(&id2, b"x")).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        // Bad creations.
+        for body in [
+            json!({"filename": "x", "purpose": "nope", "bytes": 1, "mime_type": "a/b"}),
+            json!({"filename": "x", "purpose": "model", "bytes": -1, "mime_type": "a/b"}),
+            json!({"filename": "", "purpose": "model", "bytes": 1, "mime_type": "a/b"}),
+            json!({"filename": "x", "purpose": "model", "bytes": 1}),
+        ] {
+            let (s, e) = call(&app, &Method::POST, "/v1/uploads", key, &body).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {e}");
+        }
+    });
 }

@@ -30,6 +30,15 @@ impl DbArgs {
         let cfg = Config::load_or_default(&config::path(self.config.as_deref()))?;
         Ok(self.database.clone().unwrap_or(cfg.server.database))
     }
+
+    /// The master key file `bitnet serve` would use with these arguments.
+    fn master_key_file(&self) -> Result<PathBuf> {
+        let cfg = Config::load_or_default(&config::path(self.config.as_deref()))?;
+        let url = self.database.clone().unwrap_or(cfg.server.database.clone());
+        Ok(beside_database(&url, self.database.is_some())
+            .map(|(_, k)| k)
+            .unwrap_or(cfg.server.master_key_file))
+    }
 }
 
 pub async fn open_store(database: &str) -> Result<Store> {
@@ -198,6 +207,16 @@ pub enum KeysAction {
     },
     /// Revoke a key by id or redacted value.
     Revoke { id: String },
+    /// Re-wrap every organization's data key with a new master key (files and secrets are not
+    /// rewritten). The current key: `BITNET_MASTER_KEY`, `--master-key-file`, or the file
+    /// `bitnet serve` uses; the new one is made in `--new-master-key-file` if that is missing.
+    /// Restart the servers with the new key afterwards.
+    RotateMaster {
+        #[arg(long, value_name = "PATH")]
+        master_key_file: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        new_master_key_file: PathBuf,
+    },
 }
 
 fn print_key(key: &ApiKey, value: &str, json: bool) -> Result<()> {
@@ -218,9 +237,47 @@ fn print_key(key: &ApiKey, value: &str, json: bool) -> Result<()> {
 pub fn keys(args: KeysArgs) -> Result<()> {
     let url = args.db.url()?;
     let json = args.db.json;
+    let default_master = args.db.master_key_file()?;
     block_on(async move {
         let store = open_store(&url).await?;
         match args.action {
+            KeysAction::RotateMaster {
+                master_key_file,
+                new_master_key_file,
+            } => {
+                use bitnet_platform::crypto::{KeyProvider, MasterKey};
+                if master_key_file.is_none()
+                    && std::env::var("BITNET_MASTER_KEY").is_err()
+                    && !default_master.exists()
+                {
+                    anyhow::bail!(
+                        "no master key at {}: give --master-key-file or BITNET_MASTER_KEY",
+                        default_master.display()
+                    );
+                }
+                let old = master_key(master_key_file.as_deref(), &default_master)?;
+                store
+                    .clone()
+                    .with_master_key(old.clone())
+                    .check_master_key()
+                    .await?;
+                let new = MasterKey::load_or_create(&new_master_key_file)?;
+                if new.key_id() == old.key_id() {
+                    anyhow::bail!(
+                        "{} holds the current master key ({}); give a new file",
+                        new_master_key_file.display(),
+                        old.key_id()
+                    );
+                }
+                let n = store.with_master_key(old).rotate_master_key(&new).await?;
+                println!("{}", new.key_id());
+                eprintln!(
+                    "{n} data keys now wrapped by master key {} ({}); start the servers with it",
+                    new.key_id(),
+                    new_master_key_file.display()
+                );
+                Ok(())
+            }
             KeysAction::Create {
                 name,
                 org,

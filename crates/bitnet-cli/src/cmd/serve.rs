@@ -308,6 +308,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         };
         let master = super::platform::master_key(args.master_key_file.as_deref(), &key_file)?;
         let store = open_store(&database).await?.with_master_key(master);
+        store.check_master_key().await.context("the master key does not fit this database")?;
         let storage = bitnet_platform::storage::Storage::open(
             args.storage.as_deref().unwrap_or(&storage_url),
         )
@@ -329,6 +330,21 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         };
         let (usage, writer) = UsageLog::start(store.clone());
         let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
+        // Uploads left pending past their hour lose their parts.
+        {
+            let (store, storage) = (store.clone(), storage.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(600));
+                loop {
+                    every.tick().await;
+                    match store.sweep_expired_uploads(&storage).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(uploads = n, "expired uploads swept"),
+                        Err(e) => tracing::warn!(error = %e, "cannot sweep expired uploads"),
+                    }
+                }
+            });
+        }
         let state = AppState::new(models, store, metrics, usage, server).with_storage(storage);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
