@@ -158,7 +158,9 @@ impl Store {
                 ));
             }
         };
-        let digests = (one.written.sha256.clone(), one.written.md5.clone());
+        // A file sent whole has no MD5 to check (OpenAI's files carry none); an upload's is
+        // computed when it completes.
+        let digests = (one.written.sha256.clone(), String::new());
         let mut c = self.change(org).await?;
         let f = self
             .insert_file_in(

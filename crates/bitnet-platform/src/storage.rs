@@ -12,7 +12,6 @@ use crate::crypto::{DataKey, TAG_LEN};
 use crate::error::{PlatformError, Result};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use md5::Md5;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart};
 use sha2::{Digest, Sha256};
@@ -35,12 +34,11 @@ pub struct Storage {
     url: String,
 }
 
-/// What a sealed write took in: plaintext size and digests.
+/// What a sealed write took in: plaintext size and SHA-256 (hex).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     pub bytes: u64,
     pub sha256: String,
-    pub md5: String,
 }
 
 fn storage_err(e: object_store::Error) -> PlatformError {
@@ -72,7 +70,9 @@ impl Storage {
             Arc::new(
                 object_store::local::LocalFileSystem::new_with_prefix(dir)
                     .map_err(storage_err)?
-                    .with_automatic_cleanup(true),
+                    .with_automatic_cleanup(true)
+                    // The object's bytes and its name are on disk before the write returns.
+                    .with_fsync(true),
             )
         } else if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -150,7 +150,15 @@ impl Storage {
             header.extend_from_slice(&prefix);
             header.push(0);
             w.write(&header);
-            let (mut sha, mut md5) = (Sha256::new(), Md5::new());
+            // SHA-256 runs on a thread of its own, beside the encryption.
+            let (to_hash, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+            let hasher = tokio::task::spawn_blocking(move || {
+                let mut sha = Sha256::new();
+                while let Some(b) = hash_rx.blocking_recv() {
+                    sha.update(&b);
+                }
+                sha.finalize()
+            });
             let mut total = 0u64;
             let mut index = 0u32;
             let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK + TAG_LEN);
@@ -172,8 +180,10 @@ impl Storage {
                         "the file is over the {limit}-byte limit"
                     )));
                 }
-                sha.update(&data);
-                md5.update(&data);
+                to_hash
+                    .send(data.clone())
+                    .await
+                    .map_err(|_| PlatformError::Storage("the hashing thread stopped".into()))?;
                 let mut rest = &data[..];
                 while !rest.is_empty() {
                     // A full chunk is sealed only when more data follows: the last chunk is
@@ -196,10 +206,13 @@ impl Storage {
             }
             key.seal_chunk(&prefix, index, true, &mut chunk)?;
             w.write(&chunk);
+            drop(to_hash);
+            let sha = hasher
+                .await
+                .map_err(|e| PlatformError::Storage(format!("the hashing thread failed: {e}")))?;
             Ok(Written {
                 bytes: total,
-                sha256: crate::ids::hex(&sha.finalize()),
-                md5: crate::ids::hex(&md5.finalize()),
+                sha256: crate::ids::hex(&sha),
             })
         }
         .await;

@@ -285,7 +285,6 @@ impl Store {
                 written: Written {
                     bytes: *bytes as u64,
                     sha256: String::new(),
-                    md5: String::new(),
                 },
             });
         }
