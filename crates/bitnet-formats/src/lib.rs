@@ -18,6 +18,7 @@
 //! assert_eq!(h.tensors[0].dims, [4]);
 //! ```
 
+pub mod archive;
 pub mod atomic;
 pub mod error;
 pub mod gguf;

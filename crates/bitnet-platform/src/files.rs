@@ -8,6 +8,7 @@ use crate::ids::new_id;
 use crate::storage::{Storage, Written};
 use crate::store::Change;
 use crate::{HasId, List, Page, Store};
+use bitnet_formats::archive::{PackageKind, SNIFF_BYTES, sniff};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
@@ -66,6 +67,22 @@ pub struct Segment {
 }
 
 const COLS: &str = "id, bytes, created_at, expires_at, filename, purpose, sha256";
+
+/// How many first bytes tell a model file's kind.
+pub const SNIFF_HEAD: usize = SNIFF_BYTES;
+
+/// A model file is a GGUF, an ONNX file, or a tar (optionally gzip) of a Hugging Face
+/// directory; anything else is refused when it is uploaded, by its first bytes.
+pub fn check_model_head(head: &[u8]) -> Result<PackageKind> {
+    match sniff(head) {
+        PackageKind::Unknown => Err(PlatformError::invalid(
+            "file",
+            "a model file is a GGUF, an ONNX file, or a tar (optionally gzip) of a Hugging Face \
+             directory; this file is none of them",
+        )),
+        kind => Ok(kind),
+    }
+}
 
 pub fn check_purpose(purpose: &str) -> Result<()> {
     if PURPOSES.contains(&purpose) {
@@ -129,15 +146,37 @@ impl Store {
         segments: &[Segment],
         by: &Actor,
     ) -> Result<FileObject> {
-        let r = self
-            .insert_file(org, project, purpose, filename, segments, by)
-            .await;
+        let r = async {
+            if purpose == "model"
+                && let Some(first) = segments.first()
+            {
+                let head = self.segment_head(storage, org, first).await?;
+                check_model_head(&head)?;
+            }
+            self.insert_file(org, project, purpose, filename, segments, by)
+                .await
+        }
+        .await;
         if r.is_err() {
             for s in segments {
                 let _ = storage.delete(&s.object).await;
             }
         }
         r
+    }
+
+    /// The first bytes of a stored segment (up to [`SNIFF_BYTES`]).
+    async fn segment_head(&self, storage: &Storage, org: &str, seg: &Segment) -> Result<Vec<u8>> {
+        let key = self.data_key_by_id(Some(org), &seg.data_key_id).await?;
+        let n = seg.written.bytes.min(SNIFF_BYTES as u64);
+        let mut stream = storage
+            .read_sealed(&seg.object, &key, seg.written.bytes, 0..n)
+            .await?;
+        let mut head = Vec::new();
+        while let Some(piece) = stream.next().await {
+            head.extend_from_slice(&piece?);
+        }
+        Ok(head)
     }
 
     async fn insert_file(

@@ -300,6 +300,7 @@ impl Store {
         }
         // Read the parts back once: their digests, and proof that every one authenticates.
         let (mut sha, mut m5) = (Sha256::new(), Md5::new());
+        let mut head = Vec::new();
         for s in &segments {
             let key = self.data_key_by_id(Some(org), &s.data_key_id).await?;
             let mut stream = storage
@@ -307,6 +308,10 @@ impl Store {
                 .await?;
             while let Some(piece) = stream.next().await {
                 let piece = piece?;
+                if head.len() < crate::files::SNIFF_HEAD {
+                    let n = (crate::files::SNIFF_HEAD - head.len()).min(piece.len());
+                    head.extend_from_slice(&piece[..n]);
+                }
                 sha.update(&piece);
                 m5.update(&piece);
             }
@@ -322,6 +327,9 @@ impl Store {
                 "md5",
                 format!("the parts' MD5 is {m5}, not {want}"),
             ));
+        }
+        if u.purpose == "model" {
+            crate::files::check_model_head(&head)?;
         }
         let mut c = self.change(org).await?;
         let n = sqlx::query(

@@ -787,6 +787,9 @@ fn files_go_up_and_come_back_whole_and_in_ranges_sealed_on_disk() {
                     x as u8
                 })
                 .collect();
+            // A GGUF by its first bytes: a model file may be uploaded as one.
+            let mut content = content;
+            content[..4].copy_from_slice(b"GGUF");
             let (ct, body) = multipart("model", "weights.bin", &content);
             let req = Request::post("/v1/files")
                 .header("authorization", format!("Bearer {key}"))
@@ -905,6 +908,7 @@ fn files_go_up_and_come_back_whole_and_in_ranges_sealed_on_disk() {
             let before = storage.list("").await.unwrap().len();
             for (ct, body) in [
                 multipart("nonsense", "a.bin", b"x"),
+                multipart("model", "notes.txt", b"plain text is not a model file"),
                 (
                     "multipart/form-data; boundary=zz".to_string(),
                     b"--zz\r\nbroken".to_vec(),
@@ -954,6 +958,8 @@ fn uploads_in_parts_become_one_file() {
                 .unwrap()
         };
         let content: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut content = content;
+        content[..4].copy_from_slice(b"GGUF");
         let (s, u) = call(
             &app,
             &Method::POST,
@@ -1050,6 +1056,28 @@ fn uploads_in_parts_become_one_file() {
         assert_eq!(storage.list("").await.unwrap().len(), before);
         let (s, _, _) = raw(&app, post_part(&id2, b"x")).await;
         assert_eq!(s, StatusCode::CONFLICT);
+        // A model upload whose bytes are no model file is refused when completed.
+        let (_, u3) = call(
+            &app,
+            &Method::POST,
+            "/v1/uploads",
+            key,
+            &json!({"filename": "m.gguf", "purpose": "model", "bytes": 5, "mime_type": "application/octet-stream"}),
+        )
+        .await;
+        let id3 = u3["id"].as_str().unwrap().to_string();
+        let (_, _, b) = raw(&app, post_part(&id3, b"hello")).await;
+        let p3: Value = serde_json::from_slice(&b).unwrap();
+        let (s, e) = call(
+            &app,
+            &Method::POST,
+            &format!("/v1/uploads/{id3}/complete"),
+            key,
+            &json!({"part_ids": [p3["id"]]}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("model file"), "{e}");
         // Bad creations.
         for body in [
             json!({"filename": "x", "purpose": "nope", "bytes": 1, "mime_type": "a/b"}),
