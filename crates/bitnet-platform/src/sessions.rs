@@ -107,6 +107,13 @@ impl Store {
             .verifying_key()
             .to_bytes();
         let kid = new_id("sk_");
+        // The private half is kept sealed by the platform's data key where this process has
+        // the master key (`bitnet serve` and `bitnet auth` do).
+        let private = if self.keys.is_some() {
+            self.seal_secret(None, &crate::ids::hex(&seed)).await?
+        } else {
+            crate::ids::hex(&seed)
+        };
         let t = now();
         let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
@@ -117,7 +124,7 @@ impl Store {
             "INSERT INTO signing_keys (kid, private_key, public_key, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(&kid)
-        .bind(crate::ids::hex(&seed))
+        .bind(&private)
         .bind(crate::ids::hex(&public))
         .bind(t)
         .execute(&mut *tx)
@@ -135,6 +142,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
             if let Some((kid, private)) = row {
+                let private = self.open_secret(None, &private).await?;
                 let seed: [u8; 32] = unhex(&private).try_into().map_err(|_| {
                     PlatformError::Conflict(format!("signing key {kid} is damaged"))
                 })?;
@@ -299,10 +307,8 @@ impl Store {
             .unwrap_or_else(|| dummy_hash().to_string());
         let pw = password.to_string();
         let ok = blocking(move || verify_password(&pw, &phc)).await?;
-        let by = Actor {
-            email: Some(email.clone()),
-            ..by.clone()
-        };
+        // Whoever is signing in is known by the email they gave (in the actor's JSON too).
+        let by = Actor::anonymous(Some(&email)).at(by.ip.clone(), by.request_id.clone());
         match row {
             Some((user, org, Some(_))) if ok => {
                 let session = session_actor(&user, &email, &by);

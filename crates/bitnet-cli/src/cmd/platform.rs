@@ -459,8 +459,16 @@ pub enum AuthAction {
 
 pub fn auth(args: AuthArgs) -> Result<()> {
     let url = args.db.url()?;
+    let key_file = args.db.master_key_file()?;
     block_on(async move {
-        let store = open_store(&url).await?;
+        // Signing keys are sealed with the master key `bitnet serve` uses on this database.
+        let store = open_store(&url)
+            .await?
+            .with_master_key(master_key(None, &key_file)?);
+        store
+            .check_master_key()
+            .await
+            .context("the master key does not fit this database")?;
         match args.action {
             AuthAction::RotateSigningKey => {
                 let kid = store.rotate_signing_key().await?;
