@@ -22,6 +22,7 @@ pub mod crypto;
 pub mod error;
 pub mod files;
 pub mod ids;
+pub mod jobs;
 pub mod keys;
 pub mod orgs;
 pub mod projects;
