@@ -540,7 +540,14 @@ fn a_panic_in_one_requests_work_fails_that_request_and_the_engine_serves_on() {
         r#"{"model": "smol", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}"#,
     );
     assert_eq!(st, 200, "{b}");
-    let log = server.log.lock().unwrap().clone();
+    // The log is read from the server's stderr by another thread: wait for the lines.
+    let log = wait_for(30, || {
+        let log = server.log.lock().unwrap().clone();
+        (log.contains("failpoint model-forward-token")
+            && log.contains("running each sequence alone"))
+        .then_some(log)
+    })
+    .unwrap_or_else(|| server.log.lock().unwrap().clone());
     assert!(log.contains("failpoint model-forward-token"), "{log}");
     assert!(
         log.contains("running each sequence alone"),
@@ -1775,7 +1782,14 @@ fn repeated_client_request_ids_are_three_rows_under_server_ids() {
     })
     .expect("three usage rows");
     // One log line per request, with its id, status and tokens; and the trace export state.
-    let log = server.log.lock().unwrap().clone();
+    // The log is read from the server's stderr by another thread: wait until it has all three.
+    let log = wait_for(30, || {
+        let log = server.log.lock().unwrap().clone();
+        ids.iter()
+            .all(|id| log.contains(id.as_str()))
+            .then_some(log)
+    })
+    .unwrap_or_else(|| server.log.lock().unwrap().clone());
     for id in &ids {
         let line = log
             .lines()
