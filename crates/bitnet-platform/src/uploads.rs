@@ -10,6 +10,8 @@ use crate::error::{PlatformError, Result};
 use crate::files::{FileObject, Segment, check_purpose};
 use crate::ids::{new_id, now};
 use crate::storage::{Storage, Written};
+use crate::store::Change;
+use bitnet_formats::archive::SNIFF_BYTES;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use md5::Md5;
@@ -308,8 +310,8 @@ impl Store {
                 .await?;
             while let Some(piece) = stream.next().await {
                 let piece = piece?;
-                if head.len() < crate::files::SNIFF_HEAD {
-                    let n = (crate::files::SNIFF_HEAD - head.len()).min(piece.len());
+                if head.len() < SNIFF_BYTES {
+                    let n = (SNIFF_BYTES - head.len()).min(piece.len());
                     head.extend_from_slice(&piece[..n]);
                 }
                 sha.update(&piece);
@@ -332,19 +334,7 @@ impl Store {
             crate::files::check_model_head(&head)?;
         }
         let mut c = self.change(org).await?;
-        let n = sqlx::query(
-            "UPDATE uploads SET status = 'completed' WHERE id = $1 AND organization_id = $2 AND status = 'pending'",
-        )
-        .bind(id)
-        .bind(org)
-        .execute(&mut *c.tx)
-        .await?
-        .rows_affected();
-        if n != 1 {
-            return Err(PlatformError::Conflict(format!(
-                "upload {id} is no longer pending"
-            )));
-        }
+        end_pending(&mut c, org, id, "completed").await?;
         let f = self
             .insert_file_in(
                 &mut c,
@@ -392,19 +382,7 @@ impl Store {
     ) -> Result<Upload> {
         self.pending_upload(org, project, id).await?;
         let mut c = self.change(org).await?;
-        let n = sqlx::query(
-            "UPDATE uploads SET status = 'cancelled' WHERE id = $1 AND organization_id = $2 AND status = 'pending'",
-        )
-        .bind(id)
-        .bind(org)
-        .execute(&mut *c.tx)
-        .await?
-        .rows_affected();
-        if n != 1 {
-            return Err(PlatformError::Conflict(format!(
-                "upload {id} is no longer pending"
-            )));
-        }
+        end_pending(&mut c, org, id, "cancelled").await?;
         c.audit(AuditEvent::new("upload.cancelled", by, id, json!({"id": id})).in_project(project))
             .await?;
         c.commit().await?;
@@ -413,12 +391,19 @@ impl Store {
     }
 
     async fn remove_parts(&self, storage: &Storage, upload: &str) {
-        let parts: Vec<(String,)> =
-            sqlx::query_as("SELECT object FROM upload_parts WHERE upload_id = $1")
-                .bind(upload)
-                .fetch_all(&self.pool)
-                .await
-                .unwrap_or_default();
+        let parts: Vec<(String,)> = match sqlx::query_as(
+            "SELECT object FROM upload_parts WHERE upload_id = $1",
+        )
+        .bind(upload)
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%upload, error = %e, "cannot list an upload's parts; they stay in storage");
+                return;
+            }
+        };
         for (o,) in parts {
             if let Err(e) = storage.delete(&o).await {
                 tracing::warn!(object = %o, error = %e, "an upload part stays in storage");
@@ -439,4 +424,24 @@ impl Store {
         }
         Ok(expired.len())
     }
+}
+
+/// Move a pending upload to `status` within change `c`; a conflict if it is no longer pending
+/// (a completion and a cancel raced, or it expired).
+async fn end_pending(c: &mut Change, org: &str, id: &str, status: &str) -> Result<()> {
+    let n = sqlx::query(
+        "UPDATE uploads SET status = $1 WHERE id = $2 AND organization_id = $3 AND status = 'pending'",
+    )
+    .bind(status)
+    .bind(id)
+    .bind(org)
+    .execute(&mut *c.tx)
+    .await?
+    .rows_affected();
+    if n != 1 {
+        return Err(PlatformError::Conflict(format!(
+            "upload {id} is no longer pending"
+        )));
+    }
+    Ok(())
 }

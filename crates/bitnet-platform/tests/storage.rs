@@ -80,8 +80,7 @@ async fn read(
 
 #[test]
 fn sealed_objects_round_trip_in_ranges_and_refuse_tampering() {
-    let backend = backends()[0];
-    for_each_storage(backend, |storage, store, org, _url| async move {
+    for_each_storage(|storage, store, org, _url| async move {
         let content = pseudo_random(1_000_003, 11);
         // Fed in odd-sized pieces, as a network delivers them.
         let pieces: Vec<Result<Bytes, std::io::Error>> = content
@@ -156,8 +155,7 @@ fn sealed_objects_round_trip_in_ranges_and_refuse_tampering() {
 
 #[test]
 fn a_wrong_master_key_is_named_and_rotation_keeps_everything_readable() {
-    let backend = backends()[0];
-    for_each_storage(backend, |storage, store, org, _url| async move {
+    for_each_storage(|storage, store, org, _url| async move {
         let content = pseudo_random(300_000, 5);
         let seg = store
             .write_segment(
@@ -208,29 +206,32 @@ fn a_wrong_master_key_is_named_and_rotation_keeps_everything_readable() {
     });
 }
 
-/// Run `f` with each storage, a store with a master key, and an organization.
-fn for_each_storage<F, Fut>(backend: bitnet_platform::Backend, f: F)
+/// Run `f` on each database backend with each storage, a store with a master key, and an
+/// organization.
+fn for_each_storage<F, Fut>(f: F)
 where
     F: Fn(Storage, Store, String, String) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::new(backend, dir.path());
-    for storage in storages(dir.path()) {
-        run(async {
-            let store = Store::open(&db.url)
-                .await
-                .unwrap()
-                .with_master_key(Arc::new(MasterKey::from_bytes(&[1; 32])));
-            let org = store
-                .create_organization(
-                    &format!("o-{}", uuid::Uuid::new_v4()),
-                    &bitnet_platform::audit::Actor::cli(),
-                )
-                .await
-                .unwrap();
-            f(storage, store, org.id, db.url.clone()).await;
-        });
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path());
+        for storage in storages(dir.path()) {
+            run(async {
+                let store = Store::open(&db.url)
+                    .await
+                    .unwrap()
+                    .with_master_key(Arc::new(MasterKey::from_bytes(&[1; 32])));
+                let org = store
+                    .create_organization(
+                        &format!("o-{}", uuid::Uuid::new_v4()),
+                        &bitnet_platform::audit::Actor::cli(),
+                    )
+                    .await
+                    .unwrap();
+                f(storage, store, org.id, db.url.clone()).await;
+            });
+        }
     }
 }
 
@@ -238,8 +239,7 @@ where
 /// storage; it takes no more parts.
 #[test]
 fn expired_uploads_are_swept_with_their_parts() {
-    let backend = backends()[0];
-    for_each_storage(backend, |storage, store, org, url| async move {
+    for_each_storage(|storage, store, org, url| async move {
         let cli = bitnet_platform::audit::Actor::cli();
         let p = store.create_project(&org, "p", &cli).await.unwrap();
         let u = store

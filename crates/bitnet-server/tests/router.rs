@@ -671,73 +671,76 @@ fn a_project_owner_changes_that_project_only() {
 /// another project refuses it, and it dies when the member leaves the project.
 #[test]
 fn a_project_member_makes_a_key_of_its_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::new(Backend::Sqlite, dir.path());
-    runtime().block_on(async {
-        let (store, storage) = open(&db.url, dir.path()).await;
-        let app = bitnet_server::router(state(store.clone(), &storage));
-        let f = fixture(&store, &storage, "a").await;
-        let other = store
-            .create_project(&f.org, "other", &Actor::cli())
-            .await
-            .unwrap();
-        let member = f.key(Who::ProjectMember);
-        let keys = format!("/v1/organization/projects/{}/api_keys", f.project);
-        let (s, key) = call(
-            &app,
-            &Method::POST,
-            &keys,
-            member,
-            &json!({"name": "laptop"}),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{key}");
-        let secret = key["value"].as_str().unwrap().to_string();
-        assert!(secret.starts_with("sk-proj-"), "{key}");
-        assert_eq!(key["owner"]["type"], "user", "{key}");
-        let user = key["owner"]["user"]["id"].as_str().unwrap().to_string();
-        // It runs the models; its secret is not shown again.
-        assert_eq!(
-            call(&app, &Method::GET, "/v1/models", &secret, &Value::Null)
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path());
+        runtime().block_on(async {
+            let (store, storage) = open(&db.url, dir.path()).await;
+            let app = bitnet_server::router(state(store.clone(), &storage));
+            let f = fixture(&store, &storage, "a").await;
+            let other = store
+                .create_project(&f.org, "other", &Actor::cli())
                 .await
-                .0,
-            StatusCode::OK
-        );
-        let (_, listed) = call(&app, &Method::GET, &keys, f.key(Who::Admin), &Value::Null).await;
-        let mine: Vec<&Value> = listed["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|k| k["id"] == key["id"])
-            .collect();
-        assert_eq!(mine.len(), 1, "{listed}");
-        assert!(mine[0].get("value").is_none(), "{listed}");
-        // Not a member of the other project: refused.
-        let theirs = format!("/v1/organization/projects/{}/api_keys", other.id);
-        assert_eq!(
-            call(&app, &Method::POST, &theirs, member, &json!({"name": "x"}))
-                .await
-                .0,
-            StatusCode::FORBIDDEN
-        );
-        // Leaving the project revokes the key.
-        let leave = format!("/v1/organization/projects/{}/users/{user}", f.project);
-        let (s, e) = call(
-            &app,
-            &Method::DELETE,
-            &leave,
-            f.key(Who::Admin),
-            &Value::Null,
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{e}");
-        assert_eq!(
-            call(&app, &Method::GET, "/v1/models", &secret, &Value::Null)
-                .await
-                .0,
-            StatusCode::UNAUTHORIZED
-        );
-    });
+                .unwrap();
+            let member = f.key(Who::ProjectMember);
+            let keys = format!("/v1/organization/projects/{}/api_keys", f.project);
+            let (s, key) = call(
+                &app,
+                &Method::POST,
+                &keys,
+                member,
+                &json!({"name": "laptop"}),
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK, "{key}");
+            let secret = key["value"].as_str().unwrap().to_string();
+            assert!(secret.starts_with("sk-proj-"), "{key}");
+            assert_eq!(key["owner"]["type"], "user", "{key}");
+            let user = key["owner"]["user"]["id"].as_str().unwrap().to_string();
+            // It runs the models; its secret is not shown again.
+            assert_eq!(
+                call(&app, &Method::GET, "/v1/models", &secret, &Value::Null)
+                    .await
+                    .0,
+                StatusCode::OK
+            );
+            let (_, listed) =
+                call(&app, &Method::GET, &keys, f.key(Who::Admin), &Value::Null).await;
+            let mine: Vec<&Value> = listed["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|k| k["id"] == key["id"])
+                .collect();
+            assert_eq!(mine.len(), 1, "{listed}");
+            assert!(mine[0].get("value").is_none(), "{listed}");
+            // Not a member of the other project: refused.
+            let theirs = format!("/v1/organization/projects/{}/api_keys", other.id);
+            assert_eq!(
+                call(&app, &Method::POST, &theirs, member, &json!({"name": "x"}))
+                    .await
+                    .0,
+                StatusCode::FORBIDDEN
+            );
+            // Leaving the project revokes the key.
+            let leave = format!("/v1/organization/projects/{}/users/{user}", f.project);
+            let (s, e) = call(
+                &app,
+                &Method::DELETE,
+                &leave,
+                f.key(Who::Admin),
+                &Value::Null,
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK, "{e}");
+            assert_eq!(
+                call(&app, &Method::GET, "/v1/models", &secret, &Value::Null)
+                    .await
+                    .0,
+                StatusCode::UNAUTHORIZED
+            );
+        });
+    }
 }
 
 /// A raw request: status, headers, body bytes.
@@ -936,9 +939,10 @@ fn files_go_up_and_come_back_whole_and_in_ranges_sealed_on_disk() {
 /// more parts (409); cancelling removes the parts from storage.
 #[test]
 fn uploads_in_parts_become_one_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::new(Backend::Sqlite, dir.path());
-    runtime().block_on(async {
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path());
+        runtime().block_on(async {
         let (store, storage) = open(&db.url, dir.path()).await;
         let app = bitnet_server::router(state(store.clone(), &storage));
         let f = fixture(&store, &storage, "a").await;
@@ -1089,4 +1093,5 @@ fn uploads_in_parts_become_one_file() {
             assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {e}");
         }
     });
+    }
 }
