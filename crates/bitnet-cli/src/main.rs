@@ -41,6 +41,8 @@ enum Command {
     Models(cmd::models::Args),
     /// Serve models through an OpenAI-compatible API (continuous batching, API keys, metrics).
     Serve(cmd::serve::Args),
+    /// Run quantization jobs from the database queue (scale-out beside `bitnet serve`).
+    Worker(cmd::worker::Args),
     /// Create, list and revoke API keys: operator, organization admin and project keys.
     Keys(cmd::platform::KeysArgs),
     /// Create and list organizations (the platform's tenants).
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Models(args) => cmd::models::run(args),
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Worker(args) => cmd::worker::run(args),
         Command::Keys(args) => cmd::platform::keys(args),
         Command::Orgs(args) => cmd::platform::orgs(args),
         Command::Audit(args) => cmd::platform::audit(args),

@@ -54,10 +54,15 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        // An empty model path: the server serves the registry alone.
+        if !model.as_os_str().is_empty() {
+            cmd.arg("serve")
+                .arg("-m")
+                .arg(format!("smol={}", model.display()));
+        } else {
+            cmd.arg("serve");
+        }
         let mut child = cmd
-            .arg("serve")
-            .arg("-m")
-            .arg(format!("smol={}", model.display()))
             .args([
                 "--addr",
                 "127.0.0.1:0",
@@ -2145,4 +2150,605 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model registry and quantization jobs (issue 15)
+// ---------------------------------------------------------------------------------------------
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The storages a registry test runs on: a directory, and SeaweedFS's S3 (unless
+/// `BITNET_TEST_S3=skip`), each with the environment the server needs for it.
+fn registry_storages(dir: &Path) -> Vec<(String, Vec<(&'static str, String)>)> {
+    let mut out = vec![(
+        format!("file://{}", dir.join("storage").display()),
+        Vec::new(),
+    )];
+    let s3 = std::env::var("BITNET_TEST_S3").unwrap_or_else(|_| "s3://bitnet-test".into());
+    if s3 != "skip" {
+        let endpoint = std::env::var("BITNET_TEST_S3_ENDPOINT")
+            .unwrap_or_else(|_| "http://127.0.0.1:8333".into());
+        out.push((
+            format!("{s3}/serve-{}", uuid::Uuid::new_v4()),
+            vec![
+                ("AWS_ENDPOINT_URL", endpoint),
+                ("AWS_ACCESS_KEY_ID", "bitnet-test".into()),
+                ("AWS_SECRET_ACCESS_KEY", "bitnet-test-secret".into()),
+                ("AWS_REGION", "us-east-1".into()),
+            ],
+        ));
+    }
+    out
+}
+
+/// A gzip tar of a Hugging Face directory made of `model` (a test model directory) and, when
+/// given, the files of `extra`, under a top directory `top`.
+fn model_tar(dir: &Path, model: &Path, extra: Option<&Path>, top: &str) -> Vec<u8> {
+    let root = dir.join(format!("tar-{top}"));
+    let d = root.join(top);
+    std::fs::create_dir_all(&d).unwrap();
+    for src in std::iter::once(model).chain(extra) {
+        for e in std::fs::read_dir(src).unwrap().flatten() {
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+    }
+    let out = root.join("m.tar.gz");
+    succeeds(
+        std::process::Command::new("tar")
+            .arg("-czf")
+            .arg(&out)
+            .arg("-C")
+            .arg(&root)
+            .arg(top),
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn tiny_chat_tar(dir: &Path) -> Vec<u8> {
+    let root = repo_root();
+    model_tar(
+        dir,
+        &root.join("testdata/models/tiny-bitnet-c-float"),
+        Some(&root.join("testdata/tokenizers/tiny-chat-128")),
+        "tiny-bitnet",
+    )
+}
+
+impl Server {
+    /// Upload `bytes` as a file of `purpose`; the answer's status and body.
+    fn upload(&self, purpose: &str, filename: &str, bytes: &[u8]) -> (u16, serde_json::Value) {
+        let mut body = format!(
+            "--XXb\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+             --XXb\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n--XXb--\r\n");
+        let (s, _, b) = self.http(
+            "POST",
+            "/v1/files",
+            Some(&self.key),
+            &body,
+            "Content-Type: multipart/form-data; boundary=XXb\r\n",
+        );
+        (s, serde_json::from_str(&b).unwrap_or_default())
+    }
+
+    /// Start a job; its object.
+    fn job(&self, body: &str, idempotency_key: Option<&str>) -> (u16, serde_json::Value) {
+        let extra = match idempotency_key {
+            Some(k) => format!("Content-Type: application/json\r\nIdempotency-Key: {k}\r\n"),
+            None => "Content-Type: application/json\r\n".into(),
+        };
+        let (s, _, b) = self.http(
+            "POST",
+            "/v1/quantization/jobs",
+            Some(&self.key),
+            body.as_bytes(),
+            &extra,
+        );
+        (s, serde_json::from_str(&b).unwrap_or_default())
+    }
+
+    /// Wait (generously) for a job to reach one of the final states; its object.
+    fn wait_job(&self, id: &str) -> serde_json::Value {
+        wait_for(300, || {
+            let (_, j) = self.json(
+                "GET",
+                &format!("/v1/quantization/jobs/{id}"),
+                Some(&self.key),
+                "",
+            );
+            ["succeeded", "failed", "cancelled"]
+                .contains(&j["status"].as_str().unwrap_or(""))
+                .then_some(j)
+        })
+        .unwrap_or_else(|| panic!("job {id} did not finish:\n{}", self.log.lock().unwrap()))
+    }
+
+    fn events(&self, id: &str) -> Vec<serde_json::Value> {
+        let (s, e) = self.json(
+            "GET",
+            &format!("/v1/quantization/jobs/{id}/events?limit=1000"),
+            Some(&self.key),
+            "",
+        );
+        assert_eq!(s, 200, "{e}");
+        e["data"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// A greedy chat reply from `model`: (status, the model that answered, the text).
+    fn chat(&self, model: &str) -> (u16, String, String) {
+        let (s, b) = self.post_json(
+            "/v1/chat/completions",
+            &format!(
+                r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "the cat"}}], "max_tokens": 6, "temperature": 0}}"#
+            ),
+        );
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap_or_default();
+        (
+            s,
+            v["model"].as_str().unwrap_or("").to_string(),
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or(&b)
+                .to_string(),
+        )
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What `bitnet convert` makes of the tiny chat model, for comparison with a job's result.
+fn converted_locally(dir: &Path, to: &str) -> Vec<u8> {
+    let root = repo_root();
+    let src = dir.join(format!("local-{to}"));
+    std::fs::create_dir_all(&src).unwrap();
+    for d in [
+        "testdata/models/tiny-bitnet-c-float",
+        "testdata/tokenizers/tiny-chat-128",
+    ] {
+        for e in std::fs::read_dir(root.join(d)).unwrap().flatten() {
+            std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+        }
+    }
+    let out = dir.join(format!("local-{to}.gguf"));
+    succeeds(
+        bitnet()
+            .arg("convert")
+            .arg(&src)
+            .arg("-o")
+            .arg(&out)
+            .args(["--to", to])
+            .env("BITNET_CONFIG", no_config()),
+    );
+    std::fs::read(out).unwrap()
+}
+
+/// Issue 15's story, on a directory and on S3: a server started with no model serves the
+/// registry; upload the tiny BitNet directory (with a tokenizer) as a tar, start a job (an
+/// idempotency key gives the same job back), follow its events as SSE, chat with the result by
+/// name, make a second version, move `prod` to it, and delete rules hold. The job's GGUF is
+/// byte-identical to `bitnet convert`'s.
+#[test]
+fn uploaded_models_are_quantized_by_jobs_and_served_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let local_tq2 = converted_locally(dir.path(), "tq2_0");
+    let local_i2s = converted_locally(dir.path(), "i2_s");
+    let tar = tiny_chat_tar(dir.path());
+    for (i, (storage, env)) in registry_storages(dir.path()).into_iter().enumerate() {
+        let sub = dir.path().join(format!("run{i}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let db = temp_db(&tempfile::tempdir_in(&sub).unwrap());
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let work = sub.join("work");
+        let server = Server::launch(
+            bitnet(),
+            Path::new(""),
+            &db,
+            &["--storage", &storage, "--work-dir", work.to_str().unwrap()],
+            &env,
+        );
+        let (s, f) = server.upload("model", "tiny-bitnet.tar.gz", &tar);
+        assert_eq!(s, 200, "{storage}: {f}");
+        let file = f["id"].as_str().unwrap().to_string();
+        let body = format!(r#"{{"file": "{file}", "to": "tq2_0", "name": "tiny"}}"#);
+        let (s, job) = server.job(&body, Some("first"));
+        assert_eq!(s, 200, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        assert_eq!(job["object"], "quantization.job");
+        let (_, again) = server.job(&body, Some("first"));
+        assert_eq!(again["id"], job["id"], "the same key gives the same job");
+        let (s, clash) = server.job(
+            &format!(r#"{{"file": "{file}", "to": "i2_s", "name": "tiny"}}"#),
+            Some("first"),
+        );
+        assert_eq!(s, 409, "{clash}");
+        // Server-Sent Events until the job ends.
+        let (s, head, sse) = server.http(
+            "GET",
+            &format!("/v1/quantization/jobs/{id}/events?stream=true"),
+            Some(&server.key),
+            b"",
+            "",
+        );
+        assert_eq!(s, 200, "{head}{sse}");
+        assert!(head.contains("text/event-stream"), "{head}");
+        assert!(sse.contains("[DONE]"), "{sse}");
+        assert!(sse.contains("job succeeded"), "{sse}");
+        let job = server.wait_job(&id);
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["quantized_model"], "tiny:1");
+        let events = server.events(&id);
+        assert!(
+            events
+                .iter()
+                .any(|e| e["data"]["phase"] == "convert"
+                    || e["data"]["tensors_done"].as_u64().is_some()),
+            "no progress event: {events:?}"
+        );
+        // The result is a file of the project, byte for byte what `bitnet convert` writes.
+        let result = job["result_files"][0].as_str().unwrap();
+        let (s, head, _) = server.http(
+            "GET",
+            &format!("/v1/files/{result}/content"),
+            Some(&server.key),
+            b"",
+            "",
+        );
+        assert_eq!(s, 200);
+        let (_, versions) = server.json("GET", "/v1/models/tiny/versions", Some(&server.key), "");
+        let v1 = &versions["data"][0];
+        assert_eq!(v1["sha256"], sha256_hex(&local_tq2), "{versions}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("content-length: {}", local_tq2.len())),
+            "{head}"
+        );
+        assert_eq!(v1["format"], "tq2_0");
+        assert_eq!(v1["architecture"], "bitnet-25");
+        assert!(v1["parameters"].as_i64().unwrap() > 100_000);
+        let report = &v1["report"];
+        assert_eq!(report["ternarization"]["source"], "float", "{report}");
+        let cos = report["ternarization"]["cosine"].as_f64().unwrap();
+        assert!(cos > 0.5 && cos < 1.0, "{report}");
+        assert!(
+            report["verified"]["ternary"].as_u64().unwrap() >= 7,
+            "{report}"
+        );
+        // Nothing of the converted weights is stored in the clear.
+        if storage.starts_with("file://") {
+            let known = &local_tq2[local_tq2.len() - 4096..local_tq2.len() - 4064];
+            let mut distinct = known.to_vec();
+            distinct.sort();
+            distinct.dedup();
+            assert!(distinct.len() >= 8, "pick tensor bytes, not padding");
+            let stored: Vec<u8> = walk(Path::new(storage.strip_prefix("file://").unwrap()))
+                .iter()
+                .flat_map(|p| std::fs::read(p).unwrap())
+                .collect();
+            assert!(stored.len() > local_tq2.len());
+            assert!(!stored.windows(known.len()).any(|w| w == known));
+        }
+        // Chat by name.
+        let (_, models) = server.json("GET", "/v1/models", Some(&server.key), "");
+        assert!(
+            models["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == "tiny"),
+            "{models}"
+        );
+        let (s, answered, first) = server.chat("tiny");
+        assert_eq!(s, 200, "{first}");
+        assert_eq!(answered, "tiny:1");
+        // A second version (I2_S): `latest` moves, `prod` stays until moved.
+        let (s, job2) = server.job(
+            &format!(r#"{{"file": "{file}", "to": "i2_s", "name": "tiny"}}"#),
+            Some("second"),
+        );
+        assert_eq!(s, 200, "{job2}");
+        let job2 = server.wait_job(job2["id"].as_str().unwrap());
+        assert_eq!(job2["quantized_model"], "tiny:2", "{job2}");
+        let (_, m) = server.json("GET", "/v1/models/tiny", Some(&server.key), "");
+        assert_eq!(m["registry"]["aliases"]["prod"], 1, "{m}");
+        assert_eq!(m["registry"]["aliases"]["latest"], 2, "{m}");
+        let (_, versions) = server.json("GET", "/v1/models/tiny/versions", Some(&server.key), "");
+        assert_eq!(versions["data"][1]["sha256"], sha256_hex(&local_i2s));
+        assert_eq!(server.chat("tiny").1, "tiny:1");
+        assert_eq!(server.chat("tiny:latest").1, "tiny:2");
+        let (s, m) = server.json(
+            "POST",
+            "/v1/models/tiny/aliases/prod",
+            Some(&server.key),
+            r#"{"version": 2}"#,
+        );
+        assert_eq!(s, 200, "{m}");
+        let (s, answered, second) = server.chat("tiny");
+        assert_eq!((s, answered.as_str()), (200, "tiny:2"), "{second}");
+        // The old version still answers by number, as it did.
+        let (s, answered, old) = server.chat("tiny:1");
+        assert_eq!((s, answered.as_str()), (200, "tiny:1"));
+        assert_eq!(old, first);
+        // Deleting what an alias points at is refused; an unaliased version goes.
+        let (s, e) = server.json(
+            "DELETE",
+            "/v1/models/tiny/versions/2",
+            Some(&server.key),
+            "",
+        );
+        assert_eq!(s, 409, "{e}");
+        let (s, _) = server.json(
+            "DELETE",
+            "/v1/models/tiny/versions/1",
+            Some(&server.key),
+            "",
+        );
+        assert_eq!(s, 200);
+        let (s, _, _) = server.chat("tiny:1");
+        assert_eq!(s, 404);
+        let (s, e) = server.json("GET", "/v1/models/nope", Some(&server.key), "");
+        assert_eq!(s, 404, "{e}");
+        // No job left anything in its scratch directory.
+        let left: Vec<PathBuf> = walk_all(&work.join("jobs"));
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+/// Every file under `dir`, or none when it does not exist.
+fn walk_all(dir: &Path) -> Vec<PathBuf> {
+    if dir.exists() { walk(dir) } else { Vec::new() }
+}
+
+/// A `bitnet worker` process on the server's database and storage.
+fn worker(db: &TestDb, storage: &str, work: &Path, pause_ms: u64) -> Child {
+    bitnet()
+        .args([
+            "worker",
+            "--database",
+            &db.url,
+            "--storage",
+            storage,
+            "--job-lease",
+            "3",
+        ])
+        .arg("--work-dir")
+        .arg(work)
+        .env("BITNET_CONFIG", no_config())
+        .env("BITNET_MASTER_KEY", TEST_MASTER_KEY)
+        .env("BITNET_TEST_JOB_PAUSE_MS", pause_ms.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Stored objects under a `jobs/` directory (results of attempts).
+fn job_objects(storage_dir: &Path) -> Vec<PathBuf> {
+    walk_all(storage_dir)
+        .into_iter()
+        .filter(|p| p.components().any(|c| c.as_os_str() == "jobs"))
+        .collect()
+}
+
+/// Issue 15's faults: `kill -9` a worker mid-job and another finishes it after the lease runs
+/// out (the output verified byte for byte, one result stored, the retry in the events); a
+/// cancel mid-job stops the work within moments and leaves nothing behind.
+#[test]
+fn a_killed_workers_job_is_finished_by_another_and_a_cancel_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let storage_dir = dir.path().join("storage");
+    let storage = format!("file://{}", storage_dir.display());
+    let work = dir.path().join("work");
+    let local = converted_locally(dir.path(), "tq2_0");
+    let server = Server::launch(
+        bitnet(),
+        Path::new(""),
+        &db,
+        &["--storage", &storage, "--workers", "0"],
+        &[],
+    );
+    let (s, f) = server.upload("model", "tiny.tar.gz", &tiny_chat_tar(dir.path()));
+    assert_eq!(s, 200, "{f}");
+    let file = f["id"].as_str().unwrap().to_string();
+    let (_, job) = server.job(&format!(r#"{{"file": "{file}", "to": "tq2_0"}}"#), None);
+    let id = job["id"].as_str().unwrap().to_string();
+    let converting = |server: &Server, id: &str| {
+        wait_for(120, || {
+            server
+                .events(id)
+                .iter()
+                .any(|e| {
+                    e["data"]["phase"] == "convert" && e["data"]["tensors_done"].as_u64() >= Some(1)
+                })
+                .then_some(())
+        })
+        .unwrap_or_else(|| panic!("the job never converted: {:?}", server.events(id)));
+    };
+    // Worker A takes a second per tensor; it is killed mid-conversion.
+    let mut a = worker(&db, &storage, &work, 1000);
+    converting(&server, &id);
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let (_, j) = server.json(
+        "GET",
+        &format!("/v1/quantization/jobs/{id}"),
+        Some(&server.key),
+        "",
+    );
+    assert_eq!(j["status"], "running", "{j}");
+    // Worker B takes it over once A's lease (3 s) runs out.
+    let mut b = worker(&db, &storage, &work, 0);
+    let job = server.wait_job(&id);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2, "{job}");
+    assert_eq!(job["quantized_model"], "tiny:1");
+    let events = server.events(&id);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "warn" && e["message"].as_str().unwrap().contains("ran out")),
+        "{events:?}"
+    );
+    let (_, versions) = server.json("GET", "/v1/models/tiny/versions", Some(&server.key), "");
+    assert_eq!(
+        versions["data"][0]["sha256"],
+        sha256_hex(&local),
+        "{versions}"
+    );
+    let (s, answered, _) = server.chat("tiny");
+    assert_eq!((s, answered.as_str()), (200, "tiny:1"));
+    assert_eq!(
+        job_objects(&storage_dir).len(),
+        1,
+        "{:?}",
+        job_objects(&storage_dir)
+    );
+    assert!(walk_all(&work.join("jobs")).is_empty());
+    b.kill().unwrap();
+    b.wait().unwrap();
+
+    // A cancel mid-job: the worker stops within moments and nothing is left.
+    let mut c = worker(&db, &storage, &work, 1000);
+    let (_, job) = server.job(
+        &format!(r#"{{"file": "{file}", "to": "tq2_0", "name": "doomed"}}"#),
+        None,
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    converting(&server, &id);
+    let t0 = Instant::now();
+    let (s, j) = server.json(
+        "POST",
+        &format!("/v1/quantization/jobs/{id}/cancel"),
+        Some(&server.key),
+        "",
+    );
+    assert_eq!(s, 200, "{j}");
+    let job = server.wait_job(&id);
+    let took = t0.elapsed();
+    assert_eq!(job["status"], "cancelled", "{job}");
+    eprintln!("cancel to cancelled: {took:?}");
+    assert!(took < Duration::from_secs(3), "the cancel took {took:?}");
+    let (s, _) = server.json("GET", "/v1/models/doomed", Some(&server.key), "");
+    assert_eq!(s, 404);
+    assert!(
+        !job_objects(&storage_dir)
+            .iter()
+            .any(|p| p.to_string_lossy().contains(&id)),
+        "{:?}",
+        job_objects(&storage_dir)
+    );
+    assert!(walk_all(&work.join("jobs")).is_empty());
+    // Its files list only the upload and the first job's result.
+    let (_, files) = server.json("GET", "/v1/files", Some(&server.key), "");
+    assert_eq!(files["data"].as_array().unwrap().len(), 2, "{files}");
+    c.kill().unwrap();
+    c.wait().unwrap();
+}
+
+/// Bad inputs end as `failed` with a clear message on the first attempt, and the worker inside
+/// the server goes on to convert a good model after them.
+#[test]
+fn bad_model_files_fail_their_jobs_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let server = Server::launch(
+        bitnet(),
+        Path::new(""),
+        &db,
+        &["--work-dir", dir.path().join("work").to_str().unwrap()],
+        &[],
+    );
+    let root = repo_root();
+    let local = converted_locally(dir.path(), "tq2_0");
+    let no_config = dir.path().join("no-config");
+    std::fs::create_dir_all(&no_config).unwrap();
+    std::fs::copy(
+        root.join("testdata/models/tiny-bitnet-c-float/model.safetensors"),
+        no_config.join("model.safetensors"),
+    )
+    .unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated.gguf",
+            local[..local.len() / 3].to_vec(),
+            "convert",
+        ),
+        (
+            "no-config.tar.gz",
+            model_tar(dir.path(), &no_config, None, "no-config"),
+            "config.json",
+        ),
+        (
+            "narrow.tar.gz",
+            model_tar(
+                dir.path(),
+                &root.join("testdata/models/tiny-bitnet-a-float"),
+                None,
+                "narrow",
+            ),
+            "256",
+        ),
+    ];
+    for (name, bytes, says) in cases {
+        let (s, f) = server.upload("model", name, &bytes);
+        assert_eq!(s, 200, "{name}: {f}");
+        let (s, job) = server.job(
+            &format!(
+                r#"{{"file": "{}", "to": "tq2_0"}}"#,
+                f["id"].as_str().unwrap()
+            ),
+            None,
+        );
+        assert_eq!(s, 200, "{job}");
+        let job = server.wait_job(job["id"].as_str().unwrap());
+        assert_eq!(job["status"], "failed", "{name}: {job}");
+        assert_eq!(
+            job["attempts"], 1,
+            "{name}: bad input is not retried: {job}"
+        );
+        let message = job["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(says), "{name}: {job}");
+        assert_eq!(job["error"]["code"], "invalid_file");
+    }
+    // A file that is no model is refused at the door, and a job takes only model files.
+    let (s, e) = server.upload("model", "notes.txt", b"just some notes, not a model at all");
+    assert_eq!(s, 400, "{e}");
+    let (s, f) = server.upload("user_data", "notes.txt", b"just some notes");
+    assert_eq!(s, 200);
+    let (s, e) = server.job(
+        &format!(
+            r#"{{"file": "{}", "to": "tq2_0"}}"#,
+            f["id"].as_str().unwrap()
+        ),
+        None,
+    );
+    assert_eq!(s, 400, "{e}");
+    let (s, e) = server.job(r#"{"file": "file-nope", "to": "tq2_0"}"#, None);
+    assert_eq!(s, 404, "{e}");
+    let (s, _, _) = server.http("GET", "/healthz", None, b"", "");
+    assert_eq!(s, 200);
+    // The same worker still converts a good model.
+    let (_, f) = server.upload("model", "good.tar.gz", &tiny_chat_tar(dir.path()));
+    let (_, job) = server.job(
+        &format!(
+            r#"{{"file": "{}", "to": "tq2_0"}}"#,
+            f["id"].as_str().unwrap()
+        ),
+        None,
+    );
+    let job = server.wait_job(job["id"].as_str().unwrap());
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["quantized_model"], "good:1");
 }

@@ -20,6 +20,8 @@ use bitnet_formats::tokenizer::TextTokenizer;
 use std::cell::RefCell;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 
 /// What to write.
@@ -29,6 +31,18 @@ pub struct ConvertOptions {
     pub ternary: GgmlType,
     /// Type of the embeddings and lm_head: F16, BF16, F32 or Q8_0.
     pub float_type: GgmlType,
+    /// Set from another thread to stop the conversion after the tensor being written (the
+    /// output file is then never made).
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl ConvertOptions {
+    fn check_cancelled(&self) -> std::result::Result<(), FormatError> {
+        match &self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(fmt_err("the conversion was cancelled")),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for ConvertOptions {
@@ -36,6 +50,7 @@ impl Default for ConvertOptions {
         Self {
             ternary: GgmlType::TQ2_0,
             float_type: GgmlType::F16,
+            cancel: None,
         }
     }
 }
@@ -161,7 +176,7 @@ pub fn convert_hf_to_gguf(
     if !s.tied_embeddings && dir.weights.get(names::LM_HEAD.hf).is_some() {
         plan.float(names::LM_HEAD.gguf, names::LM_HEAD.hf, s.vocab, s.hidden)?;
     }
-    let tensors = write_planned(w, plan.tensors, dst, progress)?;
+    let tensors = write_planned(w, plan.tensors, dst, opts, progress)?;
     Ok(ConvertReport {
         tensors,
         bytes_written: std::fs::metadata(dst).map(|m| m.len()).unwrap_or(0),
@@ -333,6 +348,7 @@ fn write_planned(
     mut w: GgufWriter<'_>,
     plan: Vec<Planned<'_>>,
     dst: &Path,
+    opts: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<Vec<TensorReport>> {
     let workers = std::thread::available_parallelism()
@@ -396,6 +412,7 @@ fn write_planned(
                                     let fidelity = r?;
                                     *done.borrow_mut() += tensor_bytes(ty, &shape);
                                     (progress.borrow_mut())(*done.borrow(), total, &n);
+                                    opts.check_cancelled()?;
                                     reports.borrow_mut().push(TensorReport {
                                         name: n.clone(),
                                         ty,
@@ -493,6 +510,7 @@ pub fn convert_gguf_to_gguf(
             fidelity,
         });
         (progress.borrow_mut())(*done.borrow(), *total.borrow(), name);
+        opts.check_cancelled()
     };
     let file = &file;
     let finish = &finish;
@@ -558,7 +576,7 @@ pub fn convert_gguf_to_gguf(
                         source: e,
                     })?;
                     file.release(t);
-                    finish(&t.name, opts.ternary, vec![rows, cols], Some(fidelity));
+                    finish(&t.name, opts.ternary, vec![rows, cols], Some(fidelity))?;
                     Ok(())
                 })),
             )?;
@@ -582,7 +600,7 @@ pub fn convert_gguf_to_gguf(
                         write_floats(out, ty, &v)?;
                     }
                     file.release(t);
-                    finish(&t.name, ty, vec![rows, cols], None);
+                    finish(&t.name, ty, vec![rows, cols], None)?;
                     Ok(())
                 })),
             )?;
@@ -600,7 +618,7 @@ pub fn convert_gguf_to_gguf(
                             source: e,
                         })?;
                     file.release(t);
-                    finish(&t.name, ty, shape, None);
+                    finish(&t.name, ty, shape, None)?;
                     Ok(())
                 })),
             )?;

@@ -150,6 +150,7 @@ fn converted_gguf_decodes_like_the_directory() {
                     &ConvertOptions {
                         ternary: ty,
                         float_type: float,
+                        ..Default::default()
                     },
                     &mut |_, _, _| calls += 1,
                 )
@@ -205,6 +206,7 @@ fn dialects_convert_losslessly_and_verify() {
         let o = ConvertOptions {
             ternary: ty,
             float_type: GgmlType::F16,
+            ..Default::default()
         };
         convert_hf_to_gguf(&src, &p(out), &o, &mut |_, _, _| {}).unwrap();
         let v = verify(&src, &p(out)).unwrap();
@@ -214,6 +216,7 @@ fn dialects_convert_losslessly_and_verify() {
         let o = ConvertOptions {
             ternary: ty,
             float_type: GgmlType::F16,
+            ..Default::default()
         };
         let mut last = (0, 0);
         let r = convert_gguf_to_gguf(&p(from), &p(out), &o, true, &mut |d, t, _| last = (d, t))
@@ -289,6 +292,7 @@ fn tq_files_read_back_in_gguf_py_as_transformers_ternarized_them() {
         let o = ConvertOptions {
             ternary: ty,
             float_type: GgmlType::F16,
+            ..Default::default()
         };
         convert_hf_to_gguf(&src, &out, &o, &mut |_, _, _| {}).unwrap();
         let run = std::process::Command::new(&py)
@@ -362,6 +366,7 @@ fn onnx_exports_convert_like_their_safetensors() {
             let o = ConvertOptions {
                 ternary: ty,
                 float_type: GgmlType::F16,
+                ..Default::default()
             };
             let (a, b) = (tmp.path().join("a.gguf"), tmp.path().join("b.gguf"));
             convert_hf_to_gguf(&onnx, &a, &o, &mut |_, _, _| {}).unwrap();

@@ -41,6 +41,17 @@ impl Actor {
         }
     }
 
+    /// A part of the platform acting on its own (a quantization worker, say).
+    pub fn system(name: &str) -> Self {
+        Self {
+            json: json!({"type": "system", "system": {"name": name}}),
+            id: None,
+            email: None,
+            ip: None,
+            request_id: None,
+        }
+    }
+
     /// Someone who is not signed in (a failed login names the email it tried).
     pub fn anonymous(email: Option<&str>) -> Self {
         Self {

@@ -120,8 +120,27 @@ impl Store {
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let key = self.data_key(Some(org)).await?;
         let object = format!("orgs/{org}/segments/{}", new_id("seg_"));
+        self.write_segment_at(storage, org, &object, body, limit)
+            .await
+    }
+
+    /// As [`Self::write_segment`], under the storage path `object` (a job's result is written
+    /// under a name of its own, so a dead attempt's leftovers can be found and removed).
+    pub async fn write_segment_at<S, E>(
+        &self,
+        storage: &Storage,
+        org: &str,
+        object: &str,
+        body: S,
+        limit: u64,
+    ) -> Result<Segment>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let key = self.data_key(Some(org)).await?;
+        let object = object.to_string();
         let written = storage.write_sealed(&object, &key, body, limit).await?;
         Ok(Segment {
             object,
@@ -382,6 +401,11 @@ impl Store {
         by: &Actor,
     ) -> Result<()> {
         self.file(org, project, id).await?;
+        if let Some(version) = self.file_in_registry(id).await? {
+            return Err(PlatformError::Conflict(format!(
+                "file {id} holds model version {version}; delete that version first"
+            )));
+        }
         let objects: Vec<(String,)> =
             sqlx::query_as("SELECT object FROM file_segments WHERE file_id = $1")
                 .bind(id)

@@ -52,6 +52,8 @@ pub struct QuantJob {
     pub status: String,
     pub error: Option<Value>,
     pub result_files: Vec<String>,
+    /// The registry version the job made, `NAME:VERSION` (OpenAI's `fine_tuned_model`).
+    pub quantized_model: Option<String>,
     pub attempts: i64,
     pub max_attempts: i64,
     pub created_at: i64,
@@ -95,7 +97,7 @@ pub enum Beat {
 
 const STATUSES: &[&str] = &["queued", "running", "succeeded", "failed", "cancelled"];
 const COLS: &str = "id, organization_id, project_id, file_id, params, status, error, result_files, \
-                    attempts, max_attempts, created_at, finished_at";
+                    attempts, max_attempts, created_at, finished_at, result_model";
 
 type Row = (
     String,
@@ -110,6 +112,7 @@ type Row = (
     i64,
     i64,
     Option<i64>,
+    Option<String>,
 );
 
 fn job_of(r: Row) -> QuantJob {
@@ -128,11 +131,49 @@ fn job_of(r: Row) -> QuantJob {
         status: r.5,
         error: r.6.and_then(|e| serde_json::from_str(&e).ok()),
         result_files: serde_json::from_str(&r.7).unwrap_or_default(),
+        quantized_model: r.12,
         attempts: r.8,
         max_attempts: r.9,
         created_at: r.10,
         finished_at: r.11,
     }
+}
+
+/// The registry model a job's result joins: `name`, else the source file's name without its
+/// extensions (`tiny.tar.gz` → `tiny`), with `-SUFFIX` when a suffix is given.
+pub fn result_model_name(params: &JobParams, filename: &str) -> Result<String> {
+    let base = match &params.name {
+        Some(n) => n.clone(),
+        None => {
+            let stem = filename.rsplit('/').next().unwrap_or(filename);
+            let mut stem = stem.to_string();
+            for ext in [".tar.gz", ".tgz", ".tar", ".gguf", ".onnx"] {
+                if stem.to_ascii_lowercase().ends_with(ext) && stem.len() > ext.len() {
+                    stem.truncate(stem.len() - ext.len());
+                    break;
+                }
+            }
+            // Characters a name cannot hold become '-'.
+            let s: String = stem
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            let s = s.trim_start_matches(['.', '_', '-']).to_string();
+            if s.is_empty() { "model".into() } else { s }
+        }
+    };
+    let name = match &params.suffix {
+        Some(x) => format!("{base}-{x}"),
+        None => base,
+    };
+    crate::registry::check_name("name", &name)?;
+    Ok(name)
 }
 
 /// The wait before attempt `n + 1` after `n` attempts: 2, 4, 8, ... seconds, at most 5 minutes.
@@ -168,6 +209,15 @@ impl Store {
             ));
         }
         let f = self.file(org, project, file).await?;
+        result_model_name(params, &f.filename)?;
+        if let Some(e) = &params.embeddings
+            && !["f16", "bf16", "f32", "q8_0"].contains(&e.as_str())
+        {
+            return Err(PlatformError::invalid(
+                "embeddings",
+                format!("embeddings must be f16, bf16, f32 or q8_0, not {e:?}"),
+            ));
+        }
         if f.purpose != "model" {
             return Err(PlatformError::invalid(
                 "file",
@@ -529,6 +579,63 @@ impl Store {
             .await?;
         }
         Ok(ok)
+    }
+
+    /// The job succeeded: in one transaction, while the job is still `worker`'s, the stored
+    /// `segment` becomes a model file of the job's project named `filename` and a new registry
+    /// version of `nv.name`, and the job ends `succeeded` with them. `Ok(None)` (and nothing
+    /// changed) when the job is no longer the worker's: the caller removes the segment.
+    pub async fn job_completed(
+        &self,
+        id: &str,
+        worker: &str,
+        segment: &crate::files::Segment,
+        filename: &str,
+        nv: &crate::registry::NewVersion,
+    ) -> Result<Option<(crate::files::FileObject, String)>> {
+        let j = self.job_for_worker(id).await?;
+        let by = crate::audit::Actor::system(&format!("worker {worker}"));
+        let mut c = self.change(&j.organization_id).await?;
+        let file = self
+            .insert_file_in(
+                &mut c,
+                &j.organization_id,
+                &j.project_id,
+                "model",
+                filename,
+                std::slice::from_ref(segment),
+                (segment.written.sha256.clone(), String::new()),
+                &by,
+            )
+            .await?;
+        let model = self
+            .insert_version_in(&mut c, &j.organization_id, &j.project_id, &file, nv, &by)
+            .await?;
+        let n = sqlx::query(
+            "UPDATE quantization_jobs SET status = 'succeeded', error = NULL, result_files = $1, result_model = $2, \
+             finished_at = $3, lease_owner = NULL WHERE id = $4 AND lease_owner = $5 AND status = 'running'",
+        )
+        .bind(serde_json::to_string(&[&file.id]).unwrap_or_default())
+        .bind(&model)
+        .bind(c.at)
+        .bind(id)
+        .bind(worker)
+        .execute(&mut *c.tx)
+        .await?
+        .rows_affected();
+        if n != 1 {
+            // Dropped uncommitted: nothing of this attempt stays.
+            return Ok(None);
+        }
+        c.commit().await?;
+        self.job_event(
+            id,
+            "info",
+            &format!("job succeeded: {model}"),
+            json!({"result_files": [&file.id], "quantized_model": model}),
+        )
+        .await?;
+        Ok(Some((file, model)))
     }
 
     /// The job stopped because it was cancelled.

@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod keys;
 pub mod orgs;
 pub mod projects;
+pub mod registry;
 pub mod sessions;
 pub mod sso;
 pub mod storage;

@@ -89,6 +89,7 @@ impl Store {
             "API key" => "api_keys",
             "file" => "files",
             "upload" => "uploads",
+            "quantization job" => "quantization_jobs",
             _ => return Ok(false),
         };
         let row: Option<(String,)> = sqlx::query_as(&format!(

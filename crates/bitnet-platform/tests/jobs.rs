@@ -294,3 +294,164 @@ fn concurrent_claims_respect_the_limit_exactly() {
         });
     }
 }
+
+/// A finished job's result becomes a file and a registry version in one transaction, only while
+/// the job is the worker's; versions, aliases, references, deletion rules and sharing.
+#[test]
+fn finished_jobs_become_registry_versions_with_aliases() {
+    use bitnet_platform::registry::NewVersion;
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path());
+        run(async {
+            let (s, storage) = open(&db.url, dir.path()).await;
+            let (org, p, file) = model_file(&s, &storage, "acme").await;
+            let cli = Actor::cli();
+            let nv = |job: &str| NewVersion {
+                name: "tiny".into(),
+                format: "tq2_0".into(),
+                architecture: "bitnet-25".into(),
+                parameters: 1234,
+                source_file_id: Some(file.clone()),
+                job_id: Some(job.to_string()),
+                report: serde_json::json!({"cosine": 0.9}),
+            };
+            let result = |bytes: &'static [u8]| {
+                futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(bytes))])
+            };
+            let mut made = Vec::new();
+            for (i, key) in ["one", "two"].into_iter().enumerate() {
+                let j = s
+                    .create_job(&org, &p, &file, &params(), Some(key), &cli)
+                    .await
+                    .unwrap();
+                let claimed = s.claim_job("w1", LONG, 4).await.unwrap().unwrap();
+                assert_eq!(claimed.id, j.id);
+                let seg = s
+                    .write_segment_at(
+                        &storage,
+                        &org,
+                        &format!("orgs/{org}/jobs/{}/attempt-1.gguf", j.id),
+                        result(b"GGUF\x03\0\0\0 result"),
+                        1 << 20,
+                    )
+                    .await
+                    .unwrap();
+                // Another worker cannot complete it; nothing is made.
+                assert!(
+                    s.job_completed(&j.id, "w2", &seg, "tiny.gguf", &nv(&j.id))
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+                assert!(
+                    s.resolve_model(&org, &format!("tiny:{}", i + 1))
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
+                let (f, model) = s
+                    .job_completed(&j.id, "w1", &seg, "tiny.gguf", &nv(&j.id))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(model, format!("tiny:{}", i + 1));
+                let done = s.job(&org, &p, &j.id).await.unwrap();
+                assert_eq!(done.status, "succeeded");
+                assert_eq!(done.result_files, vec![f.id.clone()]);
+                assert_eq!(done.quantized_model.as_deref(), Some(model.as_str()));
+                made.push(f);
+            }
+            let m = s.registry_model(&org, "tiny").await.unwrap();
+            assert_eq!(m.versions, vec![1, 2]);
+            assert_eq!(
+                m.aliases.get("prod"),
+                Some(&1),
+                "prod stays on the first version"
+            );
+            assert_eq!(m.aliases.get("latest"), Some(&2), "latest moves");
+            let id = |r: Option<bitnet_platform::registry::Resolved>| r.map(|r| r.id);
+            assert_eq!(
+                id(s.resolve_model(&org, "tiny").await.unwrap()),
+                Some("tiny:1".into())
+            );
+            assert_eq!(
+                id(s.resolve_model(&org, "tiny:latest").await.unwrap()),
+                Some("tiny:2".into())
+            );
+            assert_eq!(
+                id(s.resolve_model(&org, "tiny:2").await.unwrap()),
+                Some("tiny:2".into())
+            );
+            assert_eq!(id(s.resolve_model(&org, "tiny:3").await.unwrap()), None);
+            assert_eq!(id(s.resolve_model(&org, "tiny:nope").await.unwrap()), None);
+            assert_eq!(id(s.resolve_model(&org, "other").await.unwrap()), None);
+            let r = s.resolve_model(&org, "tiny:2").await.unwrap().unwrap();
+            assert_eq!(r.file_id, made[1].id);
+            assert_eq!(r.sha256, made[1].sha256);
+            // Deletion is refused while an alias points at the version, and its file stays.
+            assert!(matches!(
+                s.delete_model_version(&org, "tiny", 1, &cli).await,
+                Err(PlatformError::Conflict(_))
+            ));
+            assert!(matches!(
+                s.delete_file(&storage, &org, &p, &made[0].id, &cli).await,
+                Err(PlatformError::Conflict(_))
+            ));
+            let m = s.set_alias(&org, "tiny", "prod", 2, &cli).await.unwrap();
+            assert_eq!(m.default_version, Some(2));
+            assert_eq!(
+                id(s.resolve_model(&org, "tiny").await.unwrap()),
+                Some("tiny:2".into())
+            );
+            assert!(matches!(
+                s.set_alias(&org, "tiny", "prod", 9, &cli).await,
+                Err(PlatformError::NotFound { .. })
+            ));
+            assert!(matches!(
+                s.set_alias(&org, "tiny", "7", 1, &cli).await,
+                Err(PlatformError::Invalid { .. })
+            ));
+            s.delete_model_version(&org, "tiny", 1, &cli).await.unwrap();
+            assert_eq!(
+                s.registry_model(&org, "tiny").await.unwrap().versions,
+                vec![2]
+            );
+            assert_eq!(id(s.resolve_model(&org, "tiny:1").await.unwrap()), None);
+            s.delete_file(&storage, &org, &p, &made[0].id, &cli)
+                .await
+                .unwrap();
+            // Another organization sees nothing until the model is shared.
+            let other = s.create_organization("globex", &cli).await.unwrap();
+            assert_eq!(id(s.resolve_model(&other.id, "tiny").await.unwrap()), None);
+            assert!(s.registry_models(&other.id).await.unwrap().is_empty());
+            assert!(matches!(
+                s.model_versions(&other.id, "tiny").await,
+                Err(PlatformError::NotFound { .. })
+            ));
+            assert!(matches!(
+                s.set_alias(&other.id, "tiny", "prod", 2, &cli).await,
+                Err(PlatformError::NotFound { .. })
+            ));
+            s.share_model(&org, "tiny", true, &cli).await.unwrap();
+            assert_eq!(
+                id(s.resolve_model(&other.id, "tiny").await.unwrap()),
+                Some("tiny:2".into())
+            );
+            let listed = s.registry_models(&other.id).await.unwrap();
+            assert_eq!(listed.len(), 1);
+            assert!(listed[0].shared);
+            // Sharing does not let the other organization change it.
+            assert!(matches!(
+                s.set_alias(&other.id, "tiny", "prod", 2, &cli).await,
+                Err(PlatformError::NotFound { .. })
+            ));
+            s.share_model(&org, "tiny", false, &cli).await.unwrap();
+            assert_eq!(id(s.resolve_model(&other.id, "tiny").await.unwrap()), None);
+            // The audit chain holds every change.
+            let chains = s.verify_audit(Some(&org)).await.unwrap();
+            assert!(chains.iter().all(|c| c.first_bad.is_none()), "{chains:?}");
+            assert!(chains[0].rows >= 8);
+        });
+    }
+}

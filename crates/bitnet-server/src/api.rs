@@ -93,11 +93,24 @@ struct Plan {
     include_usage: bool,
 }
 
-fn model_for(state: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
-    state.model(name).ok_or_else(|| ApiError::NotFound {
+/// The model a request names: one served from the command line, else a registry model of the
+/// caller's organization (`NAME`, `NAME:ALIAS`, `NAME:VERSION`), loaded on first use.
+pub async fn model_for(
+    state: &AppState,
+    who: &Caller,
+    name: &str,
+) -> Result<Arc<ServedModel>, ApiError> {
+    if let Some(m) = state.model(name) {
+        return Ok(m);
+    }
+    if let (Some(cache), Some(org)) = (&state.registry, who.cred.organization_id.as_deref())
+        && let Some(r) = state.store.resolve_model(org, name).await?
+    {
+        return cache.get(&r).await;
+    }
+    Err(ApiError::NotFound {
         message: format!(
-            "the model `{name}` does not exist; GET /v1/models lists the {} served here",
-            state.models.len()
+            "the model `{name}` does not exist; GET /v1/models lists those you may call"
         ),
         code: "model_not_found",
     })
@@ -255,8 +268,11 @@ fn message_text(m: &ChatMessage, i: usize) -> Result<String, ApiError> {
     }
 }
 
-fn chat_plan(state: &AppState, r: ChatCompletionRequest) -> Result<Plan, ApiError> {
-    let model = model_for(state, &r.model)?;
+fn chat_plan(
+    state: &AppState,
+    model: Arc<ServedModel>,
+    r: ChatCompletionRequest,
+) -> Result<Plan, ApiError> {
     let (sampling, stop_strings, n) = common(&r.sampling, &model.sampling)?;
     if let Some(f) = &r.response_format
         && f.kind != "text"
@@ -335,8 +351,11 @@ fn chat_plan(state: &AppState, r: ChatCompletionRequest) -> Result<Plan, ApiErro
     })
 }
 
-fn completion_plan(state: &AppState, r: &CompletionRequest) -> Result<Plan, ApiError> {
-    let model = model_for(state, &r.model)?;
+fn completion_plan(
+    state: &AppState,
+    model: Arc<ServedModel>,
+    r: &CompletionRequest,
+) -> Result<Plan, ApiError> {
     let (sampling, stop_strings, n) = common(&r.sampling, &model.sampling)?;
     if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported(
@@ -589,7 +608,8 @@ pub async fn chat_completions(
     let st = state.clone();
     // Templates and tokenization take CPU time in proportion to the prompt: off the async
     // threads, so a few huge prompts cannot stall every other connection.
-    let plan = blocking(move || chat_plan(&st, req)).await?;
+    let model = model_for(&state, &who, &req.model).await?;
+    let plan = blocking(move || chat_plan(&st, model, req)).await?;
     let (plan, done) =
         match run_plan(&state, &who, &ids, plan, StreamKind::Chat, None, received).await? {
             Ran::Streaming(r) => return Ok(r),
@@ -638,8 +658,9 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     let st = state.clone();
+    let model = model_for(&state, &who, &req.model).await?;
     let (plan, echo) = blocking(move || {
-        let plan = completion_plan(&st, &req)?;
+        let plan = completion_plan(&st, model, &req)?;
         // The prompt as it was sent: special tokens echo as their text.
         let echo = if req.echo {
             Some(
@@ -973,26 +994,6 @@ fn stream_response(
     Sse::new(body)
         .keep_alive(KeepAlive::default())
         .into_response()
-}
-
-#[utoipa::path(get, path = "/v1/models", tag = "inference",
-    responses((status = 200, body = ModelList), (status = 401, body = crate::error::ErrorBody)),
-    security(("api_key" = [])))]
-pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
-    Json(ModelList {
-        object: "list",
-        data: state
-            .models
-            .iter()
-            .map(|m| ModelCard {
-                id: m.id.clone(),
-                object: "model",
-                created: m.created,
-                owned_by: "bitnet-rust".into(),
-                context_length: m.context,
-            })
-            .collect(),
-    })
 }
 
 #[cfg(test)]

@@ -13,14 +13,17 @@ pub mod auth;
 pub mod engine;
 pub mod error;
 pub mod files;
+pub mod jobs;
 pub mod metrics;
 pub mod openai;
 pub mod operator;
 pub mod org;
 pub mod permissions;
+pub mod registry;
 pub mod signin;
 pub mod telemetry;
 pub mod usage;
+pub mod worker;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::error::ApiError;
@@ -30,7 +33,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bitnet_formats::tokenizer::TextTokenizer;
 use bitnet_model::LoadedModel;
@@ -179,6 +182,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// Where files live (`None`: the Files API answers 503).
     pub storage: Option<Arc<bitnet_platform::storage::Storage>>,
+    /// The registry's loaded models (`None`: only the models of the command line are served).
+    pub registry: Option<Arc<registry::ModelCache>>,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -197,6 +202,7 @@ impl AppState {
             usage,
             config: Arc::new(config),
             storage: None,
+            registry: None,
             shutting_down: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -204,6 +210,12 @@ impl AppState {
     /// Keep files in `storage`.
     pub fn with_storage(mut self, storage: bitnet_platform::storage::Storage) -> Self {
         self.storage = Some(Arc::new(storage));
+        self
+    }
+
+    /// Serve the registry's models through `cache`.
+    pub fn with_registry(mut self, cache: registry::ModelCache) -> Self {
+        self.registry = Some(Arc::new(cache));
         self
     }
 
@@ -225,6 +237,9 @@ impl AppState {
         for m in self.models.iter() {
             m.engine.cancel_all();
         }
+        if let Some(r) = &self.registry {
+            r.cancel_all();
+        }
     }
 }
 
@@ -232,7 +247,10 @@ impl AppState {
 #[openapi(
     info(title = "bitnet-rust server", description = "OpenAI-compatible inference for ternary models, with API keys and usage metering."),
     paths(
-        api::chat_completions, api::completions, api::list_models,
+        api::chat_completions, api::completions, registry::list_models,
+        registry::doc_get_model, registry::doc_list_versions, registry::doc_set_alias, registry::doc_delete_alias,
+        registry::doc_delete_version, registry::doc_share_model,
+        jobs::doc_create_job, jobs::doc_list_jobs, jobs::doc_get_job, jobs::doc_job_events, jobs::doc_cancel_job,
         org::doc_list_projects, org::doc_create_project, org::doc_get_project, org::doc_modify_project,
         org::doc_archive_project, org::doc_list_project_users, org::doc_add_project_user,
         org::doc_list_service_accounts, org::doc_create_service_account, org::doc_list_project_keys, org::doc_create_own_project_key,
@@ -245,7 +263,7 @@ impl AppState {
         healthz, readyz, metrics_text
     ),
     modifiers(&Security),
-    components(schemas(signin::LoginBody, signin::RefreshBody, signin::AcceptInviteBody, org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody, files::CreateUpload, files::CompleteUpload)),
+    components(schemas(signin::LoginBody, signin::RefreshBody, signin::AcceptInviteBody, org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody, files::CreateUpload, files::CompleteUpload, jobs::CreateJob, registry::AliasBody, registry::ShareBody, registry::ModelsList, registry::ModelObject)),
     tags((name = "inference"), (name = "organization"), (name = "sign-in"), (name = "operations"))
 )]
 pub struct ApiDoc;
@@ -275,7 +293,7 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
     if s.is_shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    if s.models.is_empty() {
+    if s.models.is_empty() && s.registry.is_none() {
         return (StatusCode::SERVICE_UNAVAILABLE, "no model loaded").into_response();
     }
     if !s.store.ping().await {
@@ -543,7 +561,30 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
-        .route("/v1/models", get(api::list_models))
+        .route("/v1/models", get(registry::list_models))
+        .route("/v1/models/{model}", get(registry::get_model))
+        .route("/v1/models/{model}/versions", get(registry::list_versions))
+        .route(
+            "/v1/models/{model}/aliases/{alias}",
+            post(registry::set_alias).delete(registry::delete_alias),
+        )
+        .route(
+            "/v1/models/{model}/versions/{version}",
+            delete(registry::delete_version),
+        )
+        .route(
+            "/v1/quantization/jobs",
+            get(jobs::list_jobs).post(jobs::create_job),
+        )
+        .route("/v1/quantization/jobs/{job_id}", get(jobs::get_job))
+        .route(
+            "/v1/quantization/jobs/{job_id}/events",
+            get(jobs::job_events),
+        )
+        .route(
+            "/v1/quantization/jobs/{job_id}/cancel",
+            post(jobs::cancel_job),
+        )
         .route(
             "/v1/organization/projects",
             get(org::list_projects).post(org::create_project),
@@ -648,6 +689,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/operator/organizations/{organization_id}/admin_api_keys",
             post(operator::create_admin_key),
+        )
+        .route(
+            "/v1/operator/organizations/{organization_id}/models/{model}/share",
+            post(registry::share_model),
         )
         // Authenticate first (outermost), then the permission table.
         .route_layer(middleware::from_fn_with_state(

@@ -26,6 +26,9 @@ pub enum Access {
     FilesRead,
     /// Upload and delete the project's files (project keys, not read-only ones).
     FilesWrite,
+    /// Move and remove the registry's aliases and versions (project keys that are not
+    /// read-only, admin keys, organization owners).
+    ModelsWrite,
     /// Read the organization's projects, users, keys and audit log (admin keys).
     OrgRead,
     /// Change them (admin keys).
@@ -93,11 +96,11 @@ pub fn allows(who: Who, access: Access) -> bool {
         (who, access),
         (
             W::Project,
-            A::Models | A::Inference | A::FilesRead | A::FilesWrite
+            A::Models | A::Inference | A::FilesRead | A::FilesWrite | A::ModelsWrite
         ) | (W::ProjectReadOnly, A::Models | A::FilesRead)
             | (
                 W::Admin | W::UserOwner,
-                A::OrgRead | A::OrgWrite | A::ProjectRead | A::ProjectWrite
+                A::OrgRead | A::OrgWrite | A::ProjectRead | A::ProjectWrite | A::ModelsWrite
             )
             | (W::UserReader, A::OrgRead | A::ProjectRead)
             | (
@@ -121,6 +124,21 @@ pub const ROUTES: &[(Method, &str, Access)] = {
     const D: Method = Method::DELETE;
     &[
         (G, "/v1/models", Models),
+        (G, "/v1/models/{model}", Models),
+        (G, "/v1/models/{model}/versions", Models),
+        (P, "/v1/models/{model}/aliases/{alias}", ModelsWrite),
+        (D, "/v1/models/{model}/aliases/{alias}", ModelsWrite),
+        (D, "/v1/models/{model}/versions/{version}", ModelsWrite),
+        (P, "/v1/quantization/jobs", FilesWrite),
+        (G, "/v1/quantization/jobs", FilesRead),
+        (G, "/v1/quantization/jobs/{job_id}", FilesRead),
+        (G, "/v1/quantization/jobs/{job_id}/events", FilesRead),
+        (P, "/v1/quantization/jobs/{job_id}/cancel", FilesWrite),
+        (
+            P,
+            "/v1/operator/organizations/{organization_id}/models/{model}/share",
+            Operator,
+        ),
         (P, "/v1/chat/completions", Inference),
         (P, "/v1/completions", Inference),
         (G, "/v1/organization/projects", OrgRead),
@@ -254,6 +272,9 @@ fn needs(a: Access) -> &'static str {
         Access::Inference => "a project API key (sk-proj-…) that is not read-only",
         Access::FilesRead => "a project API key (sk-proj-…)",
         Access::FilesWrite => "a project API key (sk-proj-…) that is not read-only",
+        Access::ModelsWrite => {
+            "a project API key (sk-proj-…) that is not read-only, an admin API key (sk-admin-…) or a signed-in owner of the organization"
+        }
         Access::OrgRead => "an admin API key (sk-admin-…) or a signed-in user of the organization",
         Access::OrgWrite => {
             "an admin API key (sk-admin-…) or a signed-in owner of the organization"
@@ -347,6 +368,7 @@ pub async fn authorize(
                 ("{key_id}", "API key"),
                 ("{file_id}", "file"),
                 ("{upload_id}", "upload"),
+                ("{job_id}", "quantization job"),
             ] {
                 if let Some(id) = path_param(&route, path, param)
                     && !s.store.owns(org, kind, id).await?

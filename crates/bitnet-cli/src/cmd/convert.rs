@@ -51,6 +51,7 @@ pub fn run(args: Args) -> Result<()> {
             &[GgmlType::F16, GgmlType::BF16, GgmlType::F32, GgmlType::Q8_0],
             "--embeddings",
         )?,
+        ..Default::default()
     };
     let from_dir = args.src.is_dir();
     if !from_dir && !args.src.is_file() {

@@ -12,3 +12,4 @@ pub mod platform;
 pub mod quantize;
 pub mod run;
 pub mod serve;
+pub mod worker;

@@ -113,6 +113,126 @@ pub struct Args {
     /// organization's callers within milliseconds (LISTEN/NOTIFY); SQLite never caches.
     #[arg(long)]
     pub no_credential_cache: bool,
+    #[command(flatten)]
+    pub jobs: JobArgs,
+    /// Bytes of registry models kept loaded (e.g. 8GiB, 512MiB); the least recently used are
+    /// unloaded past it. Default: half the machine's memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub model_memory_budget: Option<u64>,
+    /// Seconds a registry model may sit unused before it is unloaded.
+    #[arg(long, default_value_t = 900)]
+    pub model_idle_unload: u64,
+    /// Quantization workers inside this server (0: leave the jobs to `bitnet worker`
+    /// processes).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+}
+
+/// How quantization workers run (`bitnet serve` and `bitnet worker`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobArgs {
+    /// Seconds a worker's claim on a job lasts without a heartbeat: a job whose worker died is
+    /// taken over by another after this.
+    #[arg(long, default_value_t = 30)]
+    pub job_lease: u64,
+    /// Most jobs of one organization running at once, over every worker.
+    #[arg(long, default_value_t = 2)]
+    pub jobs_per_org: i64,
+    /// Where workers unpack and convert, and where registry models are cached while loaded
+    /// (default: `work` in the data directory, or beside an SQLite database given with
+    /// --database).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// `8GiB`, `512MiB`, `1.5G`, `1000000`: bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 8GiB, 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1048576.0,
+        "gi" | "gib" => 1073741824.0,
+        "ti" | "tib" => 1099511627776.0,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB)"
+            ));
+        }
+    };
+    Ok((n * mult) as u64)
+}
+
+/// Half the machine's memory (`MemTotal` of /proc/meminfo), else 4 GiB.
+fn default_model_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kb| kb * 1024 / 2)
+}
+
+/// The work directory: given, beside an SQLite database given on the command line, else the
+/// data directory's `work`.
+pub fn work_dir(given: Option<&std::path::Path>, database: &str, db_given: bool) -> PathBuf {
+    if let Some(d) = given {
+        return d.to_path_buf();
+    }
+    if db_given
+        && let Some(path) = database
+            .strip_prefix("sqlite://")
+            .and_then(|p| p.split('?').next())
+        && !path.contains(":memory:")
+    {
+        let p = std::path::Path::new(path);
+        if let (Some(dir), Some(stem)) = (p.parent(), p.file_stem().and_then(|s| s.to_str())) {
+            return std::path::absolute(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .join(format!("{stem}-work"));
+        }
+    }
+    config::data_dir().join("work")
+}
+
+/// Start `n` quantization workers; they stop when `stop` turns true.
+pub fn start_workers(
+    n: usize,
+    store: &bitnet_platform::Store,
+    storage: &Arc<bitnet_platform::storage::Storage>,
+    jobs: &JobArgs,
+    scratch: &std::path::Path,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let mut cfg = bitnet_server::worker::WorkerConfig::new(
+                bitnet_server::worker::default_worker_id(i),
+                scratch.to_path_buf(),
+            );
+            cfg.lease = Duration::from_secs(jobs.job_lease.max(1));
+            cfg.per_org = jobs.jobs_per_org.max(1);
+            tokio::spawn(bitnet_server::worker::run(
+                store.clone(),
+                storage.clone(),
+                cfg,
+                stop.clone(),
+            ))
+        })
+        .collect()
 }
 
 /// `NAME=PATH` or `PATH` → (id, path). A bare name is looked up in `models.dir`.
@@ -183,7 +303,7 @@ fn init_logs(json: bool, traces: Option<&Tracing>) {
         .try_init();
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -239,13 +359,10 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         .or((cfg.runtime.threads > 0).then_some(cfg.runtime.threads));
     set_threads(threads)?;
     let mut specs: Vec<String> = args.models.clone();
-    if specs.is_empty() {
-        match &cfg.models.default {
-            Some(d) => specs.push(d.clone()),
-            None => bail!(
-                "no model to serve: pass --model PATH (a GGUF file or a Hugging Face directory), or set models.default with `bitnet init`"
-            ),
-        }
+    if specs.is_empty()
+        && let Some(d) = &cfg.models.default
+    {
+        specs.push(d.clone());
     }
     if args.max_batch == 0 || args.queue == 0 || args.max_step_tokens == 0 {
         bail!("--max-batch, --queue and --max-step-tokens must be at least 1");
@@ -294,7 +411,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         max_tokens: args.max_tokens.unwrap_or(usize::MAX).max(1),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         public_url: args.public_url.clone(),
-        engine,
+        engine: engine.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -345,12 +462,45 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
                 }
             });
         }
-        let state = AppState::new(models, store, metrics, usage, server).with_storage(storage);
+        let work = work_dir(args.jobs.work_dir.as_deref(), &database, args.database.is_some());
+        let storage = Arc::new(storage);
+        let cache = bitnet_server::registry::ModelCache::new(
+            store.clone(),
+            storage.clone(),
+            bitnet_server::registry::RegistryConfig {
+                cache_dir: work.join("models"),
+                memory_budget: args.model_memory_budget.unwrap_or_else(default_model_budget),
+                idle_unload: Duration::from_secs(args.model_idle_unload.max(1)),
+                engine,
+                head_quant: args.head_quant,
+                ctx: args.ctx,
+            },
+            metrics.clone(),
+        )
+        .with_context(|| format!("cannot use the work directory {}", work.display()))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let workers = start_workers(args.workers, &store, &storage, &args.jobs, &work.join("jobs"), &stop_rx);
+        let mut state = AppState::new(models, store, metrics, usage, server).with_registry(cache);
+        state.storage = Some(storage);
+        if let Some(cache) = state.registry.clone() {
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(30));
+                loop {
+                    every.tick().await;
+                    cache.unload_idle();
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
-        eprintln!("bitnet serve: {} on http://{local}/v1 (OpenAPI: /openapi.json, metrics: /metrics)", ids.join(", "));
+        let served = if ids.is_empty() {
+            "the model registry".to_string()
+        } else {
+            format!("{} and the model registry", ids.join(", "))
+        };
+        eprintln!("bitnet serve: {served} on http://{local}/v1 (OpenAPI: /openapi.json, metrics: /metrics)");
         let key = match &first_keys {
             Some((admin, project)) => {
                 eprintln!(
@@ -365,9 +515,13 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         };
         eprintln!(
             "try:\n  curl http://{local}/v1/chat/completions -H \"Authorization: Bearer {key}\" -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
-            ids[0]
+            ids.first().map_or("NAME", String::as_str)
         );
         bitnet_server::serve(listener, state.clone(), shutdown_signal()).await?;
+        let _ = stop_tx.send(true);
+        for w in workers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+        }
         // Every ticket is gone with the state: the writer drains the queue and ends.
         drop(state);
         let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
