@@ -2752,3 +2752,101 @@ fn bad_model_files_fail_their_jobs_with_clear_errors() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["quantized_model"], "good:1");
 }
+
+/// Registry models live in an LRU within `--model-memory-budget` and leave when idle; moving
+/// `prod` (which here also evicts the old version: the budget holds one) lets a stream of the
+/// old version in flight finish whole, while new requests get the new version.
+#[test]
+fn moving_prod_keeps_streams_in_flight_and_models_leave_within_budget_and_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    // Each forward pass sleeps 400 ms, so a stream of a few tokens runs for seconds.
+    let server = Server::launch(
+        bitnet(),
+        Path::new(""),
+        &db,
+        &["--model-memory-budget", "1", "--model-idle-unload", "3"],
+        &[("FAILPOINTS", "model-forward-token=sleep(400)")],
+    );
+    let (_, f) = server.upload("model", "tiny.tar.gz", &tiny_chat_tar(dir.path()));
+    let file = f["id"].as_str().unwrap().to_string();
+    for to in ["tq2_0", "tq1_0"] {
+        let (_, job) = server.job(
+            &format!(r#"{{"file": "{file}", "to": "{to}", "name": "tiny"}}"#),
+            None,
+        );
+        let job = server.wait_job(job["id"].as_str().unwrap());
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    assert_eq!(server.chat("tiny").1, "tiny:1");
+    let before = server
+        .metric("bitnet_generation_tokens_total{model=\"tiny:1\"}")
+        .unwrap();
+    // A long stream of version 1.
+    let addr = server.addr.clone();
+    let key = server.key.clone();
+    let stream = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let body = r#"{"model": "tiny", "stream": true, "max_tokens": 40, "temperature": 0, "messages": [{"role": "user", "content": "the cat"}]}"#;
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        (out, Instant::now())
+    });
+    // Once the stream is under way (a token past the first chat's), move prod.
+    wait_for(60, || {
+        server
+            .metric("bitnet_generation_tokens_total{model=\"tiny:1\"}")
+            .filter(|n| *n > before)
+            .map(|_| ())
+    });
+    let (s, m) = server.json(
+        "POST",
+        "/v1/models/tiny/aliases/prod",
+        Some(&server.key),
+        r#"{"version": 2}"#,
+    );
+    assert_eq!(s, 200, "{m}");
+    // A new request gets version 2, whose load evicts version 1 (the budget holds one)
+    // while version 1's stream is still running.
+    let log = || server.log.lock().unwrap().clone();
+    let evicted = std::thread::scope(|scope| {
+        let chat = scope.spawn(|| server.chat("tiny"));
+        let evicted = wait_for(120, || {
+            log()
+                .contains("unloaded to stay within the model memory budget")
+                .then(Instant::now)
+        });
+        let (s, answered, text) = chat.join().unwrap();
+        assert_eq!((s, answered.as_str()), (200, "tiny:2"), "{text}");
+        evicted
+    })
+    .unwrap_or_else(|| panic!("version 1 was not evicted: {}", log()));
+    let (out, ended) = stream.join().unwrap();
+    assert!(
+        evicted < ended,
+        "the stream ended {:?} before version 1 was evicted",
+        evicted - ended
+    );
+    assert!(out.contains("data: [DONE]"), "{out}");
+    assert!(!out.contains("\"error\""), "{out}");
+    assert!(out.contains("\"finish_reason\":\""), "{out}");
+    assert!(out.contains("\"model\":\"tiny:1\""), "{out}");
+    // Unused for 3 s, version 2 leaves too.
+    assert!(
+        wait_for(60, || log()
+            .contains("idle registry model unloaded")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        log()
+    );
+    // And comes back on the next request.
+    assert_eq!(server.chat("tiny").1, "tiny:2");
+}

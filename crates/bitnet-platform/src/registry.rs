@@ -369,7 +369,7 @@ impl Store {
         if live.is_none() {
             return Err(PlatformError::not_found(
                 "model version",
-                &format!("{name}:{version}"),
+                format!("{name}:{version}"),
             ));
         }
         upsert_alias(&mut c, &id, alias, version).await?;
@@ -403,7 +403,7 @@ impl Store {
         if n == 0 {
             return Err(PlatformError::not_found(
                 "model alias",
-                &format!("{name}:{alias}"),
+                format!("{name}:{alias}"),
             ));
         }
         c.audit(AuditEvent::new(
@@ -456,7 +456,7 @@ impl Store {
         if n == 0 {
             return Err(PlatformError::not_found(
                 "model version",
-                &format!("{name}:{version}"),
+                format!("{name}:{version}"),
             ));
         }
         c.audit(AuditEvent::new(

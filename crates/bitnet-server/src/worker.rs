@@ -357,6 +357,7 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(Failure::Internal(format!("a worker task failed: {e}"))))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     store: &Store,
     storage: &Arc<Storage>,

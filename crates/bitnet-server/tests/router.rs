@@ -84,6 +84,9 @@ struct Fixture {
     admin_key_id: String,
     invite: String,
     file: String,
+    /// A `model` file, and a queued quantization job of it.
+    model_file: String,
+    job: String,
     /// An upload with room for another part, and one ready to complete with its part.
     upload: String,
     whole_upload: (String, String),
@@ -174,6 +177,72 @@ async fn fixture(s: &Store, storage: &Storage, name: &str) -> Fixture {
         )
         .await
         .unwrap();
+    // A model file; two jobs of it finished as versions 1 and 2 of registry model `reg`
+    // (version 1 under `prod` and `staging`, version 2 under no alias), and a third queued.
+    let gguf = || {
+        futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"GGUF\x03\0\0\0 a model, as far as its first bytes go",
+        ))])
+    };
+    let seg = s
+        .write_segment(storage, &org.id, gguf(), 1 << 20)
+        .await
+        .unwrap();
+    let model_file = s
+        .create_file(storage, &org.id, &p.id, "model", "m.gguf", &[seg], &cli)
+        .await
+        .unwrap();
+    let params = bitnet_platform::jobs::JobParams {
+        to: "tq2_0".into(),
+        embeddings: None,
+        name: Some("reg".into()),
+        suffix: None,
+    };
+    for k in 0..2 {
+        let j = s
+            .create_job(&org.id, &p.id, &model_file.id, &params, None, &cli)
+            .await
+            .unwrap();
+        let worker = format!("fixture-{name}");
+        let claimed = loop {
+            // Other fixtures' jobs may be claimed first: finish only this one.
+            let c = s
+                .claim_job(&worker, std::time::Duration::from_secs(600), 100)
+                .await
+                .unwrap()
+                .unwrap();
+            if c.id == j.id {
+                break c;
+            }
+        };
+        let seg = s
+            .write_segment(storage, &org.id, gguf(), 1 << 20)
+            .await
+            .unwrap();
+        let nv = bitnet_platform::registry::NewVersion {
+            name: "reg".into(),
+            format: "tq2_0".into(),
+            architecture: "bitnet-25".into(),
+            parameters: 1,
+            source_file_id: Some(model_file.id.clone()),
+            job_id: Some(claimed.id.clone()),
+            report: serde_json::json!({}),
+        };
+        s.job_completed(&claimed.id, &worker, &seg, &format!("reg-{k}.gguf"), &nv)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    s.set_alias(&org.id, "reg", "staging", 1, &cli)
+        .await
+        .unwrap();
+    s.delete_alias(&org.id, "reg", "latest", &cli)
+        .await
+        .unwrap();
+    let job = s
+        .create_job(&org.id, &p.id, &model_file.id, &params, None, &cli)
+        .await
+        .unwrap();
     // Two uploads with a 5-byte part each: one with room for another part (to add to and to
     // cancel), one whose part makes it whole (to complete).
     let hello = || {
@@ -237,6 +306,8 @@ async fn fixture(s: &Store, storage: &Storage, name: &str) -> Fixture {
         admin_key_id: spare.id,
         invite: invite.id,
         file: file.id,
+        model_file: model_file.id,
+        job: job.id,
         upload: uploads[0].0.clone(),
         whole_upload: uploads[1].clone(),
         keys: vec![
@@ -268,6 +339,10 @@ impl Fixture {
                     &self.upload
                 },
             )
+            .replace("{job_id}", &self.job)
+            .replace("{model}", "reg")
+            .replace("{alias}", "staging")
+            .replace("{version}", "2")
             .replace("{organization_id}", &self.org)
             .replace("{organization}", &self.org)
             .replace(
@@ -318,6 +393,12 @@ fn body(method: &Method, route: &str, f: &Fixture) -> Value {
         "/v1/uploads/{upload_id}/parts" => json!({"multipart": [["data", "blob", "hello"]]}),
         "/v1/uploads/{upload_id}/complete" => json!({"part_ids": [f.whole_upload.1]}),
         "/v1/uploads/{upload_id}/cancel" => Value::Null,
+        "/v1/quantization/jobs" => json!({"file": f.model_file, "to": "tq2_0"}),
+        "/v1/quantization/jobs/{job_id}/cancel" => Value::Null,
+        "/v1/models/{model}/aliases/{alias}" => json!({"version": 1}),
+        "/v1/operator/organizations/{organization_id}/models/{model}/share" => {
+            json!({"shared": true})
+        }
         _ => json!({"name": "new name"}),
     }
 }
@@ -466,6 +547,7 @@ fn another_organizations_ids_are_not_found() {
                 if !route.starts_with("/v1/organization/")
                     && !route.starts_with("/v1/files")
                     && !route.starts_with("/v1/uploads")
+                    && !route.starts_with("/v1/quantization")
                 {
                     continue;
                 }
@@ -489,7 +571,9 @@ fn another_organizations_ids_are_not_found() {
                         // only; each sees B's rows only.
                         let project_key =
                             b_key == b.key(Who::Project) || b_key == b.key(Who::ProjectReadOnly);
-                        let may = project_key == route.starts_with("/v1/files");
+                        let may = project_key
+                            == (route.starts_with("/v1/files")
+                                || route.starts_with("/v1/quantization"));
                         let expect = if may {
                             StatusCode::OK
                         } else {
@@ -508,6 +592,8 @@ fn another_organizations_ids_are_not_found() {
                             &a.invite,
                             &a.file,
                             &a.upload,
+                            &a.model_file,
+                            &a.job,
                         ] {
                             assert!(
                                 !text.contains(id.as_str()),
@@ -841,11 +927,12 @@ fn files_go_up_and_come_back_whole_and_in_ranges_sealed_on_disk() {
             assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE);
             assert_eq!(h["content-range"], "bytes */700000");
 
-            // Listed (newest first), with the fixture's file.
+            // Listed (newest first), with the fixture's five files (a text, a model file and
+            // the two registry versions made of it).
             let (s, list) = call(&app, &Method::GET, "/v1/files", key, &Value::Null).await;
             assert_eq!(s, StatusCode::OK);
             assert_eq!(list["data"][0]["id"], id.as_str(), "{list}");
-            assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+            assert_eq!(list["data"].as_array().unwrap().len(), 5, "{list}");
             let (_, only) = call(
                 &app,
                 &Method::GET,
@@ -854,7 +941,16 @@ fn files_go_up_and_come_back_whole_and_in_ranges_sealed_on_disk() {
                 &Value::Null,
             )
             .await;
-            assert_eq!(only["data"].as_array().unwrap().len(), 1, "{only}");
+            assert_eq!(only["data"].as_array().unwrap().len(), 4, "{only}");
+            let (_, text) = call(
+                &app,
+                &Method::GET,
+                "/v1/files?purpose=user_data",
+                key,
+                &Value::Null,
+            )
+            .await;
+            assert_eq!(text["data"].as_array().unwrap().len(), 1, "{text}");
 
             // Sealed on disk: no 32-byte run of the content is there.
             let objects = storage.list("").await.unwrap();

@@ -483,8 +483,10 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         let mut state = AppState::new(models, store, metrics, usage, server).with_registry(cache);
         state.storage = Some(storage);
         if let Some(cache) = state.registry.clone() {
+            // Look often enough that a model goes within half its idle time past it.
+            let every = Duration::from_millis((args.model_idle_unload.max(1) * 500).min(30_000));
             tokio::spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_secs(30));
+                let mut every = tokio::time::interval(every);
                 loop {
                     every.tick().await;
                     cache.unload_idle();
