@@ -2739,18 +2739,31 @@ fn bad_model_files_fail_their_jobs_with_clear_errors() {
     assert_eq!(s, 404, "{e}");
     let (s, _, _) = server.http("GET", "/healthz", None, b"", "");
     assert_eq!(s, 200);
-    // The same worker still converts a good model.
-    let (_, f) = server.upload("model", "good.tar.gz", &tiny_chat_tar(dir.path()));
-    let (_, job) = server.job(
-        &format!(
-            r#"{{"file": "{}", "to": "tq2_0"}}"#,
-            f["id"].as_str().unwrap()
-        ),
+    // The same worker still converts good models: a Hugging Face directory, and an ONNX
+    // export's directory (config.json beside model.onnx and its external data).
+    let onnx = model_tar(
+        dir.path(),
+        &root.join("testdata/models/tiny-bitnet-c-onnx"),
         None,
+        "onnx",
     );
-    let job = server.wait_job(job["id"].as_str().unwrap());
-    assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["quantized_model"], "good:1");
+    for (name, bytes) in [
+        ("good.tar.gz", tiny_chat_tar(dir.path())),
+        ("onnx.tar.gz", onnx),
+    ] {
+        let (_, f) = server.upload("model", name, &bytes);
+        let (_, job) = server.job(
+            &format!(
+                r#"{{"file": "{}", "to": "tq2_0"}}"#,
+                f["id"].as_str().unwrap()
+            ),
+            None,
+        );
+        let job = server.wait_job(job["id"].as_str().unwrap());
+        assert_eq!(job["status"], "succeeded", "{name}: {job}");
+        let model = name.split('.').next().unwrap();
+        assert_eq!(job["quantized_model"], format!("{model}:1"));
+    }
 }
 
 /// Registry models live in an LRU within `--model-memory-budget` and leave when idle; moving

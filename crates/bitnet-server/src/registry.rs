@@ -76,13 +76,26 @@ impl ModelCache {
         cfg: RegistryConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        // A directory of this process's own (servers on one host may share the work
+        // directory); those of processes that are gone are removed.
         std::fs::create_dir_all(&cfg.cache_dir)?;
-        // What a previous run left: nothing is loaded yet.
         if let Ok(dir) = std::fs::read_dir(&cfg.cache_dir) {
             for e in dir.flatten() {
-                let _ = std::fs::remove_file(e.path());
+                let stale = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("pid-"))
+                    .and_then(|p| p.parse::<u32>().ok())
+                    .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+                if stale {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
+        let mut cfg = cfg;
+        cfg.cache_dir = cfg.cache_dir.join(format!("pid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cfg.cache_dir);
+        std::fs::create_dir_all(&cfg.cache_dir)?;
         Ok(Self {
             store,
             storage,
