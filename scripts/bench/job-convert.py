@@ -90,6 +90,11 @@ def main() -> None:
             if job["status"] != "succeeded":
                 sys.exit(f"job {job['id']} {job['status']}: {job.get('error')}")
             rows.append(times)
+            events = curl([f"{base}/quantization/jobs/{job['id']}/events?limit=1000"] + auth)["data"]
+            start = events[0]["created_at"] if events else 0
+            for e in events:
+                if e["data"].get("done") or e["level"] != "info" or "job" in e["message"]:
+                    print(f"  +{e['created_at'] - start:>3} s  {e['message']}")
             print(f"round {r + 1}: convert {times['convert']:.2f} s, convert --verify "
                   f"{times['convert --verify']:.2f} s, job {times['job']:.2f} s "
                   f"({times['job'] / times['convert']:.2f}x convert, "

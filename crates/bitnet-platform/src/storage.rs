@@ -276,7 +276,10 @@ impl Storage {
             )
             .await
             .map_err(storage_err)?;
-        let inner = got.into_stream();
+        let inner = match got.payload {
+            object_store::GetResultPayload::File(file, p) => local_stream(file, p, got.range),
+            object_store::GetResultPayload::Stream(s) => s,
+        };
         let key = key.clone();
         let state = Reader {
             inner,
@@ -333,6 +336,49 @@ impl Storage {
         }
         Ok(out)
     }
+}
+
+/// A local file's `range` in pieces of 4 MiB, each read on the blocking pool
+/// (`GetResult::into_stream` reads 8 KiB a hop, which held a local read to about 130 MB/s).
+fn local_stream(
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    range: Range<u64>,
+) -> futures_util::stream::BoxStream<'static, object_store::Result<Bytes>> {
+    const PIECE: u64 = 4 << 20;
+    let read_err = move |path: &std::path::Path, e: std::io::Error| object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: format!("cannot read {}: {e}", path.display()).into(),
+    };
+    futures_util::stream::try_unfold(
+        (Some(file), path, range.start, range.end),
+        move |(file, path, at, end)| async move {
+            let Some(mut file) = file else {
+                return Ok(None);
+            };
+            if at >= end {
+                return Ok(None);
+            }
+            let (file, path, piece) = tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Seek, SeekFrom};
+                let n = (end - at).min(PIECE) as usize;
+                let mut buf = vec![0u8; n];
+                let r = file
+                    .seek(SeekFrom::Start(at))
+                    .and_then(|_| file.read_exact(&mut buf));
+                (file, path, r.map(|()| buf))
+            })
+            .await
+            .map_err(|e| object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            })?;
+            let piece = piece.map_err(|e| read_err(&path, e))?;
+            let next = at + piece.len() as u64;
+            Ok(Some((Bytes::from(piece), (Some(file), path, next, end))))
+        },
+    )
+    .boxed()
 }
 
 struct Reader {

@@ -318,8 +318,8 @@ pub async fn metrics_text(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-/// The OpenAPI document, with the ids of the models served here as the `model` field's enum
-/// (so generated clients and fuzzers know the valid values).
+/// The OpenAPI document, with the ids of the models served from the command line as the
+/// `model` field's enum (so generated clients and fuzzers know the valid values).
 async fn openapi_json(State(s): State<AppState>) -> Response {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     let ids: Vec<serde_json::Value> = s.models.iter().map(|m| m.id.clone().into()).collect();
@@ -330,7 +330,11 @@ async fn openapi_json(State(s): State<AppState>) -> Response {
             format!("{base}/properties/model"),
             format!("{base}/allOf/1/properties/model"),
         ] {
-            if let Some(model) = doc.pointer_mut(&at) {
+            // (Registry models come and go: with none served from the command line, any
+            // name may be valid.)
+            if !ids.is_empty()
+                && let Some(model) = doc.pointer_mut(&at)
+            {
                 model["enum"] = ids.clone().into();
             }
         }

@@ -280,44 +280,24 @@ async fn run_job(
         tracing::info!(job = %id, "quantization job cancelled");
         return;
     }
-    match result {
+    let (code, message, retry) = match result {
         Ok(()) => {
             remove_stale(storage, &job, Some(&object)).await;
             tracing::info!(job = %id, "quantization job succeeded");
+            return;
         }
-        Err(Failure::Stopped) => {
-            let _ = storage.delete(&object).await;
-            report(
-                store
-                    .job_failed(
-                        &id,
-                        worker,
-                        "worker_stopped",
-                        "the worker running the job shut down",
-                        true,
-                    )
-                    .await,
-            );
-        }
-        Err(Failure::Input(m)) => {
-            let _ = storage.delete(&object).await;
-            tracing::info!(job = %id, error = %m, "quantization job failed: bad input");
-            report(
-                store
-                    .job_failed(&id, worker, "invalid_file", &m, false)
-                    .await,
-            );
-        }
-        Err(Failure::Internal(m)) => {
-            let _ = storage.delete(&object).await;
-            tracing::warn!(job = %id, error = %m, "quantization job attempt failed");
-            report(
-                store
-                    .job_failed(&id, worker, "internal_error", &m, true)
-                    .await,
-            );
-        }
-    }
+        Err(Failure::Stopped) => (
+            "worker_stopped",
+            "the worker running the job shut down".to_string(),
+            true,
+        ),
+        // Bad input fails for good; anything else may pass and is retried.
+        Err(Failure::Input(m)) => ("invalid_file", m, false),
+        Err(Failure::Internal(m)) => ("internal_error", m, true),
+    };
+    let _ = storage.delete(&object).await;
+    tracing::info!(job = %id, code, error = %message, "quantization job attempt failed");
+    report(store.job_failed(&id, worker, code, &message, retry).await);
 }
 
 /// Milliseconds to pause after each tensor (tests stretch a tiny job with it, to kill or
@@ -345,6 +325,28 @@ async fn phase_done(store: &Store, job: &QuantJob, progress: &Progress, message:
     });
     if let Err(e) = store.job_event(&job.id, "info", &message, data).await {
         tracing::warn!(job = %job.id, error = %e, "cannot record a job event");
+    }
+}
+
+/// A blocking reader over the pieces a channel brings (a stream from storage, read by the
+/// tar unpacker on the blocking pool).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    current: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.current = b,
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
     }
 }
 
@@ -397,71 +399,96 @@ async fn attempt(
     progress
         .bytes_total
         .store(file.bytes as u64, Ordering::Relaxed);
-    let source = scratch.join("source");
-    {
-        let mut out = tokio::fs::File::create(&source)
-            .await
-            .map_err(|e| Failure::Internal(format!("cannot write {}: {e}", source.display())))?;
-        while let Some(piece) = body.next().await {
-            halted()?;
-            let piece = piece?;
-            out.write_all(&piece)
-                .await
-                .map_err(|e| Failure::Internal(format!("cannot write the source: {e}")))?;
-            progress
-                .bytes_done
-                .fetch_add(piece.len() as u64, Ordering::Relaxed);
-        }
-        out.flush()
-            .await
-            .map_err(|e| Failure::Internal(format!("cannot write the source: {e}")))?;
+    // The first bytes say what the file is.
+    let mut head: Vec<u8> = Vec::with_capacity(SNIFF_BYTES);
+    let mut early: Vec<Bytes> = Vec::new();
+    while head.len() < SNIFF_BYTES {
+        let Some(piece) = body.next().await else {
+            break;
+        };
+        let piece = piece?;
+        let take = piece.len().min(SNIFF_BYTES - head.len());
+        head.extend_from_slice(&piece[..take]);
+        progress
+            .bytes_done
+            .fetch_add(piece.len() as u64, Ordering::Relaxed);
+        early.push(piece);
     }
-    let mut head = vec![0u8; SNIFF_BYTES];
-    let n = {
-        let mut f = tokio::fs::File::open(&source)
-            .await
-            .map_err(|e| Failure::Internal(e.to_string()))?;
-        let mut n = 0;
-        while n < head.len() {
-            let k = f
-                .read(&mut head[n..])
-                .await
-                .map_err(|e| Failure::Internal(e.to_string()))?;
-            if k == 0 {
-                break;
+    let kind = sniff(&head);
+    // 2. A tar streams from storage into the unpacker (nothing of it is written but the
+    // files); a GGUF is written to the scratch directory as it is.
+    let src: PathBuf = match kind {
+        PackageKind::Gguf => {
+            let source = scratch.join("source.gguf");
+            let mut out = tokio::fs::File::create(&source).await.map_err(|e| {
+                Failure::Internal(format!("cannot write {}: {e}", source.display()))
+            })?;
+            let write_err =
+                |e: std::io::Error| Failure::Internal(format!("cannot write the source: {e}"));
+            for piece in early {
+                out.write_all(&piece).await.map_err(write_err)?;
             }
-            n += k;
+            while let Some(piece) = body.next().await {
+                halted()?;
+                let piece = piece?;
+                out.write_all(&piece).await.map_err(write_err)?;
+                progress
+                    .bytes_done
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+            }
+            out.flush().await.map_err(write_err)?;
+            source
         }
-        n
-    };
-    head.truncate(n);
-    phase_done(
-        store,
-        job,
-        progress,
-        format!(
-            "downloaded {} ({:.1} MiB)",
-            file.filename,
-            file.bytes as f64 / 1048576.0
-        ),
-    )
-    .await;
-    // 2. A Hugging Face directory out of a tar, or the GGUF as it is.
-    progress.phase.store(1, Ordering::Relaxed);
-    let src: PathBuf = match sniff(&head) {
-        PackageKind::Gguf => source.clone(),
         PackageKind::Tar | PackageKind::GzipTar => {
-            let gzip = sniff(&head) == PackageKind::GzipTar;
-            let (from, dest) = (source.clone(), scratch.join("model"));
-            let dir = blocking(move || {
-                let f = std::fs::File::open(&from).map_err(|e| Failure::Internal(e.to_string()))?;
-                unpack_model_tar(std::io::BufReader::new(f), gzip, &dest, Limits::default())
-                    .map_err(|e| Failure::Input(format!("cannot unpack the archive: {e}")))
-            })
-            .await?;
-            // The tar copy is no longer needed: free the disk.
-            let _ = tokio::fs::remove_file(&source).await;
-            dir.model_dir
+            let gzip = kind == PackageKind::GzipTar;
+            let dest = scratch.join("model");
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(8);
+            let unpack = blocking(move || {
+                let reader = ChannelReader {
+                    rx,
+                    current: Bytes::new(),
+                };
+                unpack_model_tar(
+                    std::io::BufReader::with_capacity(1 << 20, reader),
+                    gzip,
+                    &dest,
+                    Limits::default(),
+                )
+                .map_err(|e| Failure::Input(format!("cannot unpack the archive: {e}")))
+            });
+            progress.phase.store(1, Ordering::Relaxed);
+            let feed = async move {
+                for piece in early {
+                    if tx.send(Ok(piece)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                while let Some(piece) = body.next().await {
+                    let piece = match (halted(), piece) {
+                        (Err(e), _) => {
+                            let _ = tx.send(Err("stopped".into())).await;
+                            return Err(e);
+                        }
+                        (_, Err(e)) => {
+                            // The unpacker must not take a cut-off stream for a short tar.
+                            let _ = tx.send(Err(e.to_string())).await;
+                            return Err(Failure::from(e));
+                        }
+                        (_, Ok(p)) => p,
+                    };
+                    let n = piece.len() as u64;
+                    // The unpacker stopped (a refused archive): its error says why.
+                    if tx.send(Ok(piece)).await.is_err() {
+                        return Ok(());
+                    }
+                    progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+                }
+                Ok::<(), Failure>(())
+            };
+            // The feed's end drops the sender: the unpacker sees the end of the stream.
+            let (unpacked, fed) = tokio::join!(unpack, feed);
+            fed?;
+            unpacked?.model_dir
         }
         PackageKind::Onnx => {
             return Err(Failure::Input(
@@ -476,6 +503,18 @@ async fn attempt(
             ));
         }
     };
+    phase_done(
+        store,
+        job,
+        progress,
+        format!(
+            "downloaded {} ({:.1} MiB){}",
+            file.filename,
+            file.bytes as f64 / 1048576.0,
+            if src.is_dir() { " and unpacked it" } else { "" }
+        ),
+    )
+    .await;
     halted()?;
     let from_dir = src.is_dir();
     if from_dir && !src.join("config.json").is_file() {
@@ -551,16 +590,22 @@ async fn attempt(
         ),
     )
     .await;
-    // 4. Verify the output against the source, tensor by tensor.
+    // 4. Verify the output against the source, tensor by tensor, and measure what
+    // ternarization cost, side by side (they read the same files on two threads).
     progress.phase.store(3, Ordering::Relaxed);
-    let verified = {
+    let verifying = {
         let (src, dst) = (src.clone(), dst.clone());
         blocking(move || {
             verify(&src, &dst)
                 .map_err(|e| Failure::Internal(format!("the output failed verification: {e}")))
         })
-        .await?
     };
+    let measuring = {
+        let src = src.clone();
+        blocking(move || Ok(measure(&src)))
+    };
+    let (verified, measured) = tokio::join!(verifying, measuring);
+    let (verified, measured) = (verified?, measured?);
     halted()?;
     phase_done(
         store,
@@ -575,8 +620,8 @@ async fn attempt(
     // 5. The fidelity report.
     progress.phase.store(4, Ordering::Relaxed);
     let (report, architecture, parameters) = {
-        let (src, dst, to) = (src.clone(), dst.clone(), job.params.to.clone());
-        blocking(move || Ok(fidelity(&src, &dst, &to, &conv, &verified))).await?
+        let (dst, to) = (dst.clone(), job.params.to.clone());
+        blocking(move || Ok(fidelity(&dst, &to, &conv, &verified, measured))).await?
     };
     halted()?;
     // 6. Store the result sealed, then make it a file and a registry version with the job's
@@ -654,18 +699,48 @@ async fn attempt(
     }
 }
 
+/// What ternarizing the source's float linear weights costs them, as `bitnet quantize
+/// --report` measures it (per tensor and weighted over the model); a source that is already
+/// ternary has nothing to measure.
+fn measure(src: &Path) -> Value {
+    use bitnet_core::quant::Granularity;
+    let measured =
+        bitnet_model::quantize::report(src, &[Granularity::PerTensor], &mut |_, _, _| {});
+    match measured {
+        Ok(reps) => {
+            let n: f64 = reps.iter().map(|r| (r.rows * r.cols) as f64).sum();
+            let (mut mse, mut cos, mut zeros) = (0.0, 0.0, 0.0);
+            let tensors: Vec<Value> = reps
+                .iter()
+                .map(|r| {
+                    let m = &r.results[0].1;
+                    let w = (r.rows * r.cols) as f64 / n.max(1.0);
+                    mse += w * m.mse;
+                    cos += w * m.cosine;
+                    zeros += w * m.zero_fraction;
+                    json!({"name": r.name, "mse": m.mse, "cosine": m.cosine, "zero_fraction": m.zero_fraction})
+                })
+                .collect();
+            json!({"source": "float", "granularity": "tensor", "mse": mse, "cosine": cos,
+                   "zero_fraction": zeros, "tensors": tensors})
+        }
+        Err(e) => {
+            json!({"source": "ternary", "note": format!("no float weights to measure ({e}); the ternary codes were copied exactly")})
+        }
+    }
+}
+
 /// The fidelity report: what `bitnet quantize --report` measures (MSE, cosine similarity and
 /// the zero fraction of the ternary weights against the float ones, per tensor and weighted
 /// over the model) when the source has float weights; what packing changed about the scales;
 /// what verification found. Returns the report, the architecture and the parameter count.
 fn fidelity(
-    src: &Path,
     dst: &Path,
     to: &str,
     conv: &ConvertReport,
     verified: &bitnet_model::convert::VerifyReport,
+    ternarization: Value,
 ) -> (Value, String, i64) {
-    use bitnet_core::quant::Granularity;
     let (architecture, parameters) = match GgufFile::open(dst) {
         Ok(f) => (
             f.header.architecture().to_string(),
@@ -687,30 +762,6 @@ fn fidelity(
                 .map(|f| json!({"name": t.name, "note": f.note}))
         })
         .collect();
-    let measured =
-        bitnet_model::quantize::report(src, &[Granularity::PerTensor], &mut |_, _, _| {});
-    let ternarization = match measured {
-        Ok(reps) => {
-            let n: f64 = reps.iter().map(|r| (r.rows * r.cols) as f64).sum();
-            let (mut mse, mut cos, mut zeros) = (0.0, 0.0, 0.0);
-            let tensors: Vec<Value> = reps
-                .iter()
-                .map(|r| {
-                    let m = &r.results[0].1;
-                    let w = (r.rows * r.cols) as f64 / n.max(1.0);
-                    mse += w * m.mse;
-                    cos += w * m.cosine;
-                    zeros += w * m.zero_fraction;
-                    json!({"name": r.name, "mse": m.mse, "cosine": m.cosine, "zero_fraction": m.zero_fraction})
-                })
-                .collect();
-            json!({"source": "float", "granularity": "tensor", "mse": mse, "cosine": cos,
-                   "zero_fraction": zeros, "tensors": tensors})
-        }
-        Err(e) => {
-            json!({"source": "ternary", "note": format!("no float weights to measure ({e}); the ternary codes were copied exactly")})
-        }
-    };
     let report = json!({
         "format": to,
         "tensors": conv.tensors.len(),
