@@ -2385,6 +2385,8 @@ fn uploaded_models_are_quantized_by_jobs_and_served_by_name() {
         assert!(head.contains("text/event-stream"), "{head}");
         assert!(sse.contains("[DONE]"), "{sse}");
         assert!(sse.contains("job succeeded"), "{sse}");
+        // validating_files, then running: the worker said when the file proved a model.
+        assert!(sse.contains("the file is a model: converting"), "{sse}");
         let job = server.wait_job(&id);
         assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(job["quantized_model"], "tiny:1");

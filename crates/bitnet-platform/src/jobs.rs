@@ -1,5 +1,6 @@
 //! Quantization jobs: a durable queue in the database, shaped like OpenAI's fine-tuning jobs
-//! (`queued` → `running` → `succeeded` / `failed` / `cancelled`, an `error` object,
+//! (`queued` → `validating_files` (a worker has it and checks its file) → `running` (it
+//! converts) → `succeeded` / `failed` / `cancelled`, an `error` object,
 //! `result_files`, `created_at` / `finished_at`).
 //!
 //! Workers (inside `bitnet serve`, or `bitnet worker` processes) claim jobs with a lease and
@@ -95,7 +96,16 @@ pub enum Beat {
     Lost,
 }
 
-const STATUSES: &[&str] = &["queued", "running", "succeeded", "failed", "cancelled"];
+const STATUSES: &[&str] = &[
+    "queued",
+    "validating_files",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+];
+/// The statuses of a job a worker holds: checking its file, then converting.
+const HELD: &str = "('validating_files', 'running')";
 const COLS: &str = "id, organization_id, project_id, file_id, params, status, error, result_files, \
                     attempts, max_attempts, created_at, finished_at, result_model";
 
@@ -425,7 +435,7 @@ impl Store {
             let sql = format!(
                 "SELECT id, organization_id, status, lease_owner FROM quantization_jobs \
                  WHERE cancel_requested = 0 AND ((status = 'queued' AND run_after_ms <= $1) \
-                    OR (status = 'running' AND lease_expires_ms < $1)){} \
+                    OR (status IN {HELD} AND lease_expires_ms < $1)){} \
                  ORDER BY created_at, id LIMIT 1{}",
                 if skipped.is_empty() {
                     String::new()
@@ -448,7 +458,7 @@ impl Store {
                     .await?;
             }
             let (running,): (i64,) = sqlx::query_as(
-                "SELECT COUNT(*) FROM quantization_jobs WHERE organization_id = $1 AND status = 'running' AND lease_expires_ms >= $2",
+                &format!("SELECT COUNT(*) FROM quantization_jobs WHERE organization_id = $1 AND status IN {HELD} AND lease_expires_ms >= $2"),
             )
             .bind(&org)
             .bind(t)
@@ -479,7 +489,7 @@ impl Store {
                 continue;
             }
             sqlx::query(
-                "UPDATE quantization_jobs SET status = 'running', attempts = attempts + 1, lease_owner = $1, lease_expires_ms = $2 WHERE id = $3",
+                "UPDATE quantization_jobs SET status = 'validating_files', attempts = attempts + 1, lease_owner = $1, lease_expires_ms = $2 WHERE id = $3",
             )
             .bind(worker)
             .bind(t + lease.as_millis() as i64)
@@ -487,7 +497,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            let (level, message) = if status == "running" {
+            let (level, message) = if status != "queued" {
                 (
                     "warn",
                     format!(
@@ -515,11 +525,29 @@ impl Store {
         Ok(None)
     }
 
+    /// The worker found the job's file good (`validating_files` → `running`); `Ok(false)` if
+    /// the job is no longer its own.
+    pub async fn job_running(&self, id: &str, worker: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE quantization_jobs SET status = 'running' WHERE id = $1 AND lease_owner = $2 AND status = 'validating_files'",
+        )
+        .bind(id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            self.job_event(id, "info", "the file is a model: converting", json!({}))
+                .await?;
+        }
+        Ok(n == 1)
+    }
+
     /// Extend `worker`'s lease on a job, and learn whether to go on.
     pub async fn heartbeat(&self, id: &str, worker: &str, lease: Duration) -> Result<Beat> {
         let row: Option<(i64,)> = sqlx::query_as(
-            "UPDATE quantization_jobs SET lease_expires_ms = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'running' \
-             RETURNING cancel_requested",
+            &format!("UPDATE quantization_jobs SET lease_expires_ms = $1 WHERE id = $2 AND lease_owner = $3 AND status IN {HELD} \
+             RETURNING cancel_requested"),
         )
         .bind(now_ms() + lease.as_millis() as i64)
         .bind(id)
@@ -544,8 +572,8 @@ impl Store {
     ) -> Result<bool> {
         debug_assert!(STATUSES.contains(&status));
         let n = sqlx::query(
-            "UPDATE quantization_jobs SET status = $1, error = $2, result_files = $3, finished_at = $4, lease_owner = NULL \
-             WHERE id = $5 AND lease_owner = $6 AND status = 'running'",
+            &format!("UPDATE quantization_jobs SET status = $1, error = $2, result_files = $3, finished_at = $4, lease_owner = NULL \
+             WHERE id = $5 AND lease_owner = $6 AND status IN {HELD}"),
         )
         .bind(status)
         .bind(error.map(|e| e.to_string()))
@@ -612,8 +640,8 @@ impl Store {
             .insert_version_in(&mut c, &j.organization_id, &j.project_id, &file, nv, &by)
             .await?;
         let n = sqlx::query(
-            "UPDATE quantization_jobs SET status = 'succeeded', error = NULL, result_files = $1, result_model = $2, \
-             finished_at = $3, lease_owner = NULL WHERE id = $4 AND lease_owner = $5 AND status = 'running'",
+            &format!("UPDATE quantization_jobs SET status = 'succeeded', error = NULL, result_files = $1, result_model = $2, \
+             finished_at = $3, lease_owner = NULL WHERE id = $4 AND lease_owner = $5 AND status IN {HELD}"),
         )
         .bind(serde_json::to_string(&[&file.id]).unwrap_or_default())
         .bind(&model)
@@ -663,8 +691,8 @@ impl Store {
         if retry && j.attempts < j.max_attempts {
             let wait = backoff(j.attempts);
             let n = sqlx::query(
-                "UPDATE quantization_jobs SET status = 'queued', run_after_ms = $1, lease_owner = NULL, error = $2 \
-                 WHERE id = $3 AND lease_owner = $4 AND status = 'running'",
+                &format!("UPDATE quantization_jobs SET status = 'queued', run_after_ms = $1, lease_owner = NULL, error = $2 \
+                 WHERE id = $3 AND lease_owner = $4 AND status IN {HELD}"),
             )
             .bind(now_ms() + wait.as_millis() as i64)
             .bind(error.to_string())
@@ -717,7 +745,7 @@ impl Store {
         let n = sqlx::query(
             "UPDATE quantization_jobs SET status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END, \
              finished_at = CASE WHEN status = 'queued' THEN $1 ELSE finished_at END, cancel_requested = 1 \
-             WHERE id = $2 AND organization_id = $3 AND status IN ('queued', 'running')",
+             WHERE id = $2 AND organization_id = $3 AND status IN ('queued', 'validating_files', 'running')",
         )
         .bind(c.at)
         .bind(id)

@@ -218,6 +218,13 @@ fn the_per_organization_limit_retries_attempts_and_cancels() {
             assert_eq!(failed.status, "failed");
             assert_eq!(failed.error.as_ref().unwrap()["message"], "no config.json");
 
+            // A claimed job checks its file first, then runs (only its own worker moves it).
+            assert_eq!(
+                s.job(&o1, &p1, &j2.id).await.unwrap().status,
+                "validating_files"
+            );
+            assert!(!s.job_running(&j2.id, "someone-else").await.unwrap());
+            assert!(s.job_running(&j2.id, "w3").await.unwrap());
             // Cancel a running job: its worker learns it at the next heartbeat.
             let c = s.cancel_job(&o1, &p1, &j2.id, &cli).await.unwrap();
             assert_eq!(c.status, "running");

@@ -522,6 +522,11 @@ async fn attempt(
             "the archive holds no config.json: a Hugging Face model directory needs one".into(),
         ));
     }
+    // The file is good: the job runs.
+    if !store.job_running(&job.id, worker).await? {
+        flags.lost.store(true, Ordering::Relaxed);
+        return Err(Failure::Stopped);
+    }
     // 3. Convert.
     progress.phase.store(2, Ordering::Relaxed);
     progress.bytes_done.store(0, Ordering::Relaxed);
