@@ -165,9 +165,17 @@ pub async fn job_events(
             }
             loop {
                 // Read the status first: events written before a terminal status is seen
-                // are all read below, so none is missed at the end.
-                let status = match store.job(&org, &project, &id).await {
-                    Ok(j) => j.status,
+                // are all read below, so none is missed at the end. A database error ends
+                // the stream with the error.
+                let read = async {
+                    let status = store.job(&org, &project, &id).await?.status;
+                    let events = store
+                        .job_events(&org, &project, &id, t.after.as_deref(), 1000)
+                        .await?;
+                    Ok::<_, bitnet_platform::PlatformError>((status, events))
+                };
+                let (status, events) = match read.await {
+                    Ok(r) => r,
                     Err(e) => {
                         t.done = true;
                         let body = ApiError::from(e).body();
@@ -176,10 +184,6 @@ pub async fn job_events(
                         return Some((vec![ev], t));
                     }
                 };
-                let events = store
-                    .job_events(&org, &project, &id, t.after.as_deref(), 1000)
-                    .await
-                    .unwrap_or_default();
                 if let Some(last) = events.last() {
                     t.after = Some(last.id.clone());
                 }

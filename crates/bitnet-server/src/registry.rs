@@ -276,11 +276,6 @@ impl ModelCache {
             x.model.engine.cancel_all();
         }
     }
-
-    /// Whether a version is loaded (tests and `/metrics`).
-    pub fn is_loaded(&self, id: &str) -> bool {
-        self.loaded().iter().any(|(m, _)| m == id)
-    }
 }
 
 type Answer<T> = Result<Json<T>, ApiError>;

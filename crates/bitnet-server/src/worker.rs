@@ -98,6 +98,30 @@ const PHASES: [&str; 6] = [
     "download", "unpack", "convert", "verify", "measure", "store",
 ];
 
+impl Progress {
+    /// The phase's name and the counters as they stand, as an event's data.
+    fn snapshot(&self) -> (&'static str, Value) {
+        let phase = PHASES
+            .get(self.phase.load(Ordering::Relaxed) as usize)
+            .copied()
+            .unwrap_or("work");
+        let data = json!({
+            "phase": phase,
+            "bytes_done": self.bytes_done.load(Ordering::Relaxed),
+            "bytes_total": self.bytes_total.load(Ordering::Relaxed),
+            "tensors_done": self.tensors_done.load(Ordering::Relaxed),
+        });
+        (phase, data)
+    }
+}
+
+/// Record a progress event of a job; a failure to is logged (the job goes on).
+async fn progress_event(store: &Store, job: &str, message: &str, data: Value) {
+    if let Err(e) = store.job_event(job, "info", message, data).await {
+        tracing::warn!(job = %job, error = %e, "cannot record a job event");
+    }
+}
+
 /// Flags of one attempt.
 #[derive(Debug, Default)]
 struct Flags {
@@ -229,28 +253,21 @@ async fn run_job(
     let reporter = {
         let (store, progress, id) = (store.clone(), progress.clone(), id.clone());
         tokio::spawn(async move {
-            let mut last = (u64::MAX, u64::MAX, u64::MAX);
+            let mut last = Value::Null;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let p = (
-                    progress.phase.load(Ordering::Relaxed),
-                    progress.bytes_done.load(Ordering::Relaxed),
-                    progress.tensors_done.load(Ordering::Relaxed),
-                );
-                if p == last {
+                let (phase, data) = progress.snapshot();
+                if data == last {
                     continue;
                 }
-                last = p;
-                let total = progress.bytes_total.load(Ordering::Relaxed);
-                let phase = PHASES.get(p.0 as usize).copied().unwrap_or("work");
-                let data = json!({"phase": phase, "bytes_done": p.1, "bytes_total": total, "tensors_done": p.2});
                 let message = format!(
                     "{phase}: {:.1} of {:.1} MiB, {} tensors",
-                    p.1 as f64 / 1048576.0,
-                    total as f64 / 1048576.0,
-                    p.2
+                    data["bytes_done"].as_u64().unwrap_or(0) as f64 / 1048576.0,
+                    data["bytes_total"].as_u64().unwrap_or(0) as f64 / 1048576.0,
+                    data["tensors_done"]
                 );
-                let _ = store.job_event(&id, "info", &message, data).await;
+                progress_event(&store, &id, &message, data.clone()).await;
+                last = data;
             }
         })
     };
@@ -312,20 +329,9 @@ fn test_pause() -> Option<Duration> {
 
 /// An event for the end of a phase, with the counters as they stand.
 async fn phase_done(store: &Store, job: &QuantJob, progress: &Progress, message: String) {
-    let phase = PHASES
-        .get(progress.phase.load(Ordering::Relaxed) as usize)
-        .copied()
-        .unwrap_or("work");
-    let data = json!({
-        "phase": phase,
-        "done": true,
-        "bytes_done": progress.bytes_done.load(Ordering::Relaxed),
-        "bytes_total": progress.bytes_total.load(Ordering::Relaxed),
-        "tensors_done": progress.tensors_done.load(Ordering::Relaxed),
-    });
-    if let Err(e) = store.job_event(&job.id, "info", &message, data).await {
-        tracing::warn!(job = %job.id, error = %e, "cannot record a job event");
-    }
+    let (_, mut data) = progress.snapshot();
+    data["done"] = true.into();
+    progress_event(store, &job.id, &message, data).await;
 }
 
 /// A blocking reader over the pieces a channel brings (a stream from storage, read by the
