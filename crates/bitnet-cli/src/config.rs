@@ -54,6 +54,10 @@ pub struct Server {
     /// serve` exports request traces to (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// NATS server (`nats://HOST:PORT`) that `bitnet serve` publishes the event outbox to, in
+    /// the JetStream stream `BITNET_EVENTS` (optional).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<String>,
 }
 
 /// `~/.local/share/bitnet` (or `$XDG_DATA_HOME/bitnet`).
@@ -89,6 +93,7 @@ impl Default for Server {
             master_key_file: data_dir().join("master.key"),
             redis: None,
             otlp_endpoint: None,
+            events: None,
         }
     }
 }

@@ -2865,3 +2865,449 @@ fn moving_prod_keeps_streams_in_flight_and_models_leave_within_budget_and_when_i
     // And comes back on the next request.
     assert_eq!(server.chat("tiny").1, "tiny:2");
 }
+
+/// One streaming chat request read to its end (or to its server's death): the server's
+/// request id and the tokens received, counted from each chunk's logprobs; `seen` follows the
+/// count as it grows.
+fn stream_tokens(addr: &str, key: &str, seen: &std::sync::atomic::AtomicUsize) -> (String, usize) {
+    let body = r#"{"model": "smol", "messages": [{"role": "user", "content": "Count from one to one hundred."}], "max_tokens": 300, "temperature": 0, "stream": true, "logprobs": true}"#;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    // HTTP/1.0: the body ends with the connection (no chunked framing to undo).
+    write!(s, "POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut id = String::new();
+    let mut tokens = 0;
+    for line in BufReader::new(s).lines() {
+        let Ok(line) = line else { break };
+        if let Some(v) = line.strip_prefix("x-request-id: ") {
+            id = v.trim().to_string();
+        }
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(data) {
+            tokens += v["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map_or(0, Vec::len);
+            seen.store(tokens, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    (id, tokens)
+}
+
+/// Issue 16: three replicas share one PostgreSQL and one Redis. A project limited to N requests
+/// a minute gets exactly N of 3N concurrent requests spread over the replicas, and the others
+/// OpenAI's 429 with its headers; the usage and costs reports add up to what the clients were
+/// told; a replica killed with streams in flight leaves usage rows equal to the tokens its
+/// clients received.
+#[test]
+fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
+    // Always on PostgreSQL (replicas share it): it runs once, in the default pass.
+    if std::env::var("BITNET_TEST_BACKEND").as_deref() == Ok("postgres") {
+        return;
+    }
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(Backend::Postgres, dir.path());
+    let extra = [
+        "--redis",
+        "redis://127.0.0.1:6379",
+        "--reservation-ttl",
+        "2",
+    ];
+    let a = Server::start(&model, &db, &extra);
+    let b = Server::start(&model, &db, &extra);
+    // The third makes tokens slowly, so that it can be killed mid-stream.
+    let mut c = Server::start_env(
+        &model,
+        &db,
+        &extra,
+        &[("FAILPOINTS", "model-forward-token=sleep(60)")],
+    );
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 60;
+    let operator = {
+        let out = succeeds(bitnet().args([
+            "keys",
+            "create",
+            "--operator",
+            "--json",
+            "--database",
+            &db.url,
+        ]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["key"].as_str().unwrap().to_string()
+    };
+    let (s, price) = a.json(
+        "POST",
+        "/v1/operator/prices",
+        Some(&operator),
+        r#"{"model": "smol", "input": 1.5, "cached_input": 0.5, "output": 6}"#,
+    );
+    assert_eq!(s, 200, "{price}");
+    assert_eq!(price["input"], 1.5);
+    let admin = a.admin.clone();
+    let (s, project) = b.json(
+        "POST",
+        "/v1/organization/projects",
+        Some(&admin),
+        r#"{"name": "limited"}"#,
+    );
+    assert_eq!(s, 200, "{project}");
+    let p = project["id"].as_str().unwrap().to_string();
+    let (_, sa) = c.json(
+        "POST",
+        &format!("/v1/organization/projects/{p}/service_accounts"),
+        Some(&admin),
+        r#"{"name": "app"}"#,
+    );
+    let key = sa["api_key"]["value"].as_str().unwrap().to_string();
+    // A project key may not change its own limits; the admin may.
+    let path = format!("/v1/organization/projects/{p}/rate_limits/rl-smol");
+    let (s, _) = a.json(
+        "POST",
+        &path,
+        Some(&key),
+        r#"{"max_requests_per_1_minute": 1000}"#,
+    );
+    assert_eq!(s, 403);
+    const N: usize = 6;
+    let (s, rl) = a.json(
+        "POST",
+        &path,
+        Some(&admin),
+        &format!(r#"{{"max_requests_per_1_minute": {N}}}"#),
+    );
+    assert_eq!(s, 200, "{rl}");
+    assert_eq!(rl["object"], "project.rate_limit");
+    let (s, list) = b.json(
+        "GET",
+        &format!("/v1/organization/projects/{p}/rate_limits"),
+        Some(&admin),
+        "",
+    );
+    assert_eq!(s, 200, "{list}");
+    let smol = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"] == "rl-smol")
+        .cloned()
+        .unwrap();
+    assert_eq!(smol["max_requests_per_1_minute"], N);
+    assert!(smol["max_tokens_per_1_minute"].is_null());
+
+    // 3N requests at once, spread over the three replicas.
+    let servers = [&a, &b, &c];
+    let body = r#"{"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}"#;
+    let answers: Vec<(u16, String, String)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..3 * N)
+            .map(|i| {
+                let (server, key) = (servers[i % 3], &key);
+                sc.spawn(move || {
+                    server.http(
+                        "POST",
+                        "/v1/chat/completions",
+                        Some(key),
+                        body.as_bytes(),
+                        "Content-Type: application/json\r\n",
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<&(u16, String, String)> = answers.iter().filter(|a| a.0 == 200).collect();
+    let refused: Vec<&(u16, String, String)> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert_eq!(
+        (ok.len(), refused.len()),
+        (N, 2 * N),
+        "{:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    let header = |head: &str, name: &str| -> Option<String> {
+        head.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(|v| v.trim().to_string())
+    };
+    for (_, head, body) in &refused {
+        assert_eq!(error_code(body), "rate_limit_exceeded", "{body}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["type"], "requests", "{body}");
+        assert_eq!(
+            header(head, "x-ratelimit-limit-requests"),
+            Some(N.to_string())
+        );
+        assert_eq!(
+            header(head, "x-ratelimit-remaining-requests"),
+            Some("0".into())
+        );
+        assert!(
+            header(head, "x-ratelimit-reset-requests").is_some(),
+            "{head}"
+        );
+        assert!(header(head, "retry-after").is_some(), "{head}");
+    }
+    let (mut prompt, mut completion, mut cached) = (0, 0, 0);
+    for (_, head, body) in &ok {
+        assert_eq!(
+            header(head, "x-ratelimit-limit-requests"),
+            Some(N.to_string())
+        );
+        let remaining: usize = header(head, "x-ratelimit-remaining-requests")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(remaining < N);
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        prompt += v["usage"]["prompt_tokens"].as_u64().unwrap();
+        completion += v["usage"]["completion_tokens"].as_u64().unwrap();
+        cached += v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+    }
+
+    // Usage and costs, from any replica, add up to what the clients were told.
+    let (s, usage) = c.json(
+        "GET",
+        &format!(
+            "/v1/organization/usage/completions?start_time={t0}&end_time={}&group_by[]=project_id",
+            t0 + 3600
+        ),
+        Some(&admin),
+        "",
+    );
+    assert_eq!(s, 200, "{usage}");
+    assert_eq!(usage["object"], "page");
+    let results = usage["data"][0]["results"].as_array().unwrap();
+    let ours = results
+        .iter()
+        .find(|r| r["project_id"] == p.as_str())
+        .unwrap();
+    assert_eq!(ours["object"], "organization.usage.completions.result");
+    assert_eq!(ours["num_model_requests"], N);
+    assert_eq!(ours["input_tokens"], prompt);
+    assert_eq!(ours["output_tokens"], completion);
+    assert_eq!(ours["input_cached_tokens"], cached);
+    let (s, costs) = b.json(
+        "GET",
+        &format!("/v1/organization/costs?start_time={t0}&end_time={}&group_by[]=line_item&project_ids[]={p}", t0 + 3600),
+        Some(&admin),
+        "",
+    );
+    assert_eq!(s, 200, "{costs}");
+    let lines = costs["data"][0]["results"].as_array().unwrap();
+    let total: f64 = lines
+        .iter()
+        .map(|l| l["amount"]["value"].as_f64().unwrap())
+        .sum();
+    let expected =
+        ((prompt - cached) as f64 * 1.5 + cached as f64 * 0.5 + completion as f64 * 6.0) / 1e6;
+    assert!(
+        (total - expected).abs() < 1e-12,
+        "{total} != {expected}: {costs}"
+    );
+    assert!(
+        lines.iter().any(|l| l["line_item"] == "smol, output"),
+        "{costs}"
+    );
+
+    // Streams in flight on the slow replica when it is killed: each is billed what its client
+    // received, settled by the replicas left.
+    let seen: Vec<std::sync::atomic::AtomicUsize> = (0..3)
+        .map(|_| std::sync::atomic::AtomicUsize::new(0))
+        .collect();
+    let received: Vec<(String, usize)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = seen
+            .iter()
+            .map(|n| {
+                let (addr, key) = (&c.addr, &a.key);
+                sc.spawn(move || stream_tokens(addr, key, n))
+            })
+            .collect();
+        let started = wait_for(120, || {
+            seen.iter()
+                .all(|n| n.load(std::sync::atomic::Ordering::SeqCst) >= 3)
+                .then_some(())
+        });
+        assert!(started.is_some(), "the streams did not start");
+        c.child.kill().unwrap();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (id, n) in &received {
+        assert!(id.starts_with("req_"), "{id:?}");
+        assert!(*n >= 3 && *n < 300, "{n} tokens");
+    }
+    let billed = wait_for(60, || {
+        let rows: Vec<(String, i64, i64)> = query_db(
+            &db,
+            "SELECT request_id, status, completion_tokens FROM usage",
+        );
+        let ours: Vec<(String, i64, i64)> = rows
+            .into_iter()
+            .filter(|r| received.iter().any(|(id, _)| *id == r.0))
+            .collect();
+        (ours.len() == received.len()).then_some(ours)
+    })
+    .expect("the killed replica's requests settled");
+    for (id, n) in &received {
+        let row = billed.iter().find(|r| r.0 == *id).unwrap();
+        assert_eq!(
+            row.2, *n as i64,
+            "request {id}: billed {} tokens, received {n}",
+            row.2
+        );
+        assert_eq!(row.1, 502, "{row:?}");
+    }
+    let left: Vec<(i64,)> = query_db(&db, "SELECT COUNT(*) FROM usage_reservations");
+    assert_eq!(left[0].0, 0);
+}
+
+/// Messages of the JetStream stream `BITNET_EVENTS` about organization `org`: (the
+/// `Nats-Msg-Id` header, the event).
+fn nats_events(org: &str) -> Vec<(String, serde_json::Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use futures_util::StreamExt;
+        let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream("BITNET_EVENTS").await.unwrap();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(1000)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .unwrap();
+            let mut n = 0;
+            while let Some(Ok(m)) = batch.next().await {
+                n += 1;
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                if v["organization_id"] == org {
+                    let id = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Msg-Id"))
+                        .map(|v| v.to_string())
+                        .unwrap_or_default();
+                    out.push((id, v));
+                }
+            }
+            if n == 0 {
+                return out;
+            }
+        }
+    })
+}
+
+/// Issue 16: the outbox reaches NATS JetStream at least once, each event under its stable id.
+/// A publisher killed after sending a batch and before marking it leaves the batch to the next
+/// server, which sends it again under the same ids (JetStream reports them as duplicates and
+/// keeps one copy); nothing is lost.
+#[test]
+fn events_reach_nats_once_each_across_a_killed_publisher() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let events = ["--events", "nats://127.0.0.1:4222"];
+    let mut first = Server::start_env(
+        &model,
+        &db,
+        &events,
+        &[("BITNET_TEST_EVENTS_PAUSE_MS", "600000")],
+    );
+    let paused = wait_for(60, || {
+        first
+            .log
+            .lock()
+            .unwrap()
+            .contains("pausing before marking")
+            .then_some(())
+    });
+    assert!(paused.is_some(), "{}", first.log.lock().unwrap());
+    // Changes while the first batch hangs: an audited project, a metered request.
+    let admin = first.admin.clone();
+    let (s, _) = first.json(
+        "POST",
+        "/v1/organization/projects",
+        Some(&admin),
+        r#"{"name": "evented"}"#,
+    );
+    assert_eq!(s, 200);
+    let (s, _) = first.post_json(
+        "/v1/chat/completions",
+        r#"{"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}"#,
+    );
+    assert_eq!(s, 200);
+    first.child.kill().unwrap();
+    let _ = first.child.wait();
+    let pending: Vec<(i64,)> = query_db(
+        &db,
+        "SELECT COUNT(*) FROM events WHERE published_at IS NULL",
+    );
+    assert!(pending[0].0 > 0);
+
+    let second = Server::start(&model, &db, &events);
+    let done = wait_for(60, || {
+        let n: Vec<(i64,)> = query_db(
+            &db,
+            "SELECT COUNT(*) FROM events WHERE published_at IS NULL",
+        );
+        (n[0].0 == 0).then_some(())
+    });
+    assert!(done.is_some(), "{}", second.log.lock().unwrap());
+    assert!(
+        second
+            .log
+            .lock()
+            .unwrap()
+            .contains("the sink had some of these events already"),
+        "the first batch was not sent again: {}",
+        second.log.lock().unwrap()
+    );
+    let stored: Vec<(String, String, String)> = query_db(
+        &db,
+        "SELECT id, organization_id, type FROM events ORDER BY seq",
+    );
+    let org = stored
+        .iter()
+        .find(|e| e.2 == "audit.project.created")
+        .unwrap()
+        .1
+        .clone();
+    let got = nats_events(&org);
+    for (id, _, kind) in stored.iter().filter(|e| e.1 == org) {
+        let copies: Vec<&(String, serde_json::Value)> =
+            got.iter().filter(|(h, _)| h == id).collect();
+        assert_eq!(
+            copies.len(),
+            1,
+            "event {id} ({kind}) arrived {} times",
+            copies.len()
+        );
+        assert_eq!(copies[0].1["id"], id.as_str());
+        assert_eq!(copies[0].1["type"], kind.as_str());
+    }
+    assert!(got.iter().any(|(_, e)| e["type"] == "usage.recorded"
+        && e["data"]["model"] == "smol"
+        && e["data"]["output_tokens"].as_u64().is_some_and(|n| n >= 1)));
+}

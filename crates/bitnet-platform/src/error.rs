@@ -27,6 +27,9 @@ pub enum PlatformError {
     /// The change conflicts with what is stored (a duplicate name, an archived project).
     #[error("{0}")]
     Conflict(String),
+    /// A budget's hard cap would be passed: the request is refused before it runs.
+    #[error("{0}")]
+    Quota(String),
     /// The database URL names something this build cannot open.
     #[error("database {0:?}: expected sqlite://PATH, sqlite::memory: or postgres://USER@HOST/DB")]
     BadUrl(String),

@@ -272,6 +272,7 @@ impl Store {
             let k = idempotency_key.unwrap_or_default();
             return Box::pin(self.create_job(org, project, file, params, Some(k), by)).await;
         }
+        crate::events::emit_job_state(&mut c.tx, &id).await?;
         c.audit(
             crate::audit::AuditEvent::new(
                 "quantization_job.created",
@@ -485,6 +486,7 @@ impl Store {
                 .bind(&id)
                 .execute(&mut *tx)
                 .await?;
+                crate::events::emit_job_state(&mut tx, &id).await?;
                 skipped.push(id);
                 continue;
             }
@@ -496,6 +498,7 @@ impl Store {
             .bind(&id)
             .execute(&mut *tx)
             .await?;
+            crate::events::emit_job_state(&mut tx, &id).await?;
             tx.commit().await?;
             let (level, message) = if status != "queued" {
                 (
@@ -528,14 +531,19 @@ impl Store {
     /// The worker found the job's file good (`validating_files` → `running`); `Ok(false)` if
     /// the job is no longer its own.
     pub async fn job_running(&self, id: &str, worker: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE quantization_jobs SET status = 'running' WHERE id = $1 AND lease_owner = $2 AND status = 'validating_files'",
         )
         .bind(id)
         .bind(worker)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        if n == 1 {
+            crate::events::emit_job_state(&mut tx, id).await?;
+        }
+        tx.commit().await?;
         if n == 1 {
             self.job_event(id, "info", "the file is a model: converting", json!({}))
                 .await?;
@@ -571,6 +579,7 @@ impl Store {
         result_files: &[String],
     ) -> Result<bool> {
         debug_assert!(STATUSES.contains(&status));
+        let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             &format!("UPDATE quantization_jobs SET status = $1, error = $2, result_files = $3, finished_at = $4, lease_owner = NULL \
              WHERE id = $5 AND lease_owner = $6 AND status IN {HELD}"),
@@ -581,9 +590,13 @@ impl Store {
         .bind(now())
         .bind(id)
         .bind(worker)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        if n == 1 {
+            crate::events::emit_job_state(&mut tx, id).await?;
+        }
+        tx.commit().await?;
         Ok(n == 1)
     }
 
@@ -655,6 +668,7 @@ impl Store {
             // Dropped uncommitted: nothing of this attempt stays.
             return Ok(None);
         }
+        crate::events::emit_job_state(&mut c.tx, id).await?;
         c.commit().await?;
         self.job_event(
             id,
@@ -690,6 +704,7 @@ impl Store {
         let error = json!({"code": code, "message": message, "param": null});
         if retry && j.attempts < j.max_attempts {
             let wait = backoff(j.attempts);
+            let mut tx = self.pool.begin().await?;
             let n = sqlx::query(
                 &format!("UPDATE quantization_jobs SET status = 'queued', run_after_ms = $1, lease_owner = NULL, error = $2 \
                  WHERE id = $3 AND lease_owner = $4 AND status IN {HELD}"),
@@ -698,9 +713,13 @@ impl Store {
             .bind(error.to_string())
             .bind(id)
             .bind(worker)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?
             .rows_affected();
+            if n == 1 {
+                crate::events::emit_job_state(&mut tx, id).await?;
+            }
+            tx.commit().await?;
             if n == 1 {
                 self.job_event(
                     id,
@@ -759,6 +778,7 @@ impl Store {
                 j.status
             )));
         }
+        crate::events::emit_job_state(&mut c.tx, id).await?;
         c.audit(
             crate::audit::AuditEvent::new("quantization_job.cancelled", by, id, json!({"id": id}))
                 .in_project(project),

@@ -17,15 +17,19 @@
 //! ```
 
 pub mod audit;
+pub mod budgets;
 pub mod cache;
 pub mod crypto;
 pub mod error;
+pub mod events;
 pub mod files;
 pub mod ids;
 pub mod jobs;
 pub mod keys;
 pub mod orgs;
+pub mod prices;
 pub mod projects;
+pub mod ratelimits;
 pub mod registry;
 pub mod sessions;
 pub mod sso;

@@ -163,6 +163,16 @@ impl Change {
         self.seq += 1;
         let row = audit::Row::chain(&self.org, self.seq, self.at, event, &self.head);
         row.insert(&mut self.tx).await?;
+        // The outbox carries every audit event, in the same transaction.
+        let object = serde_json::to_value(row.object()).unwrap_or_default();
+        crate::events::emit(
+            &mut self.tx,
+            &format!("evt_{}", row.id),
+            Some(&self.org),
+            &format!("audit.{}", row.kind),
+            &object,
+        )
+        .await?;
         self.head = row.hash;
         Ok(())
     }

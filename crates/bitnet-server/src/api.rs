@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use bitnet_model::chat::Message;
 use bitnet_model::generate::{FinishReason, GenerateOptions};
 use bitnet_model::sampling::SamplingParams;
-use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
+use futures_util::{FutureExt, StreamExt};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -615,29 +615,32 @@ pub async fn chat_completions(
             Ran::Streaming(r) => return Ok(r),
             Ran::Gathered(plan, done) => (plan, done),
         };
-    Ok(Json(ChatCompletion {
-        id: done.id,
-        object: "chat.completion",
-        created: done.created,
-        model: plan.model.id.clone(),
-        system_fingerprint: fingerprint(),
-        usage: done.usage,
-        choices: done
-            .choices
-            .into_iter()
-            .enumerate()
-            .map(|(i, g)| ChatChoice {
-                index: i as u32,
-                logprobs: plan.logprobs.map(|_| chat_logprobs(&g.tokens)),
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: g.text,
-                },
-                finish_reason: g.finish.as_str().to_string(),
-            })
-            .collect(),
-    })
-    .into_response())
+    Ok((
+        done.limits,
+        Json(ChatCompletion {
+            id: done.id,
+            object: "chat.completion",
+            created: done.created,
+            model: plan.model.id.clone(),
+            system_fingerprint: fingerprint(),
+            usage: done.usage,
+            choices: done
+                .choices
+                .into_iter()
+                .enumerate()
+                .map(|(i, g)| ChatChoice {
+                    index: i as u32,
+                    logprobs: plan.logprobs.map(|_| chat_logprobs(&g.tokens)),
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: g.text,
+                    },
+                    finish_reason: g.finish.as_str().to_string(),
+                })
+                .collect(),
+        }),
+    )
+        .into_response())
 }
 
 #[utoipa::path(post, path = "/v1/completions", tag = "inference",
@@ -682,28 +685,31 @@ pub async fn completions(
             Ran::Gathered(plan, done) => (plan, done),
         };
     let prefix = echo.unwrap_or_default();
-    Ok(Json(Completion {
-        id: done.id,
-        object: "text_completion",
-        created: done.created,
-        model: plan.model.id.clone(),
-        system_fingerprint: fingerprint(),
-        usage: Some(done.usage),
-        choices: done
-            .choices
-            .into_iter()
-            .enumerate()
-            .map(|(i, g)| CompletionChoice {
-                index: i as u32,
-                logprobs: plan
-                    .logprobs
-                    .map(|_| completion_logprobs(&g.tokens, prefix.len())),
-                text: format!("{prefix}{}", g.text),
-                finish_reason: Some(g.finish.as_str().to_string()),
-            })
-            .collect(),
-    })
-    .into_response())
+    Ok((
+        done.limits,
+        Json(Completion {
+            id: done.id,
+            object: "text_completion",
+            created: done.created,
+            model: plan.model.id.clone(),
+            system_fingerprint: fingerprint(),
+            usage: Some(done.usage),
+            choices: done
+                .choices
+                .into_iter()
+                .enumerate()
+                .map(|(i, g)| CompletionChoice {
+                    index: i as u32,
+                    logprobs: plan
+                        .logprobs
+                        .map(|_| completion_logprobs(&g.tokens, prefix.len())),
+                    text: format!("{prefix}{}", g.text),
+                    finish_reason: Some(g.finish.as_str().to_string()),
+                })
+                .collect(),
+        }),
+    )
+        .into_response())
 }
 
 /// What [`run_plan`] ends with: the streaming response, or every choice gathered.
@@ -718,6 +724,8 @@ struct Done {
     created: u64,
     choices: Vec<Gathered>,
     usage: Usage,
+    /// The rate-limit headers.
+    limits: axum::http::HeaderMap,
 }
 
 /// The part both endpoints share: open the usage ticket, queue one engine request per choice,
@@ -744,18 +752,25 @@ async fn run_plan(
         StreamKind::Chat => ("chat.completions", "chatcmpl"),
         StreamKind::Completion => ("completions", "cmpl"),
     };
-    let mut ticket = state.usage.ticket(
-        &ids.server,
-        ids.client.as_deref(),
-        who,
-        &plan.model.id,
-        endpoint,
-    );
-    ticket.prompt_tokens(plan.prompt.len() as u64);
+    // Admitted under the project's rate limits and reserved before the model runs.
+    let mut ticket = state
+        .usage
+        .open(
+            &ids.server,
+            ids.client.as_deref(),
+            who,
+            &plan.model.id,
+            endpoint,
+            plan.prompt.len() as u64,
+            (plan.max_tokens as u64).saturating_mul(u64::from(plan.n)),
+        )
+        .await?;
+    let limits = ticket.headers();
     let rxs = launch(state, &plan, received).inspect_err(|e| ticket.status(e.status().as_u16()))?;
     let (id, created) = (new_id(id_prefix), unix_now());
     if plan.stream {
-        let r = stream_response(rxs, ticket, plan, kind, id, created, echo);
+        let mut r = stream_response(rxs, ticket, plan, kind, id, created, echo);
+        r.headers_mut().extend(limits);
         return Ok(Ran::Streaming(r));
     }
     let choices = gather(rxs, &mut ticket)
@@ -764,6 +779,9 @@ async fn run_plan(
     ticket.status(200);
     let completion = choices.iter().map(|g| g.completion_tokens).sum();
     let cached = choices.iter().map(|g| g.cached_tokens).min().unwrap_or(0);
+    ticket.cached_tokens(cached as u64);
+    // The row is written before the answer leaves.
+    ticket.settle().await;
     let usage = usage(plan.prompt.len(), completion, cached);
     Ok(Ran::Gathered(
         plan,
@@ -772,6 +790,7 @@ async fn run_plan(
             created,
             choices,
             usage,
+            limits,
         },
     ))
 }
@@ -785,7 +804,8 @@ enum StreamKind {
 /// The state a streaming response carries: the usage ticket is dropped (and its row written)
 /// when the stream ends or the client goes away.
 struct Streaming {
-    ticket: Ticket,
+    /// Taken when the stream settles.
+    ticket: Option<Ticket>,
     kind: StreamKind,
     id: String,
     created: u64,
@@ -849,6 +869,62 @@ impl Streaming {
         SseEvent::default().data(json.unwrap_or_default())
     }
 
+    fn ticket_mut(&mut self) -> &mut Ticket {
+        self.ticket
+            .as_mut()
+            .expect("a stream's ticket is taken only when it ends")
+    }
+
+    /// Take one engine event into the stream's state, and its SSE events into `out`.
+    fn event(&mut self, (i, e): (usize, Event), out: &mut Vec<SseEvent>) {
+        match e {
+            Event::Delta {
+                text,
+                tokens,
+                sampled,
+            } => {
+                self.sampled[i] = sampled;
+                let total = self.sampled.iter().sum::<usize>() as u64;
+                self.ticket_mut().completion_tokens(total);
+                out.push(self.chunk(i, Some(text), false, &tokens, None));
+            }
+            Event::Done {
+                finish,
+                completion_tokens,
+                cached_tokens,
+                ..
+            } => {
+                self.sampled[i] = completion_tokens;
+                self.cached[i] = cached_tokens;
+                let total = self.sampled.iter().sum::<usize>() as u64;
+                let cached = self.cached.iter().copied().min().unwrap_or(0) as u64;
+                self.ticket_mut().completion_tokens(total);
+                self.ticket_mut().cached_tokens(cached);
+                self.open -= 1;
+                if finish == FinishReason::Timeout {
+                    self.failed = true;
+                    self.fail_status = 504;
+                }
+                out.push(match self.kind {
+                    StreamKind::Chat => self.chunk(i, None, false, &[], Some(finish.as_str())),
+                    StreamKind::Completion => {
+                        self.chunk(i, Some(String::new()), false, &[], Some(finish.as_str()))
+                    }
+                });
+            }
+            Event::Failed(f) => {
+                self.failed = true;
+                self.open -= 1;
+                let e = ApiError::from(f);
+                self.fail_status = e.status().as_u16();
+                let body = e.body();
+                out.push(
+                    SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default()),
+                );
+            }
+        }
+    }
+
     fn usage_chunk(&self) -> SseEvent {
         let cached = self.cached.iter().copied().min().unwrap_or(0);
         let u = usage(self.prompt_tokens, self.sampled.iter().sum(), cached);
@@ -893,7 +969,7 @@ fn stream_response(
     )
     .boxed();
     let st = Streaming {
-        ticket,
+        ticket: Some(ticket),
         kind,
         id,
         created,
@@ -922,72 +998,40 @@ fn stream_response(
     let body = stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>)).chain(
         stream::unfold((merged, Some(st)), |(mut merged, st)| async move {
             let mut st = st?;
-            loop {
-                if st.open == 0 {
-                    // Every choice finished: usage (when asked), then [DONE]. The ticket goes with `st`.
-                    let mut tail = Vec::new();
-                    if st.include_usage && !st.failed {
-                        tail.push(st.usage_chunk());
+            // The events ready now go out together, after one record of their tokens.
+            let mut out = Vec::new();
+            match merged.next().await {
+                Some(first) => {
+                    st.event(first, &mut out);
+                    while st.open > 0
+                        && out.len() < 64
+                        && let Some(Some(e)) = merged.next().now_or_never()
+                    {
+                        st.event(e, &mut out);
                     }
-                    tail.push(SseEvent::default().data("[DONE]"));
-                    st.ticket
-                        .status(if st.failed { st.fail_status } else { 200 });
-                    return Some((tail, (merged, None)));
                 }
-                let Some((i, e)) = merged.next().await else {
+                None => {
                     st.failed = true;
                     st.open = 0;
-                    continue;
-                };
-                match e {
-                    Event::Delta {
-                        text,
-                        tokens,
-                        sampled,
-                    } => {
-                        st.sampled[i] = sampled;
-                        let total = st.sampled.iter().sum::<usize>() as u64;
-                        st.ticket.completion_tokens(total);
-                        let ev = st.chunk(i, Some(text), false, &tokens, None);
-                        return Some((vec![ev], (merged, Some(st))));
-                    }
-                    Event::Done {
-                        finish,
-                        completion_tokens,
-                        cached_tokens,
-                        ..
-                    } => {
-                        st.sampled[i] = completion_tokens;
-                        st.cached[i] = cached_tokens;
-                        let total = st.sampled.iter().sum::<usize>() as u64;
-                        st.ticket.completion_tokens(total);
-                        st.open -= 1;
-                        if finish == FinishReason::Timeout {
-                            st.failed = true;
-                            st.fail_status = 504;
-                        }
-                        let ev = match st.kind {
-                            StreamKind::Chat => {
-                                st.chunk(i, None, false, &[], Some(finish.as_str()))
-                            }
-                            StreamKind::Completion => {
-                                st.chunk(i, Some(String::new()), false, &[], Some(finish.as_str()))
-                            }
-                        };
-                        return Some((vec![ev], (merged, Some(st))));
-                    }
-                    Event::Failed(f) => {
-                        st.failed = true;
-                        st.open -= 1;
-                        let e = ApiError::from(f);
-                        st.fail_status = e.status().as_u16();
-                        let body = e.body();
-                        let ev = SseEvent::default()
-                            .data(serde_json::to_string(&body).unwrap_or_default());
-                        return Some((vec![ev], (merged, Some(st))));
-                    }
                 }
             }
+            // Billed before sent: if this replica dies now, the reservation holds these.
+            st.ticket_mut().checkpoint().await;
+            if st.open > 0 {
+                return Some((out, (merged, Some(st))));
+            }
+            // Every choice finished: usage (when asked), then [DONE], once the usage row is
+            // written.
+            if st.include_usage && !st.failed {
+                out.push(st.usage_chunk());
+            }
+            out.push(SseEvent::default().data("[DONE]"));
+            let status = if st.failed { st.fail_status } else { 200 };
+            if let Some(mut t) = st.ticket.take() {
+                t.status(status);
+                t.settle().await;
+            }
+            Some((out, (merged, None)))
         })
         .flat_map(|evs| stream::iter(evs.into_iter().map(Ok))),
     );

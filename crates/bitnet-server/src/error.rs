@@ -33,6 +33,16 @@ pub enum ApiError {
     /// The queue is full: retry after this many seconds.
     #[error("the server is busy ({0}); retry shortly")]
     Overloaded(&'static str, u64),
+    /// Over a rate limit (`rate_limit_exceeded`, type `requests` or `tokens`) or out of
+    /// budget (`insufficient_quota`): 429 with the `x-ratelimit-*` headers and Retry-After.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        kind: &'static str,
+        code: &'static str,
+        retry_after: u64,
+        headers: Box<axum::http::HeaderMap>,
+    },
     #[error("{0}")]
     Timeout(String),
     #[error("the server is shutting down")]
@@ -89,7 +99,7 @@ impl ApiError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::Overloaded(..) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded(..) | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Http { status, .. } => *status,
@@ -106,6 +116,7 @@ impl ApiError {
             Self::NotFound { code, .. } => ("invalid_request_error", None, *code),
             Self::Conflict(_) => ("invalid_request_error", None, "conflict"),
             Self::Overloaded(..) => ("rate_limit_error", None, "server_busy"),
+            Self::RateLimited { kind, code, .. } => (*kind, None, *code),
             Self::Timeout(_) => ("timeout_error", None, "timeout"),
             Self::ShuttingDown => ("server_error", None, "shutting_down"),
             Self::Http { code, .. } => ("invalid_request_error", None, *code),
@@ -132,9 +143,21 @@ impl IntoResponse for ApiError {
             tracing::error!(%detail, "internal error");
         }
         let mut r = (self.status(), Json(self.body())).into_response();
-        if let Self::Overloaded(_, secs) = self {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        match self {
+            Self::Overloaded(_, secs) => {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Self::RateLimited {
+                retry_after,
+                headers,
+                ..
+            } => {
+                r.headers_mut().extend(*headers);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            _ => {}
         }
         r
     }
@@ -154,6 +177,13 @@ impl From<bitnet_platform::PlatformError> for ApiError {
                 code: "invalid_value",
             },
             P::Conflict(m) => Self::Conflict(m),
+            P::Quota(m) => Self::RateLimited {
+                message: m,
+                kind: "insufficient_quota",
+                code: "insufficient_quota",
+                retry_after: 3600,
+                headers: Box::default(),
+            },
             P::Forbidden(m) => Self::Forbidden(m),
             P::Upstream(m) => Self::Http {
                 status: axum::http::StatusCode::BAD_GATEWAY,

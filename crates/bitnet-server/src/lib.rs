@@ -12,8 +12,11 @@ pub mod api;
 pub mod auth;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod files;
 pub mod jobs;
+pub mod limits;
+pub mod metering;
 pub mod metrics;
 pub mod openai;
 pub mod operator;
@@ -256,6 +259,9 @@ impl AppState {
         org::doc_list_service_accounts, org::doc_create_service_account, org::doc_list_project_keys, org::doc_create_own_project_key,
         org::doc_list_users, org::doc_list_invites, org::doc_create_invite, org::doc_list_admin_keys,
         org::doc_create_admin_key, org::doc_list_audit_logs,
+        metering::doc_list_rate_limits, metering::doc_modify_rate_limit, metering::doc_usage_completions,
+        metering::doc_costs, metering::doc_list_prices, metering::doc_create_price,
+        metering::doc_get_org_budget, metering::doc_set_org_budget, metering::doc_get_project_budget, metering::doc_set_project_budget,
         files::doc_list_files, files::doc_get_file, files::doc_delete_file, files::doc_file_content,
         files::doc_create_upload, files::doc_complete_upload, files::doc_cancel_upload,
         signin::login, signin::refresh, signin::logout, signin::accept_invite, signin::jwks,
@@ -263,7 +269,7 @@ impl AppState {
         healthz, readyz, metrics_text
     ),
     modifiers(&Security),
-    components(schemas(signin::LoginBody, signin::RefreshBody, signin::AcceptInviteBody, org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody, files::CreateUpload, files::CompleteUpload, jobs::CreateJob, registry::AliasBody, registry::ShareBody, registry::ModelsList, registry::ModelObject)),
+    components(schemas(signin::LoginBody, signin::RefreshBody, signin::AcceptInviteBody, org::NameBody, org::RoleBody, org::ProjectUserBody, org::InviteBody, org::InviteProjectBody, files::CreateUpload, files::CompleteUpload, jobs::CreateJob, registry::AliasBody, registry::ShareBody, registry::ModelsList, registry::ModelObject, metering::RateLimitBody, metering::PriceBody, metering::PriceObject, metering::BudgetBody)),
     tags((name = "inference"), (name = "organization"), (name = "sign-in"), (name = "operations"))
 )]
 pub struct ApiDoc;
@@ -651,6 +657,31 @@ pub fn router(state: AppState) -> Router {
             get(org::get_admin_key).delete(org::delete_admin_key),
         )
         .route("/v1/organization/audit_logs", get(org::list_audit_logs))
+        .route(
+            "/v1/organization/projects/{project_id}/rate_limits",
+            get(metering::list_rate_limits),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/rate_limits/{rate_limit_id}",
+            post(metering::modify_rate_limit),
+        )
+        .route(
+            "/v1/organization/usage/completions",
+            get(metering::usage_completions),
+        )
+        .route("/v1/organization/costs", get(metering::costs))
+        .route(
+            "/v1/organization/budget",
+            get(metering::get_org_budget).post(metering::set_org_budget),
+        )
+        .route(
+            "/v1/organization/projects/{project_id}/budget",
+            get(metering::get_project_budget).post(metering::set_project_budget),
+        )
+        .route(
+            "/v1/operator/prices",
+            get(metering::list_prices).post(metering::create_price),
+        )
         .route(
             "/v1/files",
             get(files::list_files)

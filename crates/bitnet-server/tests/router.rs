@@ -60,7 +60,11 @@ fn state(store: Store, storage: &Storage) -> AppState {
     let config = ServerConfig::default();
     let model =
         ServedModel::start("tiny".into(), tiny_model(), &config.engine, metrics.clone()).unwrap();
-    let (usage, _) = UsageLog::start(store.clone());
+    let (usage, _) = UsageLog::start(
+        store.clone(),
+        bitnet_server::limits::Limiter::local(),
+        bitnet_server::usage::MeterConfig::default(),
+    );
     AppState::new(vec![model], store, metrics, usage, config).with_storage(storage.clone())
 }
 
@@ -325,8 +329,15 @@ async fn fixture(s: &Store, storage: &Storage, name: &str) -> Fixture {
 
 impl Fixture {
     fn path(&self, template: &str) -> String {
+        // The usage and cost reports need a start.
+        let query = if template.ends_with("/usage/completions") || template.ends_with("/costs") {
+            "?start_time=0"
+        } else {
+            ""
+        };
         template
             .replace("{project_id}", &self.project)
+            .replace("{rate_limit_id}", "rl-tiny")
             .replace("{user_id}", &self.user)
             .replace("{service_account_id}", &self.service_account)
             .replace("{invite_id}", &self.invite)
@@ -353,6 +364,7 @@ impl Fixture {
                     &self.project_key_id
                 },
             )
+            + query
     }
 
     fn key(&self, who: Who) -> &str {
@@ -396,6 +408,11 @@ fn body(method: &Method, route: &str, f: &Fixture) -> Value {
         "/v1/quantization/jobs" => json!({"file": f.model_file, "to": "tq2_0"}),
         "/v1/quantization/jobs/{job_id}/cancel" => Value::Null,
         "/v1/models/{model}/aliases/{alias}" => json!({"version": 1}),
+        r if r.ends_with("/rate_limits/{rate_limit_id}") => {
+            json!({"max_requests_per_1_minute": 1000})
+        }
+        "/v1/operator/prices" => json!({"model": "tiny", "input": 1, "output": 2}),
+        r if r.ends_with("/budget") => json!({"monthly_limit": 100, "thresholds": [0.5]}),
         "/v1/operator/organizations/{organization_id}/models/{model}/share" => {
             json!({"shared": true})
         }

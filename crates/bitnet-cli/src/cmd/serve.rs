@@ -122,6 +122,19 @@ pub struct Args {
     /// Seconds a registry model may sit unused before it is unloaded.
     #[arg(long, default_value_t = 900)]
     pub model_idle_unload: u64,
+    /// Count rate limits in Redis (`redis://HOST[:PORT][/DB]`), so that every replica shares
+    /// them (default: `server.redis` from the config; none: counted in this process).
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Publish the event outbox (usage, audit, job and budget events) to NATS JetStream at
+    /// this URL (`nats://HOST:PORT`; default: `server.events` from the config; none: events
+    /// wait in the database for a server that has it).
+    #[arg(long, value_name = "URL")]
+    pub events: Option<String>,
+    /// Seconds a request's usage reservation outlives this server: if it dies mid-request,
+    /// another replica (or this one, restarted) settles the request this long after.
+    #[arg(long, default_value_t = 15)]
+    pub reservation_ttl: u64,
     /// Quantization workers inside this server (0: leave the jobs to `bitnet worker`
     /// processes).
     #[arg(long, default_value_t = 1)]
@@ -445,7 +458,16 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         } else {
             None
         };
-        let (usage, writer) = UsageLog::start(store.clone());
+        let redis = args.redis.clone().or(cfg.server.redis.clone()).filter(|r| !r.is_empty());
+        let limiter = match &redis {
+            Some(url) => bitnet_server::limits::Limiter::redis(url).await.map_err(anyhow::Error::msg)?,
+            None => bitnet_server::limits::Limiter::local(),
+        };
+        let meter = bitnet_server::usage::MeterConfig {
+            ttl: Duration::from_secs(args.reservation_ttl.max(1)),
+            ..Default::default()
+        };
+        let (usage, writer) = UsageLog::start(store.clone(), limiter, meter);
         let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
         // Uploads left pending past their hour lose their parts.
         {
@@ -479,6 +501,20 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         )
         .with_context(|| format!("cannot use the work directory {}", work.display()))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let events = args.events.clone().or(cfg.server.events.clone()).filter(|e| !e.is_empty());
+        let publisher = match &events {
+            Some(url) => {
+                let sink = bitnet_server::events::Sink::nats(url).await.map_err(anyhow::Error::msg)?;
+                eprintln!("bitnet serve: publishing events to {url} (stream {})", bitnet_server::events::STREAM);
+                Some(tokio::spawn(bitnet_server::events::publisher(
+                    store.clone(),
+                    sink,
+                    Duration::from_millis(200),
+                    stop_rx.clone(),
+                )))
+            }
+            None => None,
+        };
         let workers = start_workers(args.workers, &store, &storage, &args.jobs, &work.join("jobs"), &stop_rx);
         let mut state = AppState::new(models, store, metrics, usage, server).with_registry(cache);
         state.storage = Some(storage);
@@ -521,7 +557,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         );
         bitnet_server::serve(listener, state.clone(), shutdown_signal()).await?;
         let _ = stop_tx.send(true);
-        for w in workers {
+        for w in workers.into_iter().chain(publisher) {
             let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
         }
         // Every ticket is gone with the state: the writer drains the queue and ends.
