@@ -3117,6 +3117,104 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
         "{costs}"
     );
 
+    // The refusals are counted in the metrics, per organization and reason, over the replicas.
+    let org: Vec<(String,)> = query_db(&db, "SELECT id FROM organizations");
+    let series = |outcome: &str| -> f64 {
+        servers
+            .iter()
+            .map(|s| {
+                s.metric(&format!(
+                    "bitnet_metered_requests_total{{organization=\"{}\",model=\"smol\",outcome=\"{outcome}\"}}",
+                    org[0].0
+                ))
+                .unwrap_or(0.0)
+            })
+            .sum()
+    };
+    assert_eq!(series("rate_limit_requests"), (2 * N) as f64);
+    assert!(series("settled") >= N as f64);
+
+    // A budget: concurrent requests over the replicas never spend past its cap.
+    let (_, project) = a.json(
+        "POST",
+        "/v1/organization/projects",
+        Some(&admin),
+        r#"{"name": "budgeted"}"#,
+    );
+    let bp = project["id"].as_str().unwrap().to_string();
+    let (_, sa) = b.json(
+        "POST",
+        &format!("/v1/organization/projects/{bp}/service_accounts"),
+        Some(&admin),
+        r#"{"name": "app"}"#,
+    );
+    let bkey = sa["api_key"]["value"].as_str().unwrap().to_string();
+    // Room for four requests' worst case (prompt at the input price, 2 tokens at the output).
+    let per = prompt / N as u64;
+    let worst = (per as f64 * 1.5 + 2.0 * 6.0) / 1e6;
+    let cap = worst * 4.5;
+    let (s, budget) = c.json(
+        "POST",
+        &format!("/v1/organization/projects/{bp}/budget"),
+        Some(&admin),
+        &format!(r#"{{"monthly_limit": {cap}, "thresholds": [0.5]}}"#),
+    );
+    assert_eq!(s, 200, "{budget}");
+    let answers: Vec<(u16, String, String)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..12)
+            .map(|i| {
+                let (server, key) = (servers[i % 3], &bkey);
+                sc.spawn(move || {
+                    server.http(
+                        "POST",
+                        "/v1/chat/completions",
+                        Some(key),
+                        body.as_bytes(),
+                        "Content-Type: application/json\r\n",
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut spent = 0.0;
+    let mut served = 0;
+    for (st, _, body) in &answers {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        if *st == 200 {
+            served += 1;
+            let u = &v["usage"];
+            let (pt, ct, cached) = (
+                u["prompt_tokens"].as_f64().unwrap(),
+                u["completion_tokens"].as_f64().unwrap(),
+                u["prompt_tokens_details"]["cached_tokens"]
+                    .as_f64()
+                    .unwrap(),
+            );
+            spent += ((pt - cached) * 1.5 + cached * 0.5 + ct * 6.0) / 1e6;
+        } else {
+            assert_eq!(*st, 429, "{body}");
+            assert_eq!(v["error"]["code"], "insufficient_quota", "{body}");
+            assert_eq!(v["error"]["type"], "insufficient_quota", "{body}");
+        }
+    }
+    assert!(served >= 4 && served < 12, "{served} served");
+    let (_, budget) = a.json(
+        "GET",
+        &format!("/v1/organization/projects/{bp}/budget"),
+        Some(&admin),
+        "",
+    );
+    let billed = budget["spent"]["value"].as_f64().unwrap();
+    assert!((billed - spent).abs() < 1e-12, "{budget} against {spent}");
+    assert!(billed <= cap + 1e-12, "{budget}");
+    assert_eq!(budget["reserved"]["value"].as_f64(), Some(0.0), "{budget}");
+    let alerts: Vec<(i64,)> = query_db(
+        &db,
+        "SELECT COUNT(*) FROM events WHERE type = 'budget.threshold_reached'",
+    );
+    assert_eq!(alerts[0].0, 1);
+
     // Streams in flight on the slow replica when it is killed: each is billed what its client
     // received, settled by the replicas left.
     let seen: Vec<std::sync::atomic::AtomicUsize> = (0..3)

@@ -262,6 +262,20 @@ impl Store {
         Ok(n)
     }
 
+    /// The `n` organizations that used the most tokens over the last `secs` seconds, most
+    /// first.
+    pub async fn top_organizations(&self, secs: i64, n: i64) -> Result<Vec<String>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT organization_id, CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) AS t \
+             FROM usage WHERE created_at >= $1 GROUP BY organization_id ORDER BY t DESC LIMIT $2",
+        )
+        .bind(now() - secs)
+        .bind(n)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
     /// An organization's totals: (requests, prompt tokens, completion tokens).
     pub async fn usage_totals(&self, org: &str) -> Result<(i64, i64, i64)> {
         Ok(sqlx::query_as(

@@ -72,6 +72,7 @@ impl Sink {
 pub async fn publisher(
     store: Store,
     sink: Sink,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     idle: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -116,6 +117,7 @@ pub async fn publisher(
             }
             Ok(n) => {
                 failures = 0;
+                metrics.events_published(n);
                 tracing::debug!(events = n, "events published");
                 Duration::ZERO
             }

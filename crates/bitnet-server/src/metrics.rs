@@ -1,6 +1,12 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text): HTTP latency per route and status,
 //! time to first token, inter-token latency, prompt and generated tokens, queue depth, running
-//! sequences and KV cache bytes per model.
+//! sequences and KV cache bytes per model; and metering per organization and model: requests
+//! by outcome, tokens by kind, tokens reserved against rate limits and settled, events
+//! published.
+//!
+//! Organizations are labels of their own only while they are among the `top` most active
+//! (by tokens over the last day, refreshed from the database); the rest are counted under
+//! `organization="other"`, so the number of series stays bounded however many tenants come.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -10,6 +16,41 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The organizations that are labels of their own (the rest are `other`).
+#[derive(Debug)]
+pub struct OrgLabels {
+    top: std::sync::RwLock<std::collections::HashSet<String>>,
+    n: usize,
+}
+
+impl OrgLabels {
+    pub fn new(n: usize) -> Self {
+        Self {
+            top: std::sync::RwLock::new(std::collections::HashSet::new()),
+            n,
+        }
+    }
+
+    /// The label of `org`: itself while it has a place (places fill as organizations come,
+    /// until the next refresh), else `other`.
+    pub fn label(&self, org: &str) -> String {
+        if self
+            .top
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(org)
+        {
+            return org.to_string();
+        }
+        let mut top = self.top.write().unwrap_or_else(|p| p.into_inner());
+        if top.len() < self.n {
+            top.insert(org.to_string());
+            return org.to_string();
+        }
+        "other".into()
+    }
+}
 
 /// Handles to one model's series (clones share the registered values).
 #[derive(Debug, Clone)]
@@ -39,7 +80,23 @@ pub struct Metrics {
     running: Family<Labels, Gauge>,
     kv: Family<Labels, Gauge>,
     prefix: Family<Labels, Gauge>,
+    metered: Family<Labels, Counter>,
+    metered_tokens: Family<Labels, Counter>,
+    reserved_tokens: Family<Labels, Counter>,
+    settled_tokens: Family<Labels, Counter>,
+    events: Counter,
+    pub orgs: OrgLabels,
+    /// The models each labelled organization has series for (to remove them when it leaves).
+    seen: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
 }
+
+const OUTCOMES: [&str; 4] = [
+    "settled",
+    "rate_limit_requests",
+    "rate_limit_tokens",
+    "insufficient_quota",
+];
+const KINDS: [&str; 3] = ["input", "cached_input", "output"];
 
 fn model(m: &str) -> Labels {
     vec![("model", m.to_string())]
@@ -66,6 +123,34 @@ impl Metrics {
             (Family::default(), Family::default(), Family::default());
         let (queue, running, kv) = (Family::default(), Family::default(), Family::default());
         let prefix = Family::default();
+        let (metered, metered_tokens) = (Family::default(), Family::default());
+        let (reserved_tokens, settled_tokens) = (Family::default(), Family::default());
+        let events = Counter::default();
+        registry.register(
+            "metered_requests",
+            "Requests to a model by organization, model and outcome (settled, or refused: rate_limit_requests, rate_limit_tokens, insufficient_quota)",
+            metered.clone(),
+        );
+        registry.register(
+            "metered_tokens",
+            "Tokens settled into usage rows by organization, model and kind (input, cached_input, output)",
+            metered_tokens.clone(),
+        );
+        registry.register(
+            "reserved_tokens",
+            "Tokens reserved before requests ran (prompt plus max_tokens), by organization and model",
+            reserved_tokens.clone(),
+        );
+        registry.register(
+            "settled_tokens",
+            "Tokens the same requests used when they settled, by organization and model",
+            settled_tokens.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Outbox events handed to the event sink",
+            events.clone(),
+        );
         registry.register(
             "http_request_duration_seconds",
             "HTTP request latency to the end of the response headers, by route, method and status",
@@ -120,6 +205,95 @@ impl Metrics {
             running,
             kv,
             prefix,
+            metered,
+            metered_tokens,
+            reserved_tokens,
+            settled_tokens,
+            events,
+            orgs: OrgLabels::new(50),
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Label at most `n` organizations (default 50).
+    pub fn with_top_organizations(mut self, n: usize) -> Self {
+        self.orgs = OrgLabels::new(n);
+        self
+    }
+
+    fn org_model(&self, org: &str, model: &str) -> Labels {
+        let label = self.orgs.label(org);
+        if label != "other" {
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(label.clone())
+                .or_default()
+                .insert(model.to_string());
+        }
+        vec![("organization", label), ("model", model.to_string())]
+    }
+
+    /// A request refused before it ran (`reason`: `rate_limit_requests`, `rate_limit_tokens`,
+    /// `insufficient_quota`).
+    pub fn refused(&self, org: &str, model: &str, reason: &str) {
+        let mut l = self.org_model(org, model);
+        l.push(("outcome", reason.to_string()));
+        self.metered.get_or_create(&l).inc();
+    }
+
+    /// A request admitted with `tokens` reserved.
+    pub fn reserved(&self, org: &str, model: &str, tokens: u64) {
+        self.reserved_tokens
+            .get_or_create(&self.org_model(org, model))
+            .inc_by(tokens);
+    }
+
+    /// A request settled: its tokens.
+    pub fn settled(&self, org: &str, model: &str, input: u64, cached: u64, output: u64) {
+        let l = self.org_model(org, model);
+        let mut o = l.clone();
+        o.push(("outcome", "settled".to_string()));
+        self.metered.get_or_create(&o).inc();
+        self.settled_tokens.get_or_create(&l).inc_by(input + output);
+        for (kind, n) in KINDS.into_iter().zip([input, cached, output]) {
+            let mut k = l.clone();
+            k.push(("kind", kind.to_string()));
+            self.metered_tokens.get_or_create(&k).inc_by(n);
+        }
+    }
+
+    pub fn events_published(&self, n: usize) {
+        self.events.inc_by(n as u64);
+    }
+
+    /// Make `top` the labelled organizations; the series of those that drop out go (their
+    /// later traffic counts under `other`).
+    pub fn refresh_top_organizations(&self, top: Vec<String>) {
+        let keep: std::collections::HashSet<String> = top.into_iter().take(self.orgs.n).collect();
+        let gone: Vec<String> = {
+            let mut t = self.orgs.top.write().unwrap_or_else(|p| p.into_inner());
+            let gone = t.difference(&keep).cloned().collect();
+            *t = keep;
+            gone
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for org in gone {
+            for model in seen.remove(&org).unwrap_or_default() {
+                let l: Labels = vec![("organization", org.clone()), ("model", model)];
+                self.reserved_tokens.remove(&l);
+                self.settled_tokens.remove(&l);
+                for o in OUTCOMES {
+                    let mut x = l.clone();
+                    x.push(("outcome", o.to_string()));
+                    self.metered.remove(&x);
+                }
+                for k in KINDS {
+                    let mut x = l.clone();
+                    x.push(("kind", k.to_string()));
+                    self.metered_tokens.remove(&x);
+                }
+            }
         }
     }
 
@@ -155,5 +329,71 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repository's Grafana dashboard reads series these metrics expose.
+    #[test]
+    fn the_dashboard_reads_series_that_exist() {
+        let m = Metrics::new();
+        m.http("/v1/chat/completions", "POST", 200).observe(0.01);
+        m.reserved("org-a", "m", 100);
+        m.settled("org-a", "m", 60, 10, 30);
+        m.refused("org-a", "m", "rate_limit_requests");
+        m.events_published(3);
+        let text = m.render();
+        let dash: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/grafana/bitnet-metering.json"))
+                .unwrap();
+        let mut checked = 0;
+        for panel in dash["panels"].as_array().unwrap() {
+            for t in panel["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for (i, _) in expr.match_indices("bitnet_") {
+                    let name: String = expr[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(
+                        text.lines().any(|l| l.starts_with(&format!("{name}{{"))
+                            || l.starts_with(&format!("{name} "))),
+                        "the dashboard reads {name}, which /metrics does not expose:\n{text}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 10);
+    }
+
+    /// Past the top N, organizations share `other`; one that leaves the top loses its series.
+    #[test]
+    fn organization_labels_stay_bounded() {
+        let m = Metrics::new().with_top_organizations(2);
+        for org in ["a", "b", "c", "d"] {
+            m.settled(org, "m", 1, 0, 1);
+        }
+        let text = m.render();
+        let orgs = |text: &str| -> std::collections::BTreeSet<String> {
+            text.lines()
+                .filter(|l| l.starts_with("bitnet_metered_requests_total{"))
+                .filter_map(|l| l.split("organization=\"").nth(1)?.split('"').next())
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(orgs(&text), ["a", "b", "other"].map(String::from).into());
+        assert!(text.contains(
+            "bitnet_metered_requests_total{organization=\"other\",model=\"m\",outcome=\"settled\"} 2"
+        ));
+        // The day's ranking puts d first: a's series go, d gets its own.
+        m.refresh_top_organizations(vec!["d".into(), "b".into()]);
+        m.settled("d", "m", 1, 0, 1);
+        m.settled("a", "m", 1, 0, 1);
+        let text = m.render();
+        assert_eq!(orgs(&text), ["b", "d", "other"].map(String::from).into());
     }
 }

@@ -15,6 +15,7 @@
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::limits::{Kind, Limit, Limiter, Seen, Verdict, reset_text};
+use crate::metrics::Metrics;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bitnet_platform::Store;
 use bitnet_platform::ratelimits::limit_model;
@@ -68,6 +69,7 @@ pub struct UsageLog {
     store: Store,
     limiter: Arc<Limiter>,
     cfg: Arc<MeterConfig>,
+    metrics: Arc<Metrics>,
 }
 
 impl UsageLog {
@@ -78,6 +80,7 @@ impl UsageLog {
         store: Store,
         limiter: Limiter,
         cfg: MeterConfig,
+        metrics: Arc<Metrics>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = unbounded_channel();
         let limiter = Arc::new(limiter);
@@ -90,6 +93,7 @@ impl UsageLog {
                 store,
                 limiter,
                 cfg,
+                metrics,
             },
             writer,
         )
@@ -146,7 +150,14 @@ impl UsageLog {
                         .map(|l| l.key.clone());
                     seen = v.seen;
                 }
-                Ok(v) => return Err(refusal(model, who, &v)),
+                Ok(v) => {
+                    let reason = match v.refused_by().map(|s| s.kind) {
+                        Some(Kind::Tokens) => "rate_limit_tokens",
+                        _ => "rate_limit_requests",
+                    };
+                    self.metrics.refused(&org_of(who), model, reason);
+                    return Err(refusal(model, who, &v));
+                }
                 // Counting is down: serve rather than refuse everyone (logged).
                 Err(e) => tracing::error!(error = %e, "rate limits cannot be checked; admitting"),
             }
@@ -191,9 +202,16 @@ impl UsageLog {
                     let _ = self.limiter.settle(&l.key, request_id, 0).await;
                 }
             }
+            if matches!(e, bitnet_platform::PlatformError::Quota(_)) {
+                self.metrics
+                    .refused(&row.organization_id, model, "insufficient_quota");
+            }
             return Err(e.into());
         }
+        self.metrics
+            .reserved(&row.organization_id, model, prompt_tokens + max_tokens);
         Ok(Ticket {
+            metrics: self.metrics.clone(),
             log: self.tx.clone(),
             store: self.store.clone(),
             limiter: self.limiter.clone(),
@@ -205,6 +223,10 @@ impl UsageLog {
             recorded: (0, 0),
         })
     }
+}
+
+fn org_of(who: &Caller) -> String {
+    who.cred.organization_id.clone().unwrap_or_default()
 }
 
 /// The 429 for a refused request: OpenAI's message, type (`requests` / `tokens`) and headers.
@@ -332,6 +354,7 @@ async fn keeper(
 /// dropped.
 #[derive(Debug)]
 pub struct Ticket {
+    metrics: Arc<Metrics>,
     log: UnboundedSender<Settle>,
     store: Store,
     limiter: Arc<Limiter>,
@@ -405,6 +428,13 @@ impl Ticket {
         if r.status >= 500 {
             self.span.record("otel.status_code", "ERROR");
         }
+        self.metrics.settled(
+            &r.organization_id,
+            &r.model,
+            r.prompt_tokens,
+            r.cached_tokens,
+            r.completion_tokens,
+        );
         // One line per request that reached a model.
         tracing::info!(
             request_id = %r.request_id,

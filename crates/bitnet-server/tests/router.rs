@@ -64,6 +64,7 @@ fn state(store: Store, storage: &Storage) -> AppState {
         store.clone(),
         bitnet_server::limits::Limiter::local(),
         bitnet_server::usage::MeterConfig::default(),
+        metrics.clone(),
     );
     AppState::new(vec![model], store, metrics, usage, config).with_storage(storage.clone())
 }

@@ -131,6 +131,10 @@ pub struct Args {
     /// wait in the database for a server that has it).
     #[arg(long, value_name = "URL")]
     pub events: Option<String>,
+    /// Organizations with series of their own in the metrics (the most active over the last
+    /// day); the others are counted together as `organization="other"`.
+    #[arg(long, default_value_t = 50)]
+    pub metrics_top_organizations: usize,
     /// Seconds a request's usage reservation outlives this server: if it dies mid-request,
     /// another replica (or this one, restarted) settles the request this long after.
     #[arg(long, default_value_t = 15)]
@@ -387,7 +391,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         ..EngineConfig::default()
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_top_organizations(args.metrics_top_organizations));
     let mut models = Vec::new();
     for s in &specs {
         let (id, path) = model_spec(s, &cfg);
@@ -467,7 +471,23 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
             ttl: Duration::from_secs(args.reservation_ttl.max(1)),
             ..Default::default()
         };
-        let (usage, writer) = UsageLog::start(store.clone(), limiter, meter);
+        let (usage, writer) = UsageLog::start(store.clone(), limiter, meter, metrics.clone());
+        // The organizations labelled in the metrics: the most active of the last day.
+        {
+            let (store, metrics) = (store.clone(), metrics.clone());
+            let n = args.metrics_top_organizations;
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    every.tick().await;
+                    match store.top_organizations(86_400, n as i64).await {
+                        Ok(top) if !top.is_empty() => metrics.refresh_top_organizations(top),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot rank organizations for the metrics"),
+                    }
+                }
+            });
+        }
         let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
         // Uploads left pending past their hour lose their parts.
         {
@@ -509,6 +529,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
                 Some(tokio::spawn(bitnet_server::events::publisher(
                     store.clone(),
                     sink,
+                    metrics.clone(),
                     Duration::from_millis(200),
                     stop_rx.clone(),
                 )))
