@@ -3198,7 +3198,7 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
             assert_eq!(v["error"]["type"], "insufficient_quota", "{body}");
         }
     }
-    assert!(served >= 4 && served < 12, "{served} served");
+    assert!((4..12).contains(&served), "{served} served");
     let (_, budget) = a.json(
         "GET",
         &format!("/v1/organization/projects/{bp}/budget"),
@@ -3214,6 +3214,61 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
         "SELECT COUNT(*) FROM events WHERE type = 'budget.threshold_reached'",
     );
     assert_eq!(alerts[0].0, 1);
+
+    // A key's own limit, over the replicas: 2 a minute means 2 of 6.
+    let (_, project) = a.json(
+        "POST",
+        "/v1/organization/projects",
+        Some(&admin),
+        r#"{"name": "keyed"}"#,
+    );
+    let kp = project["id"].as_str().unwrap().to_string();
+    let (_, sa) = b.json(
+        "POST",
+        &format!("/v1/organization/projects/{kp}/service_accounts"),
+        Some(&admin),
+        r#"{"name": "app"}"#,
+    );
+    let (kkey, kid) = (
+        sa["api_key"]["value"].as_str().unwrap().to_string(),
+        sa["api_key"]["id"].as_str().unwrap().to_string(),
+    );
+    let (s, kl) = c.json(
+        "POST",
+        &format!("/v1/organization/projects/{kp}/api_keys/{kid}/rate_limit"),
+        Some(&admin),
+        r#"{"max_requests_per_1_minute": 2}"#,
+    );
+    assert_eq!(s, 200, "{kl}");
+    let statuses: Vec<u16> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let (server, key) = (servers[i % 3], &kkey);
+                sc.spawn(move || {
+                    server
+                        .http(
+                            "POST",
+                            "/v1/chat/completions",
+                            Some(key),
+                            body.as_bytes(),
+                            "Content-Type: application/json\r\n",
+                        )
+                        .0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        4,
+        "{statuses:?}"
+    );
 
     // Streams in flight on the slow replica when it is killed: each is billed what its client
     // received, settled by the replicas left.

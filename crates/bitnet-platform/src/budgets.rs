@@ -73,6 +73,39 @@ pub fn period_bounds(period: &str) -> Option<(i64, i64)> {
     Some((month_start(y, m), month_start(ny, nm)))
 }
 
+/// A budget as metering reads it.
+#[derive(Debug, Clone)]
+pub(crate) struct BudgetRow {
+    pub organization_id: String,
+    /// '' for the organization's own.
+    pub scope: String,
+    pub limit: Option<i64>,
+    pub thresholds: Vec<f64>,
+}
+
+/// Every budget (a small table: one row per organization or project that set one), read once
+/// per metering batch.
+pub(crate) async fn all(pool: &sqlx::AnyPool) -> Result<Vec<BudgetRow>> {
+    let rows: Vec<(String, String, Option<i64>, String)> = sqlx::query_as(
+        "SELECT organization_id, project_id, monthly_limit, thresholds FROM budgets",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(o, p, l, t)| {
+            let mut thresholds: Vec<f64> = serde_json::from_str(&t).unwrap_or_default();
+            thresholds.sort_by(f64::total_cmp);
+            BudgetRow {
+                organization_id: o,
+                scope: p,
+                limit: l,
+                thresholds,
+            }
+        })
+        .collect())
+}
+
 /// One budget scope's check at reservation: its period row is made, then `reserved` grows by
 /// `cost` only while the cap holds.
 pub(crate) async fn reserve_in(
@@ -117,6 +150,7 @@ pub(crate) async fn settle_in(
     period: &str,
     reserved: i64,
     cost: i64,
+    budget: Option<&BudgetRow>,
 ) -> Result<()> {
     sqlx::query(
         "INSERT INTO budget_periods (organization_id, project_id, period, spent, reserved, alerted) \
@@ -130,16 +164,18 @@ pub(crate) async fn settle_in(
     .bind(reserved)
     .execute(&mut *conn)
     .await?;
-    let budget: Option<(Option<i64>, String)> = sqlx::query_as(
-        "SELECT monthly_limit, thresholds FROM budgets WHERE organization_id = $1 AND project_id = $2",
-    )
-    .bind(org)
-    .bind(scope)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some((Some(cap), thresholds)) = budget else {
+    let Some(BudgetRow {
+        limit: Some(cap),
+        thresholds: ts,
+        ..
+    }) = budget
+    else {
         return Ok(());
     };
+    let cap = *cap;
+    if ts.is_empty() {
+        return Ok(());
+    }
     let (spent, alerted): (i64, i64) = sqlx::query_as(
         "SELECT spent, alerted FROM budget_periods WHERE organization_id = $1 AND project_id = $2 AND period = $3",
     )
@@ -148,8 +184,6 @@ pub(crate) async fn settle_in(
     .bind(period)
     .fetch_one(&mut *conn)
     .await?;
-    let mut ts: Vec<f64> = serde_json::from_str(&thresholds).unwrap_or_default();
-    ts.sort_by(f64::total_cmp);
     let passed = ts
         .iter()
         .filter(|&&t| spent as f64 >= t * cap as f64)

@@ -31,6 +31,43 @@ impl RateLimit {
     }
 }
 
+/// A project key's own limits, over every model (ours: OpenAI has no per-key limits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyRateLimit {
+    pub object: &'static str,
+    pub api_key_id: String,
+    pub max_requests_per_1_minute: Option<i64>,
+    pub max_tokens_per_1_minute: Option<i64>,
+}
+
+impl KeyRateLimit {
+    pub fn new(key: &str, rpm: Option<i64>, tpm: Option<i64>) -> Self {
+        Self {
+            object: "organization.project.api_key.rate_limit",
+            api_key_id: key.to_string(),
+            max_requests_per_1_minute: rpm,
+            max_tokens_per_1_minute: tpm,
+        }
+    }
+}
+
+fn check_limits(rpm: Option<i64>, tpm: Option<i64>) -> Result<()> {
+    for (param, v) in [
+        ("max_requests_per_1_minute", rpm),
+        ("max_tokens_per_1_minute", tpm),
+    ] {
+        if let Some(v) = v
+            && v < 1
+        {
+            return Err(PlatformError::invalid(
+                param,
+                format!("{param} must be at least 1 (null lifts the limit)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn rate_limit_id(model: &str) -> String {
     format!("rl-{model}")
 }
@@ -79,6 +116,102 @@ impl Store {
         Ok(row.map(|(r, t)| RateLimit::new(model, r, t)))
     }
 
+    /// The limits a request under `key` on `model` in `project` falls under: the project's on
+    /// the model, and the key's own (one query, on every request).
+    pub async fn limits_for(
+        &self,
+        project: &str,
+        key: &str,
+        model: &str,
+    ) -> Result<(Option<RateLimit>, Option<KeyRateLimit>)> {
+        let model = limit_model(model);
+        let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT 'project', max_requests_per_1_minute, max_tokens_per_1_minute FROM rate_limits \
+             WHERE project_id = $1 AND model = $2 \
+             UNION ALL SELECT 'key', max_requests_per_1_minute, max_tokens_per_1_minute FROM key_rate_limits \
+             WHERE key_id = $3",
+        )
+        .bind(project)
+        .bind(model)
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = (None, None);
+        for (kind, r, t) in rows {
+            if kind == "project" {
+                out.0 = Some(RateLimit::new(model, r, t));
+            } else {
+                out.1 = Some(KeyRateLimit::new(key, r, t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A project key's own limits (`None` fields: none).
+    pub async fn key_rate_limit(
+        &self,
+        org: &str,
+        project: &str,
+        key: &str,
+    ) -> Result<KeyRateLimit> {
+        self.project_key(org, project, key).await?;
+        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT max_requests_per_1_minute, max_tokens_per_1_minute FROM key_rate_limits WHERE key_id = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (r, t) = row.unwrap_or((None, None));
+        Ok(KeyRateLimit::new(key, r, t))
+    }
+
+    /// Set (or, with both `None`, lift) a project key's own limits.
+    pub async fn set_key_rate_limit(
+        &self,
+        org: &str,
+        project: &str,
+        key: &str,
+        rpm: Option<i64>,
+        tpm: Option<i64>,
+        by: &Actor,
+    ) -> Result<KeyRateLimit> {
+        check_limits(rpm, tpm)?;
+        self.project_key(org, project, key).await?;
+        let mut c = self.change(org).await?;
+        sqlx::query("DELETE FROM key_rate_limits WHERE key_id = $1")
+            .bind(key)
+            .execute(&mut *c.tx)
+            .await?;
+        if rpm.is_some() || tpm.is_some() {
+            sqlx::query(
+                "INSERT INTO key_rate_limits (key_id, organization_id, max_requests_per_1_minute, \
+                 max_tokens_per_1_minute, updated_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(key)
+            .bind(org)
+            .bind(rpm)
+            .bind(tpm)
+            .bind(c.at)
+            .execute(&mut *c.tx)
+            .await?;
+        }
+        c.audit(
+            AuditEvent::new(
+                "rate_limit.updated",
+                by,
+                key,
+                json!({"id": key, "changes_requested": {
+                    "max_requests_per_1_minute": rpm,
+                    "max_tokens_per_1_minute": tpm,
+                }}),
+            )
+            .in_project(project),
+        )
+        .await?;
+        c.commit().await?;
+        Ok(KeyRateLimit::new(key, rpm, tpm))
+    }
+
     /// Set (or, with both `None`, lift) the limits on `model` in `project`.
     pub async fn set_rate_limit(
         &self,
@@ -96,19 +229,7 @@ impl Store {
                 "a rate limit names a model (`rl-MODEL`); a registry model's limit covers all its versions",
             ));
         }
-        for (param, v) in [
-            ("max_requests_per_1_minute", rpm),
-            ("max_tokens_per_1_minute", tpm),
-        ] {
-            if let Some(v) = v
-                && v < 1
-            {
-                return Err(PlatformError::invalid(
-                    param,
-                    format!("{param} must be at least 1 (null lifts the limit)"),
-                ));
-            }
-        }
+        check_limits(rpm, tpm)?;
         self.active_project(org, project).await?;
         let mut c = self.change(org).await?;
         sqlx::query("DELETE FROM rate_limits WHERE project_id = $1 AND model = $2")

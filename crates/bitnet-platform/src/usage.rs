@@ -15,6 +15,7 @@ use crate::error::{PlatformError, Result};
 use crate::ids::now;
 use crate::prices::{Price, PriceBook};
 use crate::store::Backend;
+use sqlx::Acquire;
 
 /// One request's metering record.
 #[derive(Debug, Clone)]
@@ -75,93 +76,72 @@ impl Store {
     /// organization's or the project's) the request's worst-case cost is reserved against it
     /// in the same transaction, or the request is refused with [`PlatformError::Quota`].
     pub async fn reserve(&self, r: &UsageRow, replica: &str, ttl: i64) -> Result<()> {
-        let project = r.project_id.as_deref().unwrap_or("");
-        let caps: Vec<(String, Option<i64>)> = sqlx::query_as(
-            "SELECT project_id, monthly_limit FROM budgets WHERE organization_id = $1 \
-             AND (project_id = '' OR project_id = $2) AND monthly_limit IS NOT NULL",
-        )
-        .bind(&r.organization_id)
-        .bind(project)
-        .fetch_all(&self.pool)
-        .await?;
-        let period = crate::budgets::period_of(r.created_at);
-        let mut tx = self.pool.begin().await?;
-        let mut worst = 0;
-        if !caps.is_empty() {
-            let book = self.price_book().await?;
-            let price = book.at(&r.model, r.created_at);
-            worst = price.map_or(0, |p| {
-                (r.prompt_tokens as i64).saturating_mul(p.input.max(p.cached_input))
-                    + (r.max_tokens as i64).saturating_mul(p.output)
-            });
-            // Both scopes hold the reservation, so settling takes it back from both.
-            for scope in ["", project] {
-                let cap = caps.iter().find(|(p, _)| p == scope).and_then(|c| c.1);
-                if !crate::budgets::reserve_in(
-                    &mut tx,
-                    &r.organization_id,
-                    scope,
-                    &period,
-                    worst,
-                    cap,
-                )
-                .await?
-                {
-                    let whose = if scope.is_empty() {
-                        "the organization's".to_string()
-                    } else {
-                        format!("project {scope}'s")
-                    };
-                    return Err(PlatformError::Quota(format!(
-                        "You exceeded your current quota: {whose} monthly budget for {period} is spent \
-                         (this request could cost up to ${:.6}). Raise the budget or wait for next month.",
-                        worst as f64 / 1e12
-                    )));
-                }
-                if project.is_empty() {
-                    break;
-                }
-            }
-        }
-        sqlx::query(
-            "INSERT INTO usage_reservations (request_id, client_request_id, organization_id, project_id, \
-             key_id, user_id, service_account_id, model, endpoint, prompt_tokens, max_tokens, \
-             completion_tokens, cached_tokens, replica, created_at, expires_at, reserved_cost, period) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, 0, $12, $13, $14, $15, $16)",
-        )
-        .bind(&r.request_id)
-        .bind(&r.client_request_id)
-        .bind(&r.organization_id)
-        .bind(&r.project_id)
-        .bind(&r.key_id)
-        .bind(&r.user_id)
-        .bind(&r.service_account_id)
-        .bind(&r.model)
-        .bind(&r.endpoint)
-        .bind(r.prompt_tokens as i64)
-        .bind(r.max_tokens as i64)
-        .bind(replica)
-        .bind(r.created_at)
-        .bind(now() + ttl)
-        .bind(worst)
-        .bind(&period)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let op = MeterOp::Reserve {
+            row: r.clone(),
+            replica: replica.to_string(),
+            ttl,
+        };
+        self.meter(std::slice::from_ref(&op)).await?.remove(0)
     }
 
     /// Record what a request has produced so far, before it is sent.
     pub async fn checkpoint(&self, request_id: &str, completion: u64, cached: u64) -> Result<()> {
-        sqlx::query(
-            "UPDATE usage_reservations SET completion_tokens = $1, cached_tokens = $2 WHERE request_id = $3",
-        )
-        .bind(completion as i64)
-        .bind(cached as i64)
-        .bind(request_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let op = MeterOp::Checkpoint {
+            request_id: request_id.to_string(),
+            completion,
+            cached,
+        };
+        self.meter(std::slice::from_ref(&op)).await?.remove(0)
+    }
+
+    /// Settle finished requests: each one's reservation goes and its usage row is written, in
+    /// one transaction, costed at the prices valid when it started. A row stored already is
+    /// kept, unless it was settled from an expired reservation (then this, the replica's own
+    /// account, replaces it).
+    pub async fn settle(&self, rows: &[UsageRow]) -> Result<()> {
+        let ops: Vec<MeterOp> = rows.iter().cloned().map(MeterOp::Settle).collect();
+        self.meter(&ops).await?.into_iter().collect()
+    }
+
+    /// Apply metering operations in order, in one transaction (one commit for many requests:
+    /// a server funnels its requests' operations through one writer). Each operation has its
+    /// own result: a reservation refused by a budget changes nothing and the others go on. An
+    /// `Err` of the whole means nothing was applied.
+    pub async fn meter(&self, ops: &[MeterOp]) -> Result<Vec<Result<()>>> {
+        let book = self.price_book().await?;
+        let budgets = crate::budgets::all(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(ops.len());
+        let mut spend = Spend::new();
+        for op in ops {
+            out.push(match op {
+                MeterOp::Reserve { row, replica, ttl } => {
+                    reserve_row(&mut tx, row, replica, *ttl, &book, &budgets).await?
+                }
+                MeterOp::Checkpoint {
+                    request_id,
+                    completion,
+                    cached,
+                } => {
+                    sqlx::query(
+                        "UPDATE usage_reservations SET completion_tokens = $1, cached_tokens = $2 WHERE request_id = $3",
+                    )
+                    .bind(*completion as i64)
+                    .bind(*cached as i64)
+                    .bind(request_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    Ok(())
+                }
+                MeterOp::Settle(row) => {
+                    settle_row(&mut tx, row, &book, &mut spend, false).await?;
+                    Ok(())
+                }
+            });
+        }
+        apply_spend(&mut tx, spend, &budgets).await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Keep `replica`'s reservations alive for `ttl` more seconds; returns how many it holds.
@@ -176,24 +156,11 @@ impl Store {
         )
     }
 
-    /// Settle finished requests: each one's reservation goes and its usage row is written, in
-    /// one transaction, costed at the prices valid when it started. A row stored already is
-    /// kept, unless it was settled from an expired reservation (then this, the replica's own
-    /// account, replaces it).
-    pub async fn settle(&self, rows: &[UsageRow]) -> Result<()> {
-        let book = self.price_book().await?;
-        let mut tx = self.pool.begin().await?;
-        for r in rows {
-            settle_row(&mut tx, r, &book, false).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
     /// Settle up to `limit` reservations that expired (their replica stopped keeping them
     /// alive) with the tokens they hold; returns how many.
     pub async fn settle_expired(&self, limit: i64) -> Result<usize> {
         let book = self.price_book().await?;
+        let budgets = crate::budgets::all(&self.pool).await?;
         let mut tx = self.pool.begin().await?;
         let lock = if self.backend() == Backend::Postgres {
             " FOR UPDATE SKIP LOCKED"
@@ -227,6 +194,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let at = now();
+        let mut spend = Spend::new();
         for e in &expired {
             let r = UsageRow {
                 request_id: e.0.clone(),
@@ -246,8 +214,9 @@ impl Store {
                 status: LOST_STATUS,
                 created_at: e.13,
             };
-            settle_row(&mut tx, &r, &book, true).await?;
+            settle_row(&mut tx, &r, &book, &mut spend, true).await?;
         }
+        apply_spend(&mut tx, spend, &budgets).await?;
         tx.commit().await?;
         Ok(expired.len())
     }
@@ -427,47 +396,80 @@ impl Store {
     }
 }
 
-/// Settle one request in the caller's transaction: its reservation goes, its usage row is
-/// written (or, when it replaces a row settled from an expired reservation, corrected), its
-/// spend moves from reserved to spent, and its event joins the outbox.
-async fn settle_row(
+/// One metering step of a request (see [`Store::meter`]).
+#[derive(Debug, Clone)]
+pub enum MeterOp {
+    /// Reserve before it runs, kept alive by `replica` for `ttl` seconds at a time.
+    Reserve {
+        row: UsageRow,
+        replica: String,
+        ttl: i64,
+    },
+    /// Record the tokens produced so far, before they are sent.
+    Checkpoint {
+        request_id: String,
+        completion: u64,
+        cached: u64,
+    },
+    /// Settle into its usage row.
+    Settle(UsageRow),
+}
+
+/// Reserve one request in the caller's transaction: its worst-case cost against every capped
+/// budget it falls under (in a savepoint, so a refusal leaves nothing), then its row.
+async fn reserve_row(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     r: &UsageRow,
+    replica: &str,
+    ttl: i64,
     book: &PriceBook,
-    expired: bool,
-) -> Result<()> {
-    let held: Option<(i64, String)> = sqlx::query_as(
-        "DELETE FROM usage_reservations WHERE request_id = $1 RETURNING reserved_cost, period",
-    )
-    .bind(&r.request_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let before: Option<(i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT expired, cost_input, cost_cached, cost_output FROM usage WHERE request_id = $1",
-    )
-    .bind(&r.request_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let replaces = match before {
-        None => None,
-        // The replica's own account replaces the one settled from its expired reservation.
-        Some((1, a, b, c)) if !expired => Some(a + b + c),
-        // Settled already: nothing changes.
-        Some(_) => return Ok(()),
-    };
-    let price = book.at(&r.model, r.created_at);
-    let cost = Cost::of(r, price);
-    if replaces.is_some() {
-        sqlx::query("DELETE FROM usage WHERE request_id = $1")
-            .bind(&r.request_id)
-            .execute(&mut **tx)
-            .await?;
+    budgets: &[crate::budgets::BudgetRow],
+) -> Result<Result<()>> {
+    let project = r.project_id.as_deref().unwrap_or("");
+    let period = crate::budgets::period_of(r.created_at);
+    let mine: Vec<&crate::budgets::BudgetRow> = budgets
+        .iter()
+        .filter(|c| {
+            c.limit.is_some()
+                && c.organization_id == r.organization_id
+                && (c.scope.is_empty() || c.scope == project)
+        })
+        .collect();
+    let mut worst = 0;
+    let mut sp = tx.begin().await?;
+    if !mine.is_empty() {
+        worst = book.at(&r.model, r.created_at).map_or(0, |p| {
+            (r.prompt_tokens as i64).saturating_mul(p.input.max(p.cached_input))
+                + (r.max_tokens as i64).saturating_mul(p.output)
+        });
+        // Both scopes hold the reservation, so settling takes it back from both.
+        for scope in ["", project] {
+            let cap = mine.iter().find(|c| c.scope == scope).and_then(|c| c.limit);
+            if !crate::budgets::reserve_in(&mut sp, &r.organization_id, scope, &period, worst, cap)
+                .await?
+            {
+                sp.rollback().await?;
+                let whose = if scope.is_empty() {
+                    "the organization's".to_string()
+                } else {
+                    format!("project {scope}'s")
+                };
+                return Ok(Err(PlatformError::Quota(format!(
+                    "You exceeded your current quota: {whose} monthly budget for {period} is spent \
+                     (this request could cost up to ${:.6}). Raise the budget or wait for next month.",
+                    worst as f64 / 1e12
+                ))));
+            }
+            if project.is_empty() {
+                break;
+            }
+        }
     }
     sqlx::query(
-        "INSERT INTO usage (request_id, client_request_id, organization_id, project_id, key_id, user_id, \
-         service_account_id, model, endpoint, prompt_tokens, completion_tokens, latency_ms, status, created_at, \
-         cached_tokens, cost_input, cost_cached, cost_output, price_id, expired) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+        "INSERT INTO usage_reservations (request_id, client_request_id, organization_id, project_id, \
+         key_id, user_id, service_account_id, model, endpoint, prompt_tokens, max_tokens, \
+         completion_tokens, cached_tokens, replica, created_at, expires_at, reserved_cost, period) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, 0, $12, $13, $14, $15, $16)",
     )
     .bind(&r.request_id)
     .bind(&r.client_request_id)
@@ -479,32 +481,86 @@ async fn settle_row(
     .bind(&r.model)
     .bind(&r.endpoint)
     .bind(r.prompt_tokens as i64)
-    .bind(r.completion_tokens as i64)
-    .bind(r.latency_ms as i64)
-    .bind(i64::from(r.status))
+    .bind(r.max_tokens as i64)
+    .bind(replica)
     .bind(r.created_at)
-    .bind(r.cached_tokens as i64)
-    .bind(cost.input)
-    .bind(cost.cached)
-    .bind(cost.output)
-    .bind(price.map(|p| p.id.clone()))
-    .bind(i64::from(expired))
-    .execute(&mut **tx)
+    .bind(now() + ttl)
+    .bind(worst)
+    .bind(&period)
+    .execute(&mut *sp)
     .await?;
+    sp.commit().await?;
+    Ok(Ok(()))
+}
+
+/// Spend to move per (organization, scope, period): (reserved to release, cost to add), summed
+/// over a batch and written once per scope, in key order (the same lock order everywhere).
+type Spend = std::collections::BTreeMap<(String, String, String), (i64, i64)>;
+
+async fn apply_spend(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    spend: Spend,
+    budgets: &[crate::budgets::BudgetRow],
+) -> Result<()> {
+    for ((org, scope, period), (reserved, cost)) in spend {
+        let budget = budgets
+            .iter()
+            .find(|b| b.organization_id == org && b.scope == scope);
+        crate::budgets::settle_in(tx, &org, &scope, &period, reserved, cost, budget).await?;
+    }
+    Ok(())
+}
+
+/// Settle one request in the caller's transaction: its reservation goes, its usage row is
+/// written (or, when it replaces a row settled from an expired reservation, corrected), its
+/// spend moves from reserved to spent, and its event joins the outbox.
+async fn settle_row(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    r: &UsageRow,
+    book: &PriceBook,
+    spend: &mut Spend,
+    expired: bool,
+) -> Result<()> {
+    let held: Option<(i64, String)> = sqlx::query_as(
+        "DELETE FROM usage_reservations WHERE request_id = $1 RETURNING reserved_cost, period",
+    )
+    .bind(&r.request_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let price = book.at(&r.model, r.created_at);
+    let cost = Cost::of(r, price);
+    let mut replaces = None;
+    if insert_usage(tx, r, cost, price, expired).await? == 0 {
+        let before: Option<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT expired, cost_input, cost_cached, cost_output FROM usage WHERE request_id = $1",
+        )
+        .bind(&r.request_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        match before {
+            // The replica's own account replaces the one settled from its expired reservation.
+            Some((1, a, b, c)) if !expired => {
+                replaces = Some(a + b + c);
+                sqlx::query("DELETE FROM usage WHERE request_id = $1")
+                    .bind(&r.request_id)
+                    .execute(&mut **tx)
+                    .await?;
+                insert_usage(tx, r, cost, price, expired).await?;
+            }
+            // Settled already: nothing changes.
+            _ => return Ok(()),
+        }
+    }
     // Spend: this row's cost (less what an expired row it replaces had spent already).
     let total = cost.input + cost.cached + cost.output;
     let (reserved, period) = held.unwrap_or_else(|| (0, crate::budgets::period_of(r.created_at)));
     let project = r.project_id.as_deref().unwrap_or("");
     for scope in ["", project] {
-        crate::budgets::settle_in(
-            tx,
-            &r.organization_id,
-            scope,
-            &period,
-            reserved,
-            total - replaces.unwrap_or(0),
-        )
-        .await?;
+        let e = spend
+            .entry((r.organization_id.clone(), scope.to_string(), period.clone()))
+            .or_default();
+        e.0 += reserved;
+        e.1 += total - replaces.unwrap_or(0);
         if project.is_empty() {
             break;
         }
@@ -533,4 +589,44 @@ async fn settle_row(
         }),
     )
     .await
+}
+
+/// Write a usage row unless its request has one; returns how many rows it wrote (0 or 1).
+async fn insert_usage(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    r: &UsageRow,
+    cost: Cost,
+    price: Option<&Price>,
+    expired: bool,
+) -> Result<u64> {
+    Ok(sqlx::query(
+        "INSERT INTO usage (request_id, client_request_id, organization_id, project_id, key_id, user_id, \
+         service_account_id, model, endpoint, prompt_tokens, completion_tokens, latency_ms, status, created_at, \
+         cached_tokens, cost_input, cost_cached, cost_output, price_id, expired) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(&r.request_id)
+    .bind(&r.client_request_id)
+    .bind(&r.organization_id)
+    .bind(&r.project_id)
+    .bind(&r.key_id)
+    .bind(&r.user_id)
+    .bind(&r.service_account_id)
+    .bind(&r.model)
+    .bind(&r.endpoint)
+    .bind(r.prompt_tokens as i64)
+    .bind(r.completion_tokens as i64)
+    .bind(r.latency_ms as i64)
+    .bind(i64::from(r.status))
+    .bind(r.created_at)
+    .bind(r.cached_tokens as i64)
+    .bind(cost.input)
+    .bind(cost.cached)
+    .bind(cost.output)
+    .bind(price.map(|p| p.id.clone()))
+    .bind(i64::from(expired))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected())
 }

@@ -261,7 +261,7 @@ impl AppState {
         org::doc_create_admin_key, org::doc_list_audit_logs,
         metering::doc_list_rate_limits, metering::doc_modify_rate_limit, metering::doc_usage_completions,
         metering::doc_costs, metering::doc_list_prices, metering::doc_create_price,
-        metering::doc_get_org_budget, metering::doc_set_org_budget, metering::doc_get_project_budget, metering::doc_set_project_budget,
+        metering::doc_get_key_rate_limit, metering::doc_set_key_rate_limit, metering::doc_get_org_budget, metering::doc_set_org_budget, metering::doc_get_project_budget, metering::doc_set_project_budget,
         files::doc_list_files, files::doc_get_file, files::doc_delete_file, files::doc_file_content,
         files::doc_create_upload, files::doc_complete_upload, files::doc_cancel_upload,
         signin::login, signin::refresh, signin::logout, signin::accept_invite, signin::jwks,
@@ -670,6 +670,10 @@ pub fn router(state: AppState) -> Router {
             get(metering::usage_completions),
         )
         .route("/v1/organization/costs", get(metering::costs))
+        .route(
+            "/v1/organization/projects/{project_id}/api_keys/{key_id}/rate_limit",
+            get(metering::get_key_rate_limit).post(metering::set_key_rate_limit),
+        )
         .route(
             "/v1/organization/budget",
             get(metering::get_org_budget).post(metering::set_org_budget),

@@ -75,8 +75,15 @@ impl Verdict {
 
 #[derive(Debug)]
 pub enum Limiter {
-    Local(Mutex<HashMap<String, VecDeque<Entry>>>),
+    Local(Mutex<HashMap<String, Window>>),
     Redis(redis::aio::ConnectionManager),
+}
+
+/// One limit's log in this process, with the sum of its weights.
+#[derive(Debug, Default)]
+pub struct Window {
+    log: VecDeque<Entry>,
+    sum: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -93,7 +100,9 @@ fn now_ms() -> u64 {
 }
 
 /// Checks and logs every limit (`KEYS`, with `ARGV` = window ms, member, then max and cost per
-/// key); returns admitted (1/0) followed by used and oldest-entry age in ms per key.
+/// key); returns admitted (1/0) followed by used and oldest-entry age in ms per key. Each limit
+/// keeps its log (`KEY`, ids by time), their weights (`KEY:w`) and their sum (`KEY:s`), so a
+/// check costs the entries that left the window, not the whole window.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -102,14 +111,19 @@ local member = ARGV[2]
 local ok = 1
 local out = {}
 for i, key in ipairs(KEYS) do
-  local w = key .. ':w'
+  local w, sum = key .. ':w', key .. ':s'
   local old = redis.call('ZRANGEBYSCORE', key, '-inf', now - window)
   for j = 1, #old, 500 do
-    redis.call('HDEL', w, unpack(old, j, math.min(j + 499, #old)))
+    local part = {unpack(old, j, math.min(j + 499, #old))}
+    local gone = 0
+    for _, v in ipairs(redis.call('HMGET', w, unpack(part))) do
+      if v then gone = gone + tonumber(v) end
+    end
+    redis.call('HDEL', w, unpack(part))
+    redis.call('DECRBY', sum, gone)
   end
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local used = 0
-  for _, v in ipairs(redis.call('HVALS', w)) do used = used + tonumber(v) end
+  local used = tonumber(redis.call('GET', sum) or '0')
   local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   local age = -1
   if #first > 0 then age = now - tonumber(first[2]) end
@@ -119,10 +133,11 @@ for i, key in ipairs(KEYS) do
 end
 if ok == 1 then
   for i, key in ipairs(KEYS) do
+    local cost = tonumber(ARGV[2 + 2 * i])
     redis.call('ZADD', key, now, member)
-    redis.call('HSET', key .. ':w', member, ARGV[2 + 2 * i])
-    redis.call('PEXPIRE', key, window)
-    redis.call('PEXPIRE', key .. ':w', window)
+    redis.call('HSET', key .. ':w', member, cost)
+    redis.call('INCRBY', key .. ':s', cost)
+    for _, k in ipairs({key, key .. ':w', key .. ':s'}) do redis.call('PEXPIRE', k, window) end
   end
 end
 table.insert(out, 1, ok)
@@ -130,10 +145,12 @@ return out
 ";
 
 /// Sets a logged entry's weight (`KEYS[1]`'s member `ARGV[1]` to `ARGV[2]`) if it is still in
-/// the window.
+/// the window, and the window's sum with it.
 const SETTLE: &str = r"
-if redis.call('HEXISTS', KEYS[1] .. ':w', ARGV[1]) == 1 then
+local old = redis.call('HGET', KEYS[1] .. ':w', ARGV[1])
+if old then
   redis.call('HSET', KEYS[1] .. ':w', ARGV[1], ARGV[2])
+  redis.call('INCRBY', KEYS[1] .. ':s', tonumber(ARGV[2]) - tonumber(old))
 end
 return 0
 ";
@@ -166,12 +183,12 @@ impl Limiter {
                 let mut map = m.lock().unwrap_or_else(|p| p.into_inner());
                 let mut state = Vec::with_capacity(limits.len());
                 for l in limits {
-                    let log = map.entry(l.key.clone()).or_default();
-                    while log.front().is_some_and(|e| e.at_ms + window <= now) {
-                        log.pop_front();
+                    let w = map.entry(l.key.clone()).or_default();
+                    while let Some(e) = w.log.front().filter(|e| e.at_ms + window <= now) {
+                        w.sum -= e.weight;
+                        w.log.pop_front();
                     }
-                    let used: u64 = log.iter().map(|e| e.weight).sum();
-                    state.push((used, log.front().map(|e| now - e.at_ms)));
+                    state.push((w.sum, w.log.front().map(|e| now - e.at_ms)));
                 }
                 let ok = limits
                     .iter()
@@ -179,7 +196,9 @@ impl Limiter {
                     .all(|(l, (used, _))| used + l.cost <= l.max);
                 if ok {
                     for l in limits {
-                        map.entry(l.key.clone()).or_default().push_back(Entry {
+                        let w = map.entry(l.key.clone()).or_default();
+                        w.sum += l.cost;
+                        w.log.push_back(Entry {
                             at_ms: now,
                             member: member.to_string(),
                             weight: l.cost,
@@ -188,7 +207,7 @@ impl Limiter {
                 }
                 // Forget windows gone quiet, so the map does not grow without bound.
                 if map.len() > 10_000 {
-                    map.retain(|_, log| log.back().is_some_and(|e| e.at_ms + window > now));
+                    map.retain(|_, w| w.log.back().is_some_and(|e| e.at_ms + window > now));
                 }
                 (ok, state)
             }
@@ -247,10 +266,10 @@ impl Limiter {
         match self {
             Self::Local(m) => {
                 let mut map = m.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(e) = map
-                    .get_mut(key)
-                    .and_then(|log| log.iter_mut().find(|e| e.member == member))
+                if let Some(w) = map.get_mut(key)
+                    && let Some(e) = w.log.iter_mut().rev().find(|e| e.member == member)
                 {
+                    w.sum = w.sum - e.weight + weight;
                     e.weight = weight;
                 }
                 Ok(())

@@ -144,6 +144,40 @@ pub async fn modify_rate_limit(
     ))
 }
 
+/// `GET /v1/organization/projects/{project_id}/api_keys/{key_id}/rate_limit`: a project key's
+/// own limits (over every model).
+pub async fn get_key_rate_limit(
+    State(s): State<AppState>,
+    who: Caller,
+    Path((project, key)): Path<(String, String)>,
+) -> Answer<bitnet_platform::ratelimits::KeyRateLimit> {
+    Ok(Json(
+        s.store.key_rate_limit(who.org()?, &project, &key).await?,
+    ))
+}
+
+/// `POST .../api_keys/{key_id}/rate_limit`: set them (`null` lifts one).
+pub async fn set_key_rate_limit(
+    State(s): State<AppState>,
+    who: Caller,
+    Path((project, key)): Path<(String, String)>,
+    ApiJson(body): ApiJson<RateLimitBody>,
+) -> Answer<bitnet_platform::ratelimits::KeyRateLimit> {
+    let org = who.org()?;
+    let now = s.store.key_rate_limit(org, &project, &key).await?;
+    let rpm = body
+        .max_requests_per_1_minute
+        .unwrap_or(now.max_requests_per_1_minute);
+    let tpm = body
+        .max_tokens_per_1_minute
+        .unwrap_or(now.max_tokens_per_1_minute);
+    Ok(Json(
+        s.store
+            .set_key_rate_limit(org, &project, &key, rpm, tpm, &who.actor)
+            .await?,
+    ))
+}
+
 /// `1m`, `1h`, `1d` in seconds, with OpenAI's default and largest page of buckets.
 fn bucket_width(p: &Params, allowed: &[&str]) -> Result<(i64, usize, usize), ApiError> {
     let w = p.one("bucket_width").unwrap_or("1d");
@@ -618,4 +652,18 @@ doc!(
     "/v1/organization/projects/{project_id}/budget",
     doc_set_project_budget,
     "project_id"
+);
+doc!(
+    get,
+    "/v1/organization/projects/{project_id}/api_keys/{key_id}/rate_limit",
+    doc_get_key_rate_limit,
+    "project_id",
+    "key_id"
+);
+doc!(
+    post,
+    "/v1/organization/projects/{project_id}/api_keys/{key_id}/rate_limit",
+    doc_set_key_rate_limit,
+    "project_id",
+    "key_id"
 );

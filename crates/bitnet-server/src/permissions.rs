@@ -238,6 +238,16 @@ pub const ROUTES: &[(Method, &str, Access)] = {
             "/v1/organization/projects/{project_id}/rate_limits/{rate_limit_id}",
             OrgWrite,
         ),
+        (
+            G,
+            "/v1/organization/projects/{project_id}/api_keys/{key_id}/rate_limit",
+            ProjectRead,
+        ),
+        (
+            P,
+            "/v1/organization/projects/{project_id}/api_keys/{key_id}/rate_limit",
+            OrgWrite,
+        ),
         (G, "/v1/organization/budget", OrgRead),
         (P, "/v1/organization/budget", OrgWrite),
         (

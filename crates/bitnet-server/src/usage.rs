@@ -19,10 +19,11 @@ use crate::metrics::Metrics;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bitnet_platform::Store;
 use bitnet_platform::ratelimits::limit_model;
-use bitnet_platform::usage::UsageRow;
+use bitnet_platform::usage::{MeterOp, UsageRow};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::oneshot;
 
 /// How reservations are kept.
 #[derive(Debug, Clone)]
@@ -56,20 +57,37 @@ pub fn default_replica() -> String {
     )
 }
 
-/// A finished request to settle: its row, and its token entry in the rate-limit window.
+/// A metering step for the writer: the operation, who waits for its result, and (for a
+/// settle) the request's token entry in the rate-limit window.
 #[derive(Debug)]
-struct Settle {
-    row: UsageRow,
-    tokens_key: Option<String>,
+struct Job {
+    op: MeterOp,
+    done: Option<oneshot::Sender<bitnet_platform::Result<()>>>,
+    /// The token windows the request was logged under.
+    tokens_key: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct UsageLog {
-    tx: UnboundedSender<Settle>,
+    tx: UnboundedSender<Job>,
     store: Store,
     limiter: Arc<Limiter>,
     cfg: Arc<MeterConfig>,
     metrics: Arc<Metrics>,
+}
+
+/// Queue `op` for the writer and wait until it is committed (with every other operation of
+/// its batch).
+async fn committed(tx: &UnboundedSender<Job>, op: MeterOp) -> bitnet_platform::Result<()> {
+    let (done, rx) = oneshot::channel();
+    tx.send(Job {
+        op,
+        done: Some(done),
+        tokens_key: Vec::new(),
+    })
+    .map_err(|_| bitnet_platform::PlatformError::Storage("metering has stopped".into()))?;
+    rx.await
+        .map_err(|_| bitnet_platform::PlatformError::Storage("metering has stopped".into()))?
 }
 
 impl UsageLog {
@@ -118,36 +136,53 @@ impl UsageLog {
     ) -> Result<Ticket, ApiError> {
         let project = who.cred.project_id.clone();
         let mut limits = Vec::new();
-        if let Some(p) = &project
-            && let Some(rl) = self.store.rate_limit_for(p, model).await?
-        {
-            let base = format!("bitnet:rl:{p}:{}", limit_model(model));
-            if let Some(max) = rl.max_requests_per_1_minute {
-                limits.push(Limit {
-                    key: format!("{base}:requests"),
-                    kind: Kind::Requests,
-                    max: max as u64,
-                    cost: 1,
-                });
-            }
-            if let Some(max) = rl.max_tokens_per_1_minute {
-                limits.push(Limit {
-                    key: format!("{base}:tokens"),
-                    kind: Kind::Tokens,
-                    max: max as u64,
-                    cost: prompt_tokens + max_tokens,
-                });
+        if let Some(p) = &project {
+            let (on_model, on_key) = self.store.limits_for(p, &who.cred.key_id, model).await?;
+            let scopes = [
+                on_model.map(|l| {
+                    (
+                        format!("bitnet:rl:{p}:{}", limit_model(model)),
+                        l.max_requests_per_1_minute,
+                        l.max_tokens_per_1_minute,
+                    )
+                }),
+                on_key.map(|l| {
+                    (
+                        format!("bitnet:rl:key:{}", who.cred.key_id),
+                        l.max_requests_per_1_minute,
+                        l.max_tokens_per_1_minute,
+                    )
+                }),
+            ];
+            for (base, rpm, tpm) in scopes.into_iter().flatten() {
+                if let Some(max) = rpm {
+                    limits.push(Limit {
+                        key: format!("{base}:requests"),
+                        kind: Kind::Requests,
+                        max: max as u64,
+                        cost: 1,
+                    });
+                }
+                if let Some(max) = tpm {
+                    limits.push(Limit {
+                        key: format!("{base}:tokens"),
+                        kind: Kind::Tokens,
+                        max: max as u64,
+                        cost: prompt_tokens + max_tokens,
+                    });
+                }
             }
         }
         let mut seen = Vec::new();
-        let mut tokens_key = None;
+        let mut tokens_key: Vec<String> = Vec::new();
         if !limits.is_empty() {
             match self.limiter.admit(request_id, &limits).await {
                 Ok(v) if v.admitted => {
                     tokens_key = limits
                         .iter()
-                        .find(|l| l.kind == Kind::Tokens)
-                        .map(|l| l.key.clone());
+                        .filter(|l| l.kind == Kind::Tokens)
+                        .map(|l| l.key.clone())
+                        .collect();
                     seen = v.seen;
                 }
                 Ok(v) => {
@@ -191,11 +226,12 @@ impl UsageLog {
             status: 499,
             created_at: bitnet_platform::ids::now(),
         };
-        if let Err(e) = self
-            .store
-            .reserve(&row, &self.cfg.replica, self.cfg.ttl.as_secs() as i64)
-            .await
-        {
+        let reserve = MeterOp::Reserve {
+            row: row.clone(),
+            replica: self.cfg.replica.clone(),
+            ttl: self.cfg.ttl.as_secs() as i64,
+        };
+        if let Err(e) = committed(&self.tx, reserve).await {
             // Not reserved, not run: the windows get their room back.
             if !seen.is_empty() {
                 for l in &limits {
@@ -213,8 +249,6 @@ impl UsageLog {
         Ok(Ticket {
             metrics: self.metrics.clone(),
             log: self.tx.clone(),
-            store: self.store.clone(),
-            limiter: self.limiter.clone(),
             started: Instant::now(),
             span,
             row: Some(row),
@@ -276,43 +310,69 @@ pub fn headers(seen: &[Seen]) -> HeaderMap {
     h
 }
 
-async fn settle_one(store: &Store, limiter: &Limiter, s: &Settle) -> bitnet_platform::Result<()> {
-    store.settle(std::slice::from_ref(&s.row)).await?;
-    if let Some(k) = &s.tokens_key
-        && let Err(e) = limiter
-            .settle(
-                k,
-                &s.row.request_id,
-                s.row.prompt_tokens + s.row.completion_tokens,
-            )
-            .await
-    {
-        tracing::warn!(error = %e, "a request's tokens could not be settled in the rate limit window");
-    }
-    Ok(())
-}
-
-async fn writer(store: Store, limiter: Arc<Limiter>, mut rx: UnboundedReceiver<Settle>) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        // Retried until the database takes it: a row is never dropped while this process
-        // lives (and if it dies, the reservation is settled by another replica).
-        let rows: Vec<UsageRow> = batch.iter().map(|s| s.row.clone()).collect();
-        let mut tries = 0u32;
-        while let Err(e) = store.settle(&rows).await {
-            tries += 1;
-            tracing::error!(error = %e, rows = rows.len(), tries, "usage rows could not be written; retrying");
-            tokio::time::sleep(Duration::from_millis(100 * u64::from(tries.min(50)))).await;
-        }
-        for s in &batch {
-            if let Some(k) = &s.tokens_key {
-                let used = s.row.prompt_tokens + s.row.completion_tokens;
-                if let Err(e) = limiter.settle(k, &s.row.request_id, used).await {
-                    tracing::warn!(error = %e, "a request's tokens could not be settled in the rate limit window");
-                }
+/// Apply the queued metering operations a batch at a time, one transaction each. A batch that
+/// fails as a whole fails its reservations and checkpoints (their requests answer 503 or go on
+/// unrecorded) and retries its settles until the database takes them: a row is never dropped
+/// while this process lives (and if it dies, the reservation is settled by another replica).
+async fn writer(store: Store, limiter: Arc<Limiter>, mut rx: UnboundedReceiver<Job>) {
+    let mut batch: Vec<Job> = Vec::new();
+    let mut retry: Vec<Job> = Vec::new();
+    let mut tries = 0u32;
+    loop {
+        if retry.is_empty() {
+            if rx.recv_many(&mut batch, 512).await == 0 {
+                return;
+            }
+        } else {
+            batch.append(&mut retry);
+            while let Ok(j) = rx.try_recv() {
+                batch.push(j);
             }
         }
-        batch.clear();
+        let ops: Vec<MeterOp> = batch.iter().map(|j| j.op.clone()).collect();
+        match store.meter(&ops).await {
+            Ok(results) => {
+                tries = 0;
+                // The rate-limit windows learn what the settled requests used, beside the
+                // next batch.
+                let mut used = Vec::new();
+                for (job, r) in batch.drain(..).zip(results) {
+                    if let MeterOp::Settle(row) = &job.op {
+                        for k in job.tokens_key {
+                            let n = row.prompt_tokens + row.completion_tokens;
+                            used.push((k, row.request_id.clone(), n));
+                        }
+                    }
+                    if let Some(d) = job.done {
+                        let _ = d.send(r);
+                    }
+                }
+                if !used.is_empty() {
+                    let limiter = limiter.clone();
+                    tokio::spawn(async move {
+                        for (k, id, n) in used {
+                            if let Err(e) = limiter.settle(&k, &id, n).await {
+                                tracing::warn!(error = %e, "a request's tokens could not be settled in the rate limit window");
+                            }
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                tries += 1;
+                tracing::error!(error = %e, operations = batch.len(), tries, "metering could not be written; settles are retried");
+                for job in batch.drain(..) {
+                    if matches!(job.op, MeterOp::Settle(_)) {
+                        retry.push(job);
+                    } else if let Some(d) = job.done {
+                        let _ = d.send(Err(bitnet_platform::PlatformError::Storage(format!(
+                            "metering: {e}"
+                        ))));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(tries.min(50)))).await;
+            }
+        }
     }
 }
 
@@ -321,7 +381,7 @@ async fn writer(store: Store, limiter: Arc<Limiter>, mut rx: UnboundedReceiver<S
 async fn keeper(
     store: Store,
     cfg: Arc<MeterConfig>,
-    alive: tokio::sync::mpsc::WeakUnboundedSender<Settle>,
+    alive: tokio::sync::mpsc::WeakUnboundedSender<Job>,
 ) {
     let ttl = cfg.ttl.as_secs().max(1) as i64;
     let mut every = tokio::time::interval((cfg.ttl / 4).max(Duration::from_millis(250)));
@@ -355,13 +415,11 @@ async fn keeper(
 #[derive(Debug)]
 pub struct Ticket {
     metrics: Arc<Metrics>,
-    log: UnboundedSender<Settle>,
-    store: Store,
-    limiter: Arc<Limiter>,
+    log: UnboundedSender<Job>,
     started: Instant,
     span: tracing::Span,
     row: Option<UsageRow>,
-    tokens_key: Option<String>,
+    tokens_key: Vec<String>,
     seen: Vec<Seen>,
     /// (completion, cached) tokens last recorded in the reservation.
     recorded: (u64, u64),
@@ -400,7 +458,12 @@ impl Ticket {
         if now == self.recorded {
             return;
         }
-        match self.store.checkpoint(&r.request_id, now.0, now.1).await {
+        let op = MeterOp::Checkpoint {
+            request_id: r.request_id.clone(),
+            completion: now.0,
+            cached: now.1,
+        };
+        match committed(&self.log, op).await {
             Ok(()) => self.recorded = now,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot record a stream's tokens in its reservation")
@@ -408,17 +471,25 @@ impl Ticket {
         }
     }
 
-    /// Settle now (the response's last byte waits for it); on failure the writer retries.
+    /// Settle now: the response's last byte waits until the row is committed (or a minute,
+    /// while the database is down: the writer keeps the row and retries).
     pub async fn settle(mut self) {
-        let Some(s) = self.finish() else { return };
-        if let Err(e) = settle_one(&self.store, &self.limiter, &s).await {
-            tracing::warn!(error = %e, "a usage row could not be written; queued");
-            let _ = self.log.send(s);
+        let Some(mut job) = self.finish() else { return };
+        let (done, rx) = oneshot::channel();
+        job.done = Some(done);
+        if self.log.send(job).is_ok()
+            && tokio::time::timeout(Duration::from_secs(60), rx)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                "a usage row is not written yet; the response goes on, the row will follow"
+            );
         }
     }
 
     /// Take the row out, with its latency, and log the request line.
-    fn finish(&mut self) -> Option<Settle> {
+    fn finish(&mut self) -> Option<Job> {
         let mut r = self.row.take()?;
         r.latency_ms = self.started.elapsed().as_millis() as u64;
         self.span.record("prompt_tokens", r.prompt_tokens as i64);
@@ -446,9 +517,10 @@ impl Ticket {
             latency_ms = r.latency_ms,
             "request"
         );
-        Some(Settle {
-            row: r,
-            tokens_key: self.tokens_key.take(),
+        Some(Job {
+            op: MeterOp::Settle(r),
+            done: None,
+            tokens_key: std::mem::take(&mut self.tokens_key),
         })
     }
 }

@@ -409,7 +409,7 @@ fn body(method: &Method, route: &str, f: &Fixture) -> Value {
         "/v1/quantization/jobs" => json!({"file": f.model_file, "to": "tq2_0"}),
         "/v1/quantization/jobs/{job_id}/cancel" => Value::Null,
         "/v1/models/{model}/aliases/{alias}" => json!({"version": 1}),
-        r if r.ends_with("/rate_limits/{rate_limit_id}") => {
+        r if r.ends_with("/rate_limits/{rate_limit_id}") || r.ends_with("/rate_limit") => {
             json!({"max_requests_per_1_minute": 1000})
         }
         "/v1/operator/prices" => json!({"model": "tiny", "input": 1, "output": 2}),

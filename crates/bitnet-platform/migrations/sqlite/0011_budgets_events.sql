@@ -38,3 +38,12 @@ CREATE TABLE events (
     published_at INTEGER
 );
 CREATE INDEX events_unpublished ON events (published_at, seq);
+
+-- Per-key rate limits (requests and tokens per minute over every model), beside the project's.
+CREATE TABLE key_rate_limits (
+    key_id TEXT PRIMARY KEY,
+    organization_id TEXT NOT NULL REFERENCES organizations(id),
+    max_requests_per_1_minute INTEGER,
+    max_tokens_per_1_minute INTEGER,
+    updated_at INTEGER NOT NULL
+);
