@@ -2895,6 +2895,28 @@ fn stream_tokens(addr: &str, key: &str, seen: &std::sync::atomic::AtomicUsize) -
     (id, tokens)
 }
 
+/// `n` chat requests sent at once with `key`, spread over `servers` in turn: (status, head,
+/// body) of each, in order.
+fn burst(servers: &[&Server], key: &str, body: &str, n: usize) -> Vec<(u16, String, String)> {
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let server = servers[i % servers.len()];
+                sc.spawn(move || {
+                    server.http(
+                        "POST",
+                        "/v1/chat/completions",
+                        Some(key),
+                        body.as_bytes(),
+                        "Content-Type: application/json\r\n",
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Issue 16: three replicas share one PostgreSQL and one Redis. A project limited to N requests
 /// a minute gets exactly N of 3N concurrent requests spread over the replicas, and the others
 /// OpenAI's 429 with its headers; the usage and costs reports add up to what the clients were
@@ -3005,23 +3027,7 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
     // 3N requests at once, spread over the three replicas.
     let servers = [&a, &b, &c];
     let body = r#"{"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}"#;
-    let answers: Vec<(u16, String, String)> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..3 * N)
-            .map(|i| {
-                let (server, key) = (servers[i % 3], &key);
-                sc.spawn(move || {
-                    server.http(
-                        "POST",
-                        "/v1/chat/completions",
-                        Some(key),
-                        body.as_bytes(),
-                        "Content-Type: application/json\r\n",
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let answers = burst(&servers, &key, body, 3 * N);
     let ok: Vec<&(u16, String, String)> = answers.iter().filter(|a| a.0 == 200).collect();
     let refused: Vec<&(u16, String, String)> = answers.iter().filter(|a| a.0 == 429).collect();
     assert_eq!(
@@ -3160,23 +3166,7 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
         &format!(r#"{{"monthly_limit": {cap}, "thresholds": [0.5]}}"#),
     );
     assert_eq!(s, 200, "{budget}");
-    let answers: Vec<(u16, String, String)> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..12)
-            .map(|i| {
-                let (server, key) = (servers[i % 3], &bkey);
-                sc.spawn(move || {
-                    server.http(
-                        "POST",
-                        "/v1/chat/completions",
-                        Some(key),
-                        body.as_bytes(),
-                        "Content-Type: application/json\r\n",
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let answers = burst(&servers, &bkey, body, 12);
     let mut spent = 0.0;
     let mut served = 0;
     for (st, _, body) in &answers {
@@ -3240,25 +3230,10 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
         r#"{"max_requests_per_1_minute": 2}"#,
     );
     assert_eq!(s, 200, "{kl}");
-    let statuses: Vec<u16> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..6)
-            .map(|i| {
-                let (server, key) = (servers[i % 3], &kkey);
-                sc.spawn(move || {
-                    server
-                        .http(
-                            "POST",
-                            "/v1/chat/completions",
-                            Some(key),
-                            body.as_bytes(),
-                            "Content-Type: application/json\r\n",
-                        )
-                        .0
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let statuses: Vec<u16> = burst(&servers, &kkey, body, 6)
+        .into_iter()
+        .map(|a| a.0)
+        .collect();
     assert_eq!(
         statuses.iter().filter(|&&s| s == 200).count(),
         2,

@@ -117,10 +117,6 @@ impl UsageLog {
         )
     }
 
-    pub fn limiter(&self) -> &Limiter {
-        &self.limiter
-    }
-
     /// Admit a request under its project's limits on `model` and reserve it. `max_tokens` is
     /// the most completion tokens it may produce (over all its choices).
     #[allow(clippy::too_many_arguments)]
@@ -235,7 +231,9 @@ impl UsageLog {
             // Not reserved, not run: the windows get their room back.
             if !seen.is_empty() {
                 for l in &limits {
-                    let _ = self.limiter.settle(&l.key, request_id, 0).await;
+                    if let Err(e) = self.limiter.settle(&l.key, request_id, 0).await {
+                        tracing::warn!(error = %e, "a refused request's room could not be given back to its rate limit window");
+                    }
                 }
             }
             if matches!(e, bitnet_platform::PlatformError::Quota(_)) {
