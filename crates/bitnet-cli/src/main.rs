@@ -40,7 +40,7 @@ enum Command {
     /// List the models in the models directory (what `-m NAME` finds).
     Models(cmd::models::Args),
     /// Serve models through an OpenAI-compatible API (continuous batching, API keys, metrics).
-    Serve(cmd::serve::Args),
+    Serve(Box<cmd::serve::Args>),
     /// Run quantization jobs from the database queue (scale-out beside `bitnet serve`).
     Worker(cmd::worker::Args),
     /// Create, list and revoke API keys: operator, organization admin and project keys.
@@ -51,6 +51,8 @@ enum Command {
     Audit(cmd::platform::AuditArgs),
     /// Sign-in keys: rotate the access-token signing key, print the JWKS.
     Auth(cmd::platform::AuthArgs),
+    /// Close a month into invoices (sent through Stripe), list them, link Stripe customers.
+    Billing(cmd::billing::BillingArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,12 +74,13 @@ fn main() -> ExitCode {
         Command::Init(args) => cmd::init::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Models(args) => cmd::models::run(args),
-        Command::Serve(args) => cmd::serve::run(args),
+        Command::Serve(args) => cmd::serve::run(*args),
         Command::Worker(args) => cmd::worker::run(args),
         Command::Keys(args) => cmd::platform::keys(args),
         Command::Orgs(args) => cmd::platform::orgs(args),
         Command::Audit(args) => cmd::platform::audit(args),
         Command::Auth(args) => cmd::platform::auth(args),
+        Command::Billing(args) => cmd::billing::billing(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2953,18 +2953,7 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
         .unwrap()
         .as_secs()
         - 60;
-    let operator = {
-        let out = succeeds(bitnet().args([
-            "keys",
-            "create",
-            "--operator",
-            "--json",
-            "--database",
-            &db.url,
-        ]));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["key"].as_str().unwrap().to_string()
-    };
+    let operator = operator_key(&db);
     let (s, price) = a.json(
         "POST",
         "/v1/operator/prices",
@@ -3438,4 +3427,230 @@ fn events_reach_nats_once_each_across_a_killed_publisher() {
     assert!(got.iter().any(|(_, e)| e["type"] == "usage.recorded"
         && e["data"]["model"] == "smol"
         && e["data"]["output_tokens"].as_u64().is_some_and(|n| n >= 1)));
+}
+
+/// A new operator key (`sk-op-...`) on the server's database.
+fn operator_key(db: &TestDb) -> String {
+    let out = succeeds(bitnet().args([
+        "keys",
+        "create",
+        "--operator",
+        "--json",
+        "--database",
+        &db.url,
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["key"].as_str().unwrap().to_string()
+}
+
+/// A form POST to localstripe; its JSON answer.
+fn stripe_post(base: &str, path: &str, form: &[(&str, &str)]) -> serde_json::Value {
+    let body = serde_urlencoded::to_string(form).unwrap();
+    let addr = base.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer sk_test_bitnet\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(head.starts_with("HTTP/1.1 2"), "{path}: {out}");
+    serde_json::from_str(rest).unwrap_or(serde_json::Value::Null)
+}
+
+/// Issue 16's month, end to end: requests are metered and costed as they run; once the month
+/// is over, `bitnet billing close-period` makes its invoice at Stripe (localstripe, a real API
+/// emulator on loopback) and finalizes it; the customer pays later and Stripe's signed webhook
+/// marks the invoice paid on the server; a forged webhook is refused; closing again bills
+/// nothing more.
+#[test]
+fn a_month_of_requests_becomes_a_stripe_invoice_that_a_signed_webhook_marks_paid() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let Some(ls) = bitnet_platform::testing::Localstripe::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let server = Server::start(
+        &model,
+        &db,
+        &["--stripe-webhook-secret", "whsec_bitnet_test"],
+    );
+    stripe_post(
+        &ls.url,
+        "/_config/webhooks/bitnet",
+        &[
+            (
+                "url",
+                &format!("http://{}/v1/billing/webhooks/stripe", server.addr),
+            ),
+            ("secret", "whsec_bitnet_test"),
+        ],
+    );
+    // The organization's Stripe customer (with the $0 subscription localstripe needs to make
+    // invoices), linked as an operator links one that signed up through Stripe.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let customer = rt.block_on(ls.customer("acme", &[]));
+    succeeds(bitnet().args([
+        "billing",
+        "--database",
+        &db.url,
+        "set-customer",
+        "--stripe-customer",
+        &customer,
+    ]));
+    // The operator's plan (dear, so that a few short requests come to a few cents): $300 /
+    // $150 / $1500 per 1M input / cached / output tokens.
+    let (s, price) = server.json(
+        "POST",
+        "/v1/operator/prices",
+        Some(&operator_key(&db)),
+        r#"{"model": "*", "input": 300, "cached_input": 150, "output": 1500}"#,
+    );
+    assert_eq!(s, 200, "{price}");
+    for _ in 0..3 {
+        let (s, body) = server.post_json(
+            "/v1/chat/completions",
+            r#"{"model": "smol", "messages": [{"role": "user", "content": "Count to ten"}], "max_tokens": 8}"#,
+        );
+        assert_eq!(s, 200, "{body}");
+    }
+    // The month passes: its rows move to last month, as they were costed.
+    let (y, m) = bitnet_platform::budgets::month_of(bitnet_platform::ids::now());
+    let (y, m) = if m == 1 { (y - 1, 12) } else { (y, m - 1) };
+    let start = bitnet_platform::budgets::month_start(y, m);
+    let period = bitnet_platform::budgets::period_of(start);
+    let moved: Vec<(String,)> = query_db(
+        &db,
+        &format!(
+            "UPDATE usage SET created_at = {} RETURNING request_id",
+            start + 86_400
+        ),
+    );
+    assert_eq!(moved.len(), 3);
+    let cost: Vec<(i64, i64)> = query_db(
+        &db,
+        "SELECT CAST(SUM(cost_input + cost_cached + cost_output) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT) FROM usage",
+    );
+    let (exact, output_tokens) = cost[0];
+    assert!(exact > 0 && output_tokens >= 3);
+
+    let close = |extra: &[&str]| {
+        let out = succeeds(
+            bitnet()
+                .args([
+                    "billing",
+                    "--json",
+                    "--database",
+                    &db.url,
+                    "close-period",
+                    "--period",
+                    &period,
+                ])
+                .args([
+                    "--stripe-api-base",
+                    &ls.url,
+                    "--stripe-api-key",
+                    "sk_test_bitnet",
+                ])
+                .args(extra),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (closed, _) = close(&[]);
+    let inv = &closed[0];
+    assert!(inv["total"].as_i64().unwrap() > 0, "{closed}");
+    assert_eq!(
+        inv["status"], "finalized",
+        "no card yet: open at Stripe, {closed}"
+    );
+    assert_eq!(
+        inv["total"].as_i64(),
+        Some((exact + 5_000_000_000) / 10_000_000_000)
+    );
+    let id = inv["id"].as_str().unwrap().to_string();
+    let stripe_id = inv["provider_invoice_id"].as_str().unwrap().to_string();
+    let lines = inv["lines"].as_array().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["token_type"] == "output" && l["tokens"].as_i64() == Some(output_tokens))
+    );
+
+    // The admin API shows it; a forged webhook is refused and changes nothing.
+    let (s, got) = server.json(
+        "GET",
+        &format!("/v1/organization/invoices/{id}"),
+        Some(&server.admin),
+        "",
+    );
+    assert_eq!(
+        (s, got["status"].as_str()),
+        (200, Some("finalized")),
+        "{got}"
+    );
+    let forged = format!(
+        r#"{{"id":"evt_x","type":"invoice.paid","data":{{"object":{{"id":"{stripe_id}","status":"paid"}}}}}}"#
+    );
+    let (s, _, body) = server.http(
+        "POST",
+        "/v1/billing/webhooks/stripe",
+        None,
+        forged.as_bytes(),
+        &format!(
+            "Stripe-Signature: t={},v1={}\r\n",
+            bitnet_platform::ids::now(),
+            "ab".repeat(32)
+        ),
+    );
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(error_code(&body), "invalid_signature");
+
+    // The customer adds a card and Stripe charges the open invoice: its signed webhook
+    // (invoice.payment_succeeded) marks ours paid.
+    stripe_post(
+        &ls.url,
+        &format!("/v1/customers/{customer}"),
+        &[("invoice_settings[default_payment_method]", "pm_card_visa")],
+    );
+    let paid = stripe_post(&ls.url, &format!("/v1/invoices/{stripe_id}/pay"), &[]);
+    assert_eq!(paid["status"], "paid", "{paid}");
+    let done = wait_for(60, || {
+        let (_, v) = server.json(
+            "GET",
+            &format!("/v1/organization/invoices/{id}"),
+            Some(&server.admin),
+            "",
+        );
+        (v["status"] == "paid").then_some(v)
+    });
+    assert!(done.is_some(), "{}", server.log.lock().unwrap());
+    let (_, list) = server.json("GET", "/v1/organization/invoices", Some(&server.admin), "");
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(1));
+    // Project keys do not read invoices.
+    let (s, _) = server.json("GET", "/v1/organization/invoices", Some(&server.key), "");
+    assert_eq!(s, 403);
+
+    // Closing again bills nothing more.
+    let (again, _) = close(&[]);
+    assert_eq!(again[0]["id"], id.as_str());
+    assert_eq!(again[0]["status"], "paid");
+    let events: Vec<(String,)> = query_db(
+        &db,
+        "SELECT type FROM events WHERE type LIKE 'invoice.%' ORDER BY seq",
+    );
+    assert_eq!(
+        events.into_iter().map(|e| e.0).collect::<Vec<_>>(),
+        ["invoice.finalized", "invoice.paid"]
+    );
 }

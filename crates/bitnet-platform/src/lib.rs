@@ -17,6 +17,7 @@
 //! ```
 
 pub mod audit;
+pub mod billing;
 pub mod budgets;
 pub mod cache;
 pub mod crypto;
@@ -35,6 +36,7 @@ pub mod sessions;
 pub mod sso;
 pub mod storage;
 pub mod store;
+pub mod stripe;
 pub mod testing;
 pub mod uploads;
 pub mod usage;

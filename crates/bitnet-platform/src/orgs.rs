@@ -90,6 +90,7 @@ impl Store {
             "file" => "files",
             "upload" => "uploads",
             "quantization job" => "quantization_jobs",
+            "invoice" => "invoices",
             _ => return Ok(false),
         };
         let row: Option<(String,)> = sqlx::query_as(&format!(

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod billing;
 pub mod engine;
 pub mod error;
 pub mod events;
@@ -72,6 +73,9 @@ pub struct ServerConfig {
     /// The server's address as browsers reach it (single sign-on's callback); default: the
     /// request's `Host` over http.
     pub public_url: Option<String>,
+    /// The Stripe webhook endpoint's signing secret (`whsec_...`); `None`: the webhook route
+    /// answers 404.
+    pub stripe_webhook_secret: Option<String>,
     pub engine: EngineConfig,
 }
 
@@ -87,6 +91,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
             public_url: None,
+            stripe_webhook_secret: None,
             engine: EngineConfig::default(),
         }
     }
@@ -262,6 +267,7 @@ impl AppState {
         metering::doc_list_rate_limits, metering::doc_modify_rate_limit, metering::doc_usage_completions,
         metering::doc_costs, metering::doc_list_prices, metering::doc_create_price,
         metering::doc_get_key_rate_limit, metering::doc_set_key_rate_limit, metering::doc_get_org_budget, metering::doc_set_org_budget, metering::doc_get_project_budget, metering::doc_set_project_budget,
+        billing::doc_list_invoices, billing::doc_get_invoice, billing::doc_stripe_webhook,
         files::doc_list_files, files::doc_get_file, files::doc_delete_file, files::doc_file_content,
         files::doc_create_upload, files::doc_complete_upload, files::doc_cancel_upload,
         signin::login, signin::refresh, signin::logout, signin::accept_invite, signin::jwks,
@@ -670,6 +676,11 @@ pub fn router(state: AppState) -> Router {
             get(metering::usage_completions),
         )
         .route("/v1/organization/costs", get(metering::costs))
+        .route("/v1/organization/invoices", get(billing::list_invoices))
+        .route(
+            "/v1/organization/invoices/{invoice_id}",
+            get(billing::get_invoice),
+        )
         .route(
             "/v1/organization/projects/{project_id}/api_keys/{key_id}/rate_limit",
             get(metering::get_key_rate_limit).post(metering::set_key_rate_limit),
@@ -750,7 +761,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/invites/accept", post(signin::accept_invite))
         .route("/.well-known/jwks.json", get(signin::jwks))
         .route("/v1/auth/sso/{organization}/start", get(signin::sso_start))
-        .route("/v1/auth/sso/callback", get(signin::sso_callback));
+        .route("/v1/auth/sso/callback", get(signin::sso_callback))
+        .route("/v1/billing/webhooks/stripe", post(billing::stripe_webhook));
     Router::new()
         .merge(v1)
         .merge(public)

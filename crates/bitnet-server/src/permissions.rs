@@ -258,6 +258,8 @@ pub const ROUTES: &[(Method, &str, Access)] = {
         (P, "/v1/organization/projects/{project_id}/budget", OrgWrite),
         (G, "/v1/organization/usage/completions", OrgRead),
         (G, "/v1/organization/costs", OrgRead),
+        (G, "/v1/organization/invoices", OrgRead),
+        (G, "/v1/organization/invoices/{invoice_id}", OrgRead),
         (G, "/v1/operator/prices", Operator),
         (P, "/v1/operator/prices", Operator),
         (G, "/v1/files", FilesRead),
@@ -284,6 +286,7 @@ pub const ROUTES: &[(Method, &str, Access)] = {
         (G, "/.well-known/jwks.json", Public),
         (G, "/v1/auth/sso/{organization}/start", Public),
         (G, "/v1/auth/sso/callback", Public),
+        (P, "/v1/billing/webhooks/stripe", Public),
         (G, "/v1/organization/sso", OrgRead),
         (P, "/v1/organization/sso", OrgWrite),
         (D, "/v1/organization/sso", OrgWrite),
@@ -401,6 +404,7 @@ pub async fn authorize(
                 ("{file_id}", "file"),
                 ("{upload_id}", "upload"),
                 ("{job_id}", "quantization job"),
+                ("{invoice_id}", "invoice"),
             ] {
                 if let Some(id) = path_param(&route, path, param)
                     && !s.store.owns(org, kind, id).await?

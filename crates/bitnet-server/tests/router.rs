@@ -57,7 +57,11 @@ fn tiny_model() -> bitnet_model::LoadedModel {
 
 fn state(store: Store, storage: &Storage) -> AppState {
     let metrics = Arc::new(Metrics::new());
-    let config = ServerConfig::default();
+    // With a Stripe webhook secret, so that the webhook route answers (400 to an unsigned body).
+    let config = ServerConfig {
+        stripe_webhook_secret: Some("whsec_router_test".into()),
+        ..ServerConfig::default()
+    };
     let model =
         ServedModel::start("tiny".into(), tiny_model(), &config.engine, metrics.clone()).unwrap();
     let (usage, _) = UsageLog::start(
@@ -95,6 +99,8 @@ struct Fixture {
     /// An upload with room for another part, and one ready to complete with its part.
     upload: String,
     whole_upload: (String, String),
+    /// A closed (empty) invoice of a month long past.
+    invoice: String,
     keys: Vec<(Who, String)>,
 }
 
@@ -301,7 +307,15 @@ async fn fixture(s: &Store, storage: &Storage, name: &str) -> Fixture {
         let t = s.sign_in(&org.id, &u, &cli).await.unwrap();
         sessions.push((who, t.access_token));
     }
+    let invoice = s
+        .close_period::<bitnet_platform::stripe::Stripe>(&org.id, "2020-01", None, &cli)
+        .await
+        .unwrap()
+        .invoice()
+        .id
+        .clone();
     Fixture {
+        invoice,
         org: org.id,
         project: p.id,
         user: u.id,
@@ -352,6 +366,7 @@ impl Fixture {
                 },
             )
             .replace("{job_id}", &self.job)
+            .replace("{invoice_id}", &self.invoice)
             .replace("{model}", "reg")
             .replace("{alias}", "staging")
             .replace("{version}", "2")

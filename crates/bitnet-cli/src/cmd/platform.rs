@@ -26,7 +26,7 @@ pub struct DbArgs {
 }
 
 impl DbArgs {
-    fn url(&self) -> Result<String> {
+    pub(crate) fn url(&self) -> Result<String> {
         let cfg = Config::load_or_default(&config::path(self.config.as_deref()))?;
         Ok(self.database.clone().unwrap_or(cfg.server.database))
     }
@@ -85,7 +85,7 @@ pub fn beside_database(database: &str, given: bool) -> Option<(String, std::path
     ))
 }
 
-fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
+pub(crate) fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

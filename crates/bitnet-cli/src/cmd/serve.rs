@@ -131,6 +131,11 @@ pub struct Args {
     /// wait in the database for a server that has it).
     #[arg(long, value_name = "URL")]
     pub events: Option<String>,
+    /// The signing secret (`whsec_...`) of the Stripe webhook endpoint this server is
+    /// (`URL/v1/billing/webhooks/stripe`): Stripe reports invoices paid, voided or
+    /// uncollectible there. Without it, the route answers 404.
+    #[arg(long, env = "BITNET_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub stripe_webhook_secret: Option<String>,
     /// Organizations with series of their own in the metrics (the most active over the last
     /// day); the others are counted together as `organization="other"`.
     #[arg(long, default_value_t = 50)]
@@ -428,6 +433,7 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         max_tokens: args.max_tokens.unwrap_or(usize::MAX).max(1),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         public_url: args.public_url.clone(),
+        stripe_webhook_secret: args.stripe_webhook_secret.clone().filter(|s| !s.is_empty()),
         engine: engine.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
