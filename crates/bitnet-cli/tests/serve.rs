@@ -3661,7 +3661,7 @@ fn a_month_of_requests_becomes_a_stripe_invoice_that_a_signed_webhook_marks_paid
         Some(&operator_key(&db)),
         r#"{"model": "*", "input": 300, "cached_input": 150, "output": 1500}"#,
     );
-    assert_eq!(s, 200, "{price}");
+    assert_eq!(s, 200, "{price}\n{}", server.log.lock().unwrap());
     for _ in 0..3 {
         let (s, body) = server.post_json(
             "/v1/chat/completions",

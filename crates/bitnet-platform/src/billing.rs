@@ -19,6 +19,9 @@
 //!    the same transaction. A finalized invoice never changes again, except its payment state,
 //!    which the provider's signed webhooks report.
 //!
+//! One close at a time per invoice: a close holds its draft for [`CLOSE_LEASE_S`] seconds at
+//! most, and a second close meanwhile is refused with a clear error.
+//!
 //! A period closes only once it is over and no request of it is still in flight (their
 //! reservations settle or expire within the metering TTL), so its usage is complete.
 //! Amounts are exact: lines are summed in picodollars and rounded to cents once, the total
@@ -35,6 +38,10 @@ use std::collections::BTreeMap;
 
 /// Picodollars (the usage rows' unit) in one cent (the invoices' unit).
 pub const PICO_PER_CENT: i64 = 10_000_000_000;
+
+/// How long a close holds its invoice (seconds): a second close meanwhile is refused. A close
+/// lets go when it ends, even on an error; one whose process died holds it this long.
+pub const CLOSE_LEASE_S: i64 = 120;
 
 /// `organization.invoice.line` (ours: OpenAI has no invoices API).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -393,9 +400,16 @@ impl Store {
     /// redrafted while no line has reached a provider). A finalized invoice is returned as it
     /// is. Refused while the period is not over or requests of it are still in flight.
     pub async fn draft_invoice(&self, org: &str, period: &str) -> Result<Invoice> {
+        self.draft(org, period, false).await
+    }
+
+    /// The draft, and with `claim` this close's hold on it ([`CLOSE_LEASE_S`]): a second
+    /// close of the same invoice meanwhile is refused, and nobody recomputes the lines of a
+    /// held draft.
+    async fn draft(&self, org: &str, period: &str, claim: bool) -> Result<Invoice> {
         let (start, end) = bounds(period)?;
         if let Some(inv) = self.invoice_for(org, period).await?
-            && (inv.status != "draft" || inv.lines.iter().any(|l| l.provider_item_id.is_some()))
+            && inv.status != "draft"
         {
             return Ok(inv);
         }
@@ -455,7 +469,7 @@ impl Store {
         let (cents, total) = allocate_cents(&exact);
         let total_exact: i64 = exact.iter().sum();
 
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO invoices (id, organization_id, period, status, currency, total, total_exact, created_at) \
              VALUES ($1, $2, $3, 'draft', 'usd', 0, 0, $4) ON CONFLICT (organization_id, period) DO NOTHING",
@@ -468,20 +482,37 @@ impl Store {
         .await?;
         // The row is locked from here to the commit; a line that reached a provider meanwhile
         // (a concurrent close) freezes the draft.
-        let (id, status): (String, String) = sqlx::query_as(
-            "UPDATE invoices SET total = total WHERE organization_id = $1 AND period = $2 RETURNING id, status",
+        let (id, status, held_until): (String, String, Option<i64>) = sqlx::query_as(
+            "UPDATE invoices SET total = total WHERE organization_id = $1 AND period = $2 \
+             RETURNING id, status, closing_until",
         )
         .bind(org)
         .bind(period)
         .fetch_one(&mut *tx)
         .await?;
+        let t = now();
+        let held = held_until.is_some_and(|u| u > t);
+        if claim && held && status == "draft" {
+            return Err(PlatformError::Conflict(format!(
+                "another close is sending invoice {id} (its hold ends in {} s, sooner if it \
+                 finishes): run this again after it",
+                held_until.unwrap_or(t) - t
+            )));
+        }
         let (sent,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM invoice_lines WHERE invoice_id = $1 AND provider_item_id IS NOT NULL",
         )
         .bind(&id)
         .fetch_one(&mut *tx)
         .await?;
-        if status == "draft" && sent == 0 {
+        if claim && status == "draft" {
+            sqlx::query("UPDATE invoices SET closing_until = $1 WHERE id = $2")
+                .bind(t + CLOSE_LEASE_S)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if status == "draft" && sent == 0 && !held {
             sqlx::query("DELETE FROM invoice_lines WHERE invoice_id = $1")
                 .bind(&id)
                 .execute(&mut *tx)
@@ -610,14 +641,29 @@ impl Store {
         provider: Option<&P>,
         by: &Actor,
     ) -> Result<Closed> {
-        let inv = self.draft_invoice(org, period).await?;
+        let inv = self.draft(org, period, true).await?;
         if inv.status != "draft" {
             return Ok(Closed::AlreadyClosed(inv));
         }
-        let Some(p) = provider.filter(|_| inv.total > 0) else {
+        let sent = match provider.filter(|_| inv.total > 0) {
+            Some(p) => self.send(&inv, p, by).await,
             // Nothing to send: closed here only.
-            return Ok(Closed::Finalized(self.finalize_here(&inv, None, by).await?));
+            None => self.finalize_here(&inv, None, by).await,
         };
+        // Let go of the hold, whatever happened (a finalized invoice needs none either).
+        let released = sqlx::query("UPDATE invoices SET closing_until = NULL WHERE id = $1")
+            .bind(&inv.id)
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(invoice = %inv.id, error = %e, "cannot release the close's hold; it lapses on its own");
+        }
+        Ok(Closed::Finalized(sent?))
+    }
+
+    /// Steps 2 to 5 of a close, through `p`.
+    async fn send<P: BillingProvider>(&self, inv: &Invoice, p: &P, by: &Actor) -> Result<Invoice> {
+        let org = inv.organization_id.as_str();
         let customer = match self.billing_customer(org).await? {
             Some((name, id)) if name == p.name() => id,
             _ => {
@@ -651,11 +697,11 @@ impl Store {
                     }
                     let item = match pending.get(&line.line) {
                         Some(id) => id.clone(),
-                        None => p.create_item(&customer, &inv, line).await?,
+                        None => p.create_item(&customer, inv, line).await?,
                     };
                     self.set_line_item(&inv.id, line.line, &item).await?;
                 }
-                p.create_invoice(&customer, &inv).await?
+                p.create_invoice(&customer, inv).await?
             }
         };
         self.set_provider_invoice(&inv.id, p.name(), &remote)
@@ -678,10 +724,7 @@ impl Store {
         } else {
             remote
         };
-        let done = self
-            .finalize_here(&inv, Some((p.name(), &remote)), by)
-            .await?;
-        Ok(Closed::Finalized(done))
+        self.finalize_here(inv, Some((p.name(), &remote)), by).await
     }
 
     /// A provider's word (its signed webhook) on one of its invoices: record its status and

@@ -404,7 +404,7 @@ impl Store {
             sqlx::query_as("SELECT id, scope, master_key_id, wrapped FROM data_keys")
                 .fetch_all(&self.pool)
                 .await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut n = 0;
         for (id, s, mk, wrapped) in rows {
             let org = (s != "platform").then_some(s.as_str());

@@ -108,19 +108,29 @@ impl Store {
                 data: serde_json::from_str(&data).unwrap_or(Value::Null),
             })
             .collect();
+        // PostgreSQL keeps the rows locked while the sink has them; SQLite (one server) ends
+        // its read here, or the marking below would fail whenever anything was written while
+        // the sink worked (WAL's snapshot rule) and the batch would be sent again and again.
+        let mut tx = if self.backend() == Backend::Postgres {
+            Some(tx)
+        } else {
+            tx.commit().await?;
+            None
+        };
         sink(batch).await.map_err(crate::PlatformError::Upstream)?;
         let list = seqs
             .iter()
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        sqlx::query(&format!(
-            "UPDATE events SET published_at = $1 WHERE seq IN ({list})"
-        ))
-        .bind(now())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let mark = format!("UPDATE events SET published_at = $1 WHERE seq IN ({list})");
+        match tx.as_mut() {
+            Some(t) => sqlx::query(&mark).bind(now()).execute(&mut **t).await?,
+            None => sqlx::query(&mark).bind(now()).execute(&self.pool).await?,
+        };
+        if let Some(t) = tx {
+            t.commit().await?;
+        }
         Ok(seqs.len())
     }
 

@@ -417,7 +417,7 @@ impl Store {
     ) -> Result<Option<QuantJob>> {
         let t = now_ms();
         let pg = self.backend() == Backend::Postgres;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         if !pg {
             // Take SQLite's write lock first: claims are serialized.
             sqlx::query("UPDATE quantization_jobs SET id = id WHERE 1 = 0")
@@ -531,7 +531,7 @@ impl Store {
     /// The worker found the job's file good (`validating_files` → `running`); `Ok(false)` if
     /// the job is no longer its own.
     pub async fn job_running(&self, id: &str, worker: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let n = sqlx::query(
             "UPDATE quantization_jobs SET status = 'running' WHERE id = $1 AND lease_owner = $2 AND status = 'validating_files'",
         )
@@ -579,7 +579,7 @@ impl Store {
         result_files: &[String],
     ) -> Result<bool> {
         debug_assert!(STATUSES.contains(&status));
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let n = sqlx::query(
             &format!("UPDATE quantization_jobs SET status = $1, error = $2, result_files = $3, finished_at = $4, lease_owner = NULL \
              WHERE id = $5 AND lease_owner = $6 AND status IN {HELD}"),
@@ -704,7 +704,7 @@ impl Store {
         let error = json!({"code": code, "message": message, "param": null});
         if retry && j.attempts < j.max_attempts {
             let wait = backoff(j.attempts);
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin_write().await?;
             let n = sqlx::query(
                 &format!("UPDATE quantization_jobs SET status = 'queued', run_after_ms = $1, lease_owner = NULL, error = $2 \
                  WHERE id = $3 AND lease_owner = $4 AND status IN {HELD}"),

@@ -291,7 +291,7 @@ impl Store {
     /// A platform operator key (made with `bitnet keys create --operator`).
     pub async fn create_operator_key(&self, name: &str) -> Result<(ApiKey, String)> {
         let name = check_name("name", name)?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let (id, value) =
             Self::insert_key(&mut tx, KeyKind::Operator, &name, NewKey::default(), now()).await?;
         tx.commit().await?;
@@ -521,7 +521,7 @@ impl Store {
                     .await?
             }
             None => {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 sqlx::query(
                     "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND organization_id IS NULL",
                 )

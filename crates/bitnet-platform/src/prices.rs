@@ -105,7 +105,17 @@ impl Store {
                 "a price starts now or later: the past is never repriced",
             ));
         }
-        let mut tx = self.pool.begin().await?;
+        // Write first: on SQLite the transaction then holds the write lock from its start (a
+        // read first would fail with SQLITE_BUSY if any other write landed in between, such
+        // as an API key's `last_used_at`). A refusal below rolls this back.
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE prices SET valid_until = $1 WHERE model = $2 AND (valid_until IS NULL OR valid_until > $1)",
+        )
+        .bind(from)
+        .bind(model)
+        .execute(&mut *tx)
+        .await?;
         let (later,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM prices WHERE model = $1 AND valid_from >= $2")
                 .bind(model)
@@ -117,13 +127,6 @@ impl Store {
                 "`{model}` has a price starting at or after {from}; a new one must start later"
             )));
         }
-        sqlx::query(
-            "UPDATE prices SET valid_until = $1 WHERE model = $2 AND (valid_until IS NULL OR valid_until > $1)",
-        )
-        .bind(from)
-        .bind(model)
-        .execute(&mut *tx)
-        .await?;
         let p = Price {
             id: new_id("price_"),
             object: "price",

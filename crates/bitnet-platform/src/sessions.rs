@@ -115,7 +115,7 @@ impl Store {
             crate::ids::hex(&seed)
         };
         let t = now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
             .bind(t)
             .execute(&mut *tx)

@@ -116,6 +116,21 @@ impl Store {
         (self.backend == Backend::Postgres).then_some(self.url.as_str())
     }
 
+    /// Begin a transaction that will write. On SQLite it takes the write lock at once (a write
+    /// that changes nothing), waiting out the busy timeout if another connection holds it: a
+    /// transaction that read first would instead fail with `SQLITE_BUSY` at its first write
+    /// whenever any other write landed after its read (WAL's snapshot rule), however briefly.
+    /// On PostgreSQL it is a plain `BEGIN`.
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Sqlite {
+            sqlx::query("UPDATE organizations SET audit_seq = audit_seq WHERE 0 = 1")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+
     /// Whether the database answers (for `/readyz`).
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()

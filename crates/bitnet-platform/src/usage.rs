@@ -110,7 +110,7 @@ impl Store {
     pub async fn meter(&self, ops: &[MeterOp]) -> Result<Vec<Result<()>>> {
         let book = self.price_book().await?;
         let budgets = crate::budgets::all(&self.pool).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(ops.len());
         let mut spend = Spend::new();
         for op in ops {
@@ -161,7 +161,7 @@ impl Store {
     pub async fn settle_expired(&self, limit: i64) -> Result<usize> {
         let book = self.price_book().await?;
         let budgets = crate::budgets::all(&self.pool).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let lock = if self.backend() == Backend::Postgres {
             " FOR UPDATE SKIP LOCKED"
         } else {

@@ -485,6 +485,65 @@ fn periods_open_or_in_flight_and_foreign_stripe_items_are_refused() {
                 want.values().sum::<i64>() + 10 * 3_000_000 + 5 * 15_000_000
             );
 
+            // Two closes of one invoice at once: one sends it, the other is refused while it
+            // holds the draft (or finds it closed); Stripe gets one invoice.
+            let both = s.create_organization("c", &cli).await.unwrap().id;
+            let bp = s.create_project(&both, "p", &cli).await.unwrap().id;
+            month_of_usage(&s, &both, &bp, start).await;
+            let cus = ls.customer("c", &[]).await;
+            s.set_billing_customer(&both, "stripe", &cus, &cli)
+                .await
+                .unwrap();
+            let (x, y) = tokio::join!(
+                s.close_period(&both, &period, Some(&stripe), &cli),
+                s.close_period(&both, &period, Some(&stripe), &cli)
+            );
+            let finalized = [&x, &y]
+                .iter()
+                .filter(|r| matches!(r, Ok(Closed::Finalized(_))))
+                .count();
+            assert_eq!(finalized, 1, "{x:?} {y:?}");
+            for r in [&x, &y] {
+                match r {
+                    Ok(_) => {}
+                    Err(PlatformError::Conflict(m)) => assert!(m.contains("another close"), "{m}"),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let (invoices, pending) = stripe_state(&http, &ls.url, &cus).await;
+            assert_eq!((invoices.len(), pending), (1, 0), "{invoices:?}");
+            // Held by a close whose process died: refused until the hold lapses.
+            let held = s.create_organization("d", &cli).await.unwrap().id;
+            let hp = s.create_project(&held, "p", &cli).await.unwrap().id;
+            month_of_usage(&s, &held, &hp, start).await;
+            let d = s.draft_invoice(&held, &period).await.unwrap();
+            sqlx::query("UPDATE invoices SET closing_until = $1 WHERE id = $2")
+                .bind(now() + 60)
+                .bind(&d.id)
+                .execute(&pool)
+                .await
+                .unwrap();
+            let e = s
+                .close_period::<Stripe>(&held, &period, None, &cli)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, PlatformError::Conflict(ref m) if m.contains("another close")),
+                "{e}"
+            );
+            sqlx::query("UPDATE invoices SET closing_until = $1 WHERE id = $2")
+                .bind(now() - 1)
+                .bind(&d.id)
+                .execute(&pool)
+                .await
+                .unwrap();
+            assert!(matches!(
+                s.close_period::<Stripe>(&held, &period, None, &cli)
+                    .await
+                    .unwrap(),
+                Closed::Finalized(_)
+            ));
+
             // Without a provider, a month closes here only; an organization without usage
             // gets an empty invoice.
             let empty = s.create_organization("b", &cli).await.unwrap().id;
@@ -497,10 +556,9 @@ fn periods_open_or_in_flight_and_foreign_stripe_items_are_refused() {
                 ("finalized", 0)
             );
             assert!(c.invoice().provider.is_none());
-            assert_eq!(
-                s.billable_organizations(&period).await.unwrap(),
-                vec![org.clone()]
-            );
+            let mut billable = vec![org.clone(), both.clone(), held.clone()];
+            billable.sort();
+            assert_eq!(s.billable_organizations(&period).await.unwrap(), billable);
         });
     }
 }

@@ -26,6 +26,8 @@ CREATE TABLE invoices (
     finalized_at BIGINT,
     paid_at BIGINT,
     voided_at BIGINT,
+    -- Until when a running close holds the draft (unix seconds).
+    closing_until BIGINT,
     UNIQUE (organization_id, period)
 );
 CREATE INDEX invoices_provider ON invoices (provider_invoice_id);

@@ -26,6 +26,8 @@ CREATE TABLE invoices (
     finalized_at INTEGER,
     paid_at INTEGER,
     voided_at INTEGER,
+    -- Until when a running close holds the draft (unix seconds).
+    closing_until INTEGER,
     UNIQUE (organization_id, period)
 );
 CREATE INDEX invoices_provider ON invoices (provider_invoice_id);
