@@ -178,6 +178,24 @@ async fn stripe_state(http: &reqwest::Client, base: &str, customer: &str) -> (Ve
     (invoices, items["data"].as_array().unwrap().len())
 }
 
+/// A store on `db` with a price plan valid since before last month (prices cannot be set in
+/// the past through the API: this seeds history), and a raw pool on the same database.
+async fn priced_store(db: &TestDb) -> (Store, sqlx::AnyPool) {
+    let s = Store::open(&db.url).await.unwrap();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO prices (id, model, input, cached_input, output, currency, valid_from, valid_until, created_at) \
+         VALUES ('price_hist', '*', $1, $2, $3, 'usd', 0, NULL, 0)",
+    )
+    .bind(PRICE.0)
+    .bind(PRICE.1)
+    .bind(PRICE.2)
+    .execute(&pool)
+    .await
+    .unwrap();
+    (s, pool)
+}
+
 #[test]
 fn a_month_closes_into_one_exact_invoice_even_when_every_step_crashes_once() {
     let Some(ls) = Localstripe::start() else {
@@ -190,21 +208,8 @@ fn a_month_closes_into_one_exact_invoice_even_when_every_step_crashes_once() {
         let dir = tempfile::tempdir().unwrap();
         let db = TestDb::new(backend, dir.path());
         run(async {
-            let s = Store::open(&db.url).await.unwrap();
+            let (s, _pool) = priced_store(&db).await;
             let cli = Actor::cli();
-            // A plan valid since before last month (prices cannot be set in the past through
-            // the API: this seeds history).
-            let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
-            sqlx::query(
-                "INSERT INTO prices (id, model, input, cached_input, output, currency, valid_from, valid_until, created_at) \
-                 VALUES ('price_hist', '*', $1, $2, $3, 'usd', 0, NULL, 0)",
-            )
-            .bind(PRICE.0)
-            .bind(PRICE.1)
-            .bind(PRICE.2)
-            .execute(&pool)
-            .await
-            .unwrap();
 
             // Crash after call 1, 2, ... of the close, then close again without crashing,
             // each time for a new organization, until a close makes fewer calls than `at`.
@@ -381,16 +386,8 @@ fn periods_open_or_in_flight_and_foreign_stripe_items_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let db = TestDb::new(backend, dir.path());
         run(async {
-            let s = Store::open(&db.url).await.unwrap();
+            let (s, pool) = priced_store(&db).await;
             let cli = Actor::cli();
-            let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
-            sqlx::query(
-                "INSERT INTO prices (id, model, input, cached_input, output, currency, valid_from, valid_until, created_at) \
-                 VALUES ('price_hist', '*', 3000000, 1500000, 15000000, 'usd', 0, NULL, 0)",
-            )
-            .execute(&pool)
-            .await
-            .unwrap();
             let org = s.create_organization("a", &cli).await.unwrap().id;
             let p = s.create_project(&org, "p", &cli).await.unwrap().id;
             let want = month_of_usage(&s, &org, &p, start).await;
