@@ -2897,6 +2897,37 @@ fn stream_tokens(addr: &str, key: &str, seen: &std::sync::atomic::AtomicUsize) -
 
 /// `n` chat requests sent at once with `key`, spread over `servers` in turn: (status, head,
 /// body) of each, in order.
+/// A new project made through `on`, and a service account's key for it made through `then`
+/// (two replicas): (project id, key, key id).
+fn project_with_key(
+    on: &Server,
+    then: &Server,
+    admin: &str,
+    name: &str,
+) -> (String, String, String) {
+    let (s, project) = on.json(
+        "POST",
+        "/v1/organization/projects",
+        Some(admin),
+        &format!(r#"{{"name": "{name}"}}"#),
+    );
+    assert_eq!(s, 200, "{project}");
+    let p = project["id"].as_str().unwrap().to_string();
+    let (s, sa) = then.json(
+        "POST",
+        &format!("/v1/organization/projects/{p}/service_accounts"),
+        Some(admin),
+        r#"{"name": "app"}"#,
+    );
+    assert_eq!(s, 200, "{sa}");
+    let key = &sa["api_key"];
+    (
+        p,
+        key["value"].as_str().unwrap().to_string(),
+        key["id"].as_str().unwrap().to_string(),
+    )
+}
+
 fn burst(servers: &[&Server], key: &str, body: &str, n: usize) -> Vec<(u16, String, String)> {
     std::thread::scope(|sc| {
         let handles: Vec<_> = (0..n)
@@ -2963,21 +2994,7 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
     assert_eq!(s, 200, "{price}");
     assert_eq!(price["input"], 1.5);
     let admin = a.admin.clone();
-    let (s, project) = b.json(
-        "POST",
-        "/v1/organization/projects",
-        Some(&admin),
-        r#"{"name": "limited"}"#,
-    );
-    assert_eq!(s, 200, "{project}");
-    let p = project["id"].as_str().unwrap().to_string();
-    let (_, sa) = c.json(
-        "POST",
-        &format!("/v1/organization/projects/{p}/service_accounts"),
-        Some(&admin),
-        r#"{"name": "app"}"#,
-    );
-    let key = sa["api_key"]["value"].as_str().unwrap().to_string();
+    let (p, key, _) = project_with_key(&b, &c, &admin, "limited");
     // A project key may not change its own limits; the admin may.
     let path = format!("/v1/organization/projects/{p}/rate_limits/rl-smol");
     let (s, _) = a.json(
@@ -3130,20 +3147,7 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
     assert!(series("settled") >= N as f64);
 
     // A budget: concurrent requests over the replicas never spend past its cap.
-    let (_, project) = a.json(
-        "POST",
-        "/v1/organization/projects",
-        Some(&admin),
-        r#"{"name": "budgeted"}"#,
-    );
-    let bp = project["id"].as_str().unwrap().to_string();
-    let (_, sa) = b.json(
-        "POST",
-        &format!("/v1/organization/projects/{bp}/service_accounts"),
-        Some(&admin),
-        r#"{"name": "app"}"#,
-    );
-    let bkey = sa["api_key"]["value"].as_str().unwrap().to_string();
+    let (bp, bkey, _) = project_with_key(&a, &b, &admin, "budgeted");
     // Room for four requests' worst case (prompt at the input price, 2 tokens at the output).
     let per = prompt / N as u64;
     let worst = (per as f64 * 1.5 + 2.0 * 6.0) / 1e6;
@@ -3195,23 +3199,7 @@ fn three_replicas_share_rate_limits_and_a_killed_replica_bills_what_it_sent() {
     assert_eq!(alerts[0].0, 1);
 
     // A key's own limit, over the replicas: 2 a minute means 2 of 6.
-    let (_, project) = a.json(
-        "POST",
-        "/v1/organization/projects",
-        Some(&admin),
-        r#"{"name": "keyed"}"#,
-    );
-    let kp = project["id"].as_str().unwrap().to_string();
-    let (_, sa) = b.json(
-        "POST",
-        &format!("/v1/organization/projects/{kp}/service_accounts"),
-        Some(&admin),
-        r#"{"name": "app"}"#,
-    );
-    let (kkey, kid) = (
-        sa["api_key"]["value"].as_str().unwrap().to_string(),
-        sa["api_key"]["id"].as_str().unwrap().to_string(),
-    );
+    let (kp, kkey, kid) = project_with_key(&a, &b, &admin, "keyed");
     let (s, kl) = c.json(
         "POST",
         &format!("/v1/organization/projects/{kp}/api_keys/{kid}/rate_limit"),

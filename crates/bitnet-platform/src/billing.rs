@@ -56,9 +56,9 @@ pub struct InvoiceLine {
     pub tokens: i64,
     /// Cents.
     pub amount: i64,
-    /// The exact amount in cents, as a decimal string (Stripe's `*_decimal` style).
-    pub amount_decimal: String,
-    #[serde(skip)]
+    /// The exact amount in picodollars; serialized as cents in a decimal string (Stripe's
+    /// `*_decimal` style).
+    #[serde(rename = "amount_decimal", serialize_with = "as_cents_decimal")]
     pub amount_exact: i64,
     #[serde(skip)]
     pub provider_item_id: Option<String>,
@@ -79,7 +79,9 @@ pub struct Invoice {
     pub currency: String,
     /// Cents, before tax.
     pub total: i64,
-    pub total_decimal: String,
+    /// The exact total in picodollars, serialized like a line's `amount_decimal`.
+    #[serde(rename = "total_decimal", serialize_with = "as_cents_decimal")]
+    pub total_exact: i64,
     pub lines: Vec<InvoiceLine>,
     pub created_at: i64,
     pub finalized_at: Option<i64>,
@@ -90,8 +92,6 @@ pub struct Invoice {
     pub provider_invoice_id: Option<String>,
     pub provider_status: Option<String>,
     pub hosted_invoice_url: Option<String>,
-    #[serde(skip)]
-    pub total_exact: i64,
 }
 
 impl HasId for Invoice {
@@ -135,6 +135,13 @@ pub fn cents_decimal(pico: i64) -> String {
     let p = pico.unsigned_abs();
     let per = PICO_PER_CENT as u64;
     format!("{sign}{}.{:010}", p / per, p % per)
+}
+
+fn as_cents_decimal<S: serde::Serializer>(
+    pico: &i64,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&cents_decimal(*pico))
 }
 
 /// Round a total of picodollars to cents (half up) and share those cents among `amounts` by
@@ -251,7 +258,6 @@ impl Store {
                     token_type: kind,
                     tokens,
                     amount,
-                    amount_decimal: cents_decimal(exact),
                     amount_exact: exact,
                     provider_item_id: item,
                 },
@@ -267,7 +273,6 @@ impl Store {
             lines,
             period_start: start,
             period_end: end,
-            total_decimal: cents_decimal(r.total_exact),
             id: r.id,
             organization_id: r.organization_id,
             period: r.period,
@@ -375,17 +380,8 @@ impl Store {
             });
         }
         let mut c = self.change(org).await?;
-        sqlx::query(
-            "INSERT INTO billing_customers (organization_id, provider, customer_id, created_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (organization_id) DO UPDATE \
-             SET provider = excluded.provider, customer_id = excluded.customer_id",
-        )
-        .bind(org)
-        .bind(provider)
-        .bind(customer)
-        .bind(c.at)
-        .execute(&mut *c.tx)
-        .await?;
+        let at = c.at;
+        upsert_customer(&mut c.tx, org, provider, customer, at).await?;
         c.audit(AuditEvent::new(
             "billing.customer_updated",
             by,
@@ -669,17 +665,8 @@ impl Store {
             _ => {
                 let o = self.organization(org).await?;
                 let id = p.create_customer(org, &o.name).await?;
-                sqlx::query(
-                    "INSERT INTO billing_customers (organization_id, provider, customer_id, created_at) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (organization_id) DO UPDATE \
-                     SET provider = excluded.provider, customer_id = excluded.customer_id",
-                )
-                .bind(org)
-                .bind(p.name())
-                .bind(&id)
-                .bind(now())
-                .execute(&self.pool)
-                .await?;
+                let mut conn = self.pool.acquire().await?;
+                upsert_customer(&mut conn, org, p.name(), &id, now()).await?;
                 id
             }
         };
@@ -800,6 +787,28 @@ impl Store {
             Ok(None)
         }
     }
+}
+
+/// Record the organization's customer at a provider (replacing an earlier one).
+async fn upsert_customer(
+    conn: &mut sqlx::AnyConnection,
+    org: &str,
+    provider: &str,
+    customer: &str,
+    at: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO billing_customers (organization_id, provider, customer_id, created_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (organization_id) DO UPDATE \
+         SET provider = excluded.provider, customer_id = excluded.customer_id",
+    )
+    .bind(org)
+    .bind(provider)
+    .bind(customer)
+    .bind(at)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 fn bounds(period: &str) -> Result<(i64, i64)> {

@@ -262,7 +262,10 @@ impl BillingProvider for Stripe {
                     kv("metadata[bitnet_invoice]", &invoice.id),
                     kv("metadata[bitnet_line]", line.line),
                     kv("metadata[tokens]", line.tokens),
-                    kv("metadata[amount_decimal]", &line.amount_decimal),
+                    kv(
+                        "metadata[amount_decimal]",
+                        crate::billing::cents_decimal(line.amount_exact),
+                    ),
                 ],
                 Some(&format!("{}-line-{}", invoice.id, line.line)),
             )
