@@ -1,0 +1,420 @@
+//! The training loop: data in order, gradient accumulation, clipping, AdamW, the schedule,
+//! metrics, evaluation on held-out rows, checkpoints, `--resume` and the exports.
+
+use crate::checkpoint;
+use crate::config::{Quant, TrainConfig};
+use crate::data::{self, TokenRows};
+use crate::error::{Result, TrainError, io_err};
+use crate::export;
+use crate::model::{self, Shape, TrainModel};
+use crate::optim::{self, AdamW};
+use candle_core::{DType, Tensor};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What the command line adds to a config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Where checkpoints, metrics and exports go.
+    pub out: PathBuf,
+    /// Continue from `out/checkpoint.safetensors`.
+    pub resume: bool,
+    /// The per-step CSV (`step,loss,lr,grad_norm`); default `out/metrics.csv`.
+    pub metrics: Option<PathBuf>,
+    /// Start from this Hugging Face BitNet directory's float weights.
+    pub init: Option<PathBuf>,
+    /// Write `out/hf/` and `out/model.gguf` at the end.
+    pub export: bool,
+}
+
+/// One optimizer step, as reported.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// 0-based index of the update just made.
+    pub step: u64,
+    pub steps: u64,
+    /// Mean cross-entropy of the step's batch, before the update.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens scored per step.
+    pub tokens: usize,
+    pub seconds: f64,
+    /// Held-out loss, when this step evaluated.
+    pub eval_loss: Option<f64>,
+}
+
+/// What a finished run leaves.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub tokens_per_second: f64,
+    pub hf_dir: Option<PathBuf>,
+    pub gguf: Option<PathBuf>,
+}
+
+/// A run in progress.
+#[derive(Debug)]
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub model: TrainModel,
+    opt: AdamW,
+    /// Updates done.
+    pub step: u64,
+    train: TokenRows,
+    heldout: Option<TokenRows>,
+    tokenizer: Option<PathBuf>,
+    opts: RunOptions,
+    metrics_path: PathBuf,
+    fingerprint: String,
+    decay: Vec<bool>,
+}
+
+fn data_err(path: &Path, message: String) -> TrainError {
+    TrainError::Data {
+        path: path.into(),
+        message,
+    }
+}
+
+impl Trainer {
+    /// Check the config, read the data, build (or restore) the model.
+    pub fn new(mut cfg: TrainConfig, origin: &Path, opts: RunOptions) -> Result<Self> {
+        cfg.validate(origin)?;
+        let dtype = model::dtype(cfg.train.precision);
+        let (train, heldout, tokenizer) = load_data(&cfg, &opts.out)?;
+        let seq = train.width - 1;
+        if let Some(s) = cfg.data.seq_len
+            && s != seq
+        {
+            return Err(data_err(
+                cfg.data.npy.as_deref().unwrap_or(origin),
+                format!("its rows hold {seq} + 1 tokens, data.seq_len says {s}"),
+            ));
+        }
+        cfg.data.seq_len = Some(seq);
+        let model = match &opts.init {
+            Some(dir) => {
+                let m = TrainModel::from_hf_dir(dir, cfg.model.quant, dtype)?;
+                cfg.model = m.model_config();
+                m
+            }
+            None => {
+                let vocab = cfg
+                    .model
+                    .vocab_size
+                    .or(tokenizer.as_ref().map(|t| t.1))
+                    .unwrap_or_else(|| train.vocab_needed());
+                cfg.model.vocab_size = Some(vocab);
+                TrainModel::init(
+                    Shape::from_config(&cfg.model, vocab),
+                    dtype,
+                    cfg.model.init_std,
+                    cfg.train.seed,
+                )?
+            }
+        };
+        if seq > model.shape.max_pos {
+            return Err(TrainError::Config {
+                path: origin.into(),
+                message: format!(
+                    "sequences of {seq} tokens exceed max_position_embeddings {}",
+                    model.shape.max_pos
+                ),
+            });
+        }
+        for rows in std::iter::once(&train).chain(heldout.as_ref()) {
+            let need = rows.vocab_needed();
+            if need > model.shape.vocab {
+                return Err(data_err(
+                    cfg.data.npy.as_deref().unwrap_or(origin),
+                    format!(
+                        "token id {} is outside the model's vocabulary of {}",
+                        need - 1,
+                        model.shape.vocab
+                    ),
+                ));
+            }
+        }
+        if let Some(h) = &heldout
+            && h.width != train.width
+        {
+            return Err(data_err(
+                cfg.data.heldout_npy.as_deref().unwrap_or(origin),
+                format!("held-out rows hold {} tokens, training rows {}", h.width, train.width),
+            ));
+        }
+        std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+        let mut opt = AdamW::new(&model.vars, &cfg.train)?;
+        let fingerprint = cfg.fingerprint();
+        let mut step = 0;
+        if opts.resume {
+            step = checkpoint::load(&opts.out, &model, &mut opt, &fingerprint)?;
+        }
+        let metrics_path = opts
+            .metrics
+            .clone()
+            .unwrap_or_else(|| opts.out.join("metrics.csv"));
+        start_csv(&metrics_path, "step,loss,lr,grad_norm", step)?;
+        start_csv(&opts.out.join("eval.csv"), "step,eval_loss,eval_ppl", step + 1)?;
+        let decay = (0..model.vars.len()).map(|i| model.decays(i)).collect();
+        Ok(Self {
+            cfg,
+            model,
+            opt,
+            step,
+            train,
+            heldout,
+            tokenizer: tokenizer.map(|t| t.0),
+            opts,
+            metrics_path,
+            fingerprint,
+            decay,
+        })
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.train.width - 1
+    }
+
+    pub fn tokens_per_step(&self) -> usize {
+        self.cfg.train.batch_size * self.seq_len()
+    }
+
+    pub fn has_heldout(&self) -> bool {
+        self.heldout.as_ref().is_some_and(|h| h.rows() > 0)
+    }
+
+    fn rows_tensor(&self, ids: Vec<u32>, n: usize) -> Result<Tensor> {
+        Ok(Tensor::from_vec(ids, (n, self.train.width), &self.model.device)?)
+    }
+
+    /// Loss and gradients of one batch, accumulated over micro-batches.
+    pub fn loss_and_grads(&self) -> Result<(f64, Vec<Tensor>)> {
+        let t = &self.cfg.train;
+        let micro = t.micro();
+        let accum = t.batch_size / micro;
+        let mut grads: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0;
+        for a in 0..accum {
+            let start = self.step * t.batch_size as u64 + (a * micro) as u64;
+            let rows = self.rows_tensor(self.train.take_wrapping(start, micro), micro)?;
+            let loss = self.model.loss(&rows)?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let scaled = if accum == 1 { loss } else { (loss / accum as f64)? };
+            let store = scaled.backward()?;
+            let g = self
+                .model
+                .vars
+                .iter()
+                .map(|v| match store.get(v.as_tensor()) {
+                    Some(g) => Ok(g.clone()),
+                    None => v.as_tensor().zeros_like(),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        Ok((loss_sum / accum as f64, grads.expect("at least one micro-batch")))
+    }
+
+    /// One optimizer update; appends its row to the metrics.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let started = Instant::now();
+        let (lr, wd) = optim::schedule(&self.cfg.train, self.step);
+        let (loss, mut grads) = self.loss_and_grads()?;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: self.step,
+                message: format!("the loss is {loss}; lower lr or turn on grad_clip"),
+            });
+        }
+        let norm = optim::global_norm(&grads)?;
+        if !norm.is_finite() {
+            return Err(TrainError::Diverged {
+                step: self.step,
+                message: format!("the gradient norm is {norm}"),
+            });
+        }
+        optim::clip(&mut grads, norm, self.cfg.train.grad_clip)?;
+        self.opt
+            .step(&self.model.vars, &grads, &self.decay, lr, wd)?;
+        let report = StepReport {
+            step: self.step,
+            steps: self.cfg.train.steps,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens: self.tokens_per_step(),
+            seconds: started.elapsed().as_secs_f64(),
+            eval_loss: None,
+        };
+        append_line(
+            &self.metrics_path,
+            &format!("{},{},{},{}", self.step, loss, lr, norm),
+        )?;
+        self.step += 1;
+        Ok(report)
+    }
+
+    /// Mean cross-entropy over the held-out rows (at most `eval.max_rows` of them).
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        let Some(h) = &self.heldout else {
+            return Ok(None);
+        };
+        let n = match self.cfg.eval.max_rows {
+            0 => h.rows(),
+            m => h.rows().min(m),
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        let micro = self.cfg.train.micro();
+        let mut sum = 0.0;
+        let mut done = 0;
+        while done < n {
+            let k = micro.min(n - done);
+            let rows = self.rows_tensor(h.take_wrapping(done as u64, k), k)?;
+            let loss = self.model.loss(&rows)?.detach();
+            sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+            done += k;
+        }
+        Ok(Some(sum / n as f64))
+    }
+
+    fn record_eval(&self, loss: f64) -> Result<()> {
+        append_line(
+            &self.opts.out.join("eval.csv"),
+            &format!("{},{},{}", self.step, loss, loss.exp()),
+        )
+    }
+
+    pub fn save_checkpoint(&self) -> Result<()> {
+        checkpoint::save(&self.opts.out, &self.model, &self.opt, self.step, &self.fingerprint)
+    }
+
+    /// Run to `train.steps`, checkpointing and evaluating as configured; `on_step` sees every
+    /// report (the progress bar).
+    pub fn run(&mut self, on_step: &mut dyn FnMut(&StepReport)) -> Result<Summary> {
+        let steps = self.cfg.train.steps;
+        let started = Instant::now();
+        let first = self.step;
+        let mut last_loss = f64::NAN;
+        let mut eval_loss = None;
+        while self.step < steps {
+            let mut r = self.train_step()?;
+            last_loss = r.loss;
+            let every = self.cfg.eval.every;
+            if (every > 0 && self.step.is_multiple_of(every)) || self.step == steps {
+                eval_loss = self.evaluate()?;
+                if let Some(l) = eval_loss {
+                    self.record_eval(l)?;
+                }
+                r.eval_loss = eval_loss;
+            }
+            let every = self.cfg.checkpoint.every;
+            if (every > 0 && self.step.is_multiple_of(every)) || self.step == steps {
+                self.save_checkpoint()?;
+            }
+            on_step(&r);
+        }
+        if eval_loss.is_none() && self.step == first {
+            eval_loss = self.evaluate()?;
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let tokens = (self.step - first) as f64 * self.tokens_per_step() as f64;
+        let (mut hf_dir, mut gguf) = (None, None);
+        if self.opts.export {
+            let (h, g) = self.export()?;
+            hf_dir = Some(h);
+            gguf = g;
+        }
+        Ok(Summary {
+            steps: self.step,
+            final_loss: last_loss,
+            eval_loss,
+            tokens_per_second: tokens / secs,
+            hf_dir,
+            gguf,
+        })
+    }
+
+    /// Write `out/hf/` and, for a ternary model, `out/model.gguf`.
+    pub fn export(&self) -> Result<(PathBuf, Option<PathBuf>)> {
+        let hf = self.opts.out.join("hf");
+        export::write_hf_dir(&self.model, &hf, self.tokenizer.as_deref())?;
+        let gguf = if self.model.shape.quant == Quant::Ternary {
+            Some(export::write_gguf(
+                &hf,
+                &self.opts.out.join("model.gguf"),
+                &self.cfg.export,
+            )?)
+        } else {
+            None
+        };
+        Ok((hf, gguf))
+    }
+}
+
+/// Token rows for training and evaluation, and the tokenizer (path, vocabulary size) when the
+/// data is text.
+type Loaded = (TokenRows, Option<TokenRows>, Option<(PathBuf, usize)>);
+
+fn load_data(cfg: &TrainConfig, out: &Path) -> Result<Loaded> {
+    if let Some(p) = &cfg.data.npy {
+        let train = data::read_npy(p)?;
+        let heldout = cfg.data.heldout_npy.as_deref().map(data::read_npy).transpose()?;
+        let tok = match &cfg.data.tokenizer {
+            Some(t) => Some((t.clone(), crate::tokenizer::vocab_size(t)?)),
+            None => None,
+        };
+        return Ok((train, heldout, tok));
+    }
+    crate::tokenizer::load_text(cfg, out)
+}
+
+/// Create `path` with `header`, or keep the rows of steps before `keep_before` (a resumed run
+/// rewrites what its checkpoint had not reached).
+fn start_csv(path: &Path, header: &str, keep_before: u64) -> Result<()> {
+    let mut out = format!("{header}\n");
+    if keep_before > 0
+        && let Ok(text) = std::fs::read_to_string(path)
+    {
+        for line in text.lines().skip(1) {
+            let step = line.split(',').next().and_then(|s| s.parse::<u64>().ok());
+            if step.is_some_and(|s| s < keep_before) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    bitnet_formats::atomic::write_atomic(path, |w| {
+        w.write_all(out.as_bytes())
+            .map_err(|source| bitnet_formats::FormatError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+    })?;
+    Ok(())
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    writeln!(f, "{line}").map_err(io_err(path))
+}

@@ -1,0 +1,197 @@
+//! `bitnet-train` against the PyTorch reference (scripts/golden/make_train_golden.py: pinned
+//! torch + transformers' own BitNetForCausalLM with AutoBitLinear, torch.optim.AdamW,
+//! clip_grad_norm_): the same initial weights (testdata/models/tiny-bitnet-a-float), the same
+//! rows of data and the same settings give (a) the same loss and every parameter's gradient at
+//! step 0 and (b) the same loss at each of 50 AdamW steps, within the tolerances stated below.
+
+use bitnet_train::config::{Precision, Schedule, TrainConfig};
+use bitnet_train::{RunOptions, Trainer};
+use std::path::{Path, PathBuf};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn golden() -> PathBuf {
+    repo().join("testdata/golden/train")
+}
+
+fn reference() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(golden().join("reference.json")).unwrap()).unwrap()
+}
+
+fn config(precision: Precision, micro: Option<usize>) -> TrainConfig {
+    let r = reference();
+    let s = &r["settings"];
+    let mut c = TrainConfig::default();
+    c.data.npy = Some(golden().join("data.npy"));
+    c.train.steps = s["steps"].as_u64().unwrap();
+    c.train.batch_size = s["batch_size"].as_u64().unwrap() as usize;
+    c.train.micro_batch_size = micro;
+    c.train.lr = s["lr"].as_f64().unwrap();
+    c.train.min_lr = s["min_lr"].as_f64().unwrap();
+    c.train.weight_decay = s["weight_decay"].as_f64().unwrap();
+    c.train.betas = [s["betas"][0].as_f64().unwrap(), s["betas"][1].as_f64().unwrap()];
+    c.train.eps = s["eps"].as_f64().unwrap();
+    c.train.warmup = s["warmup"].as_u64().unwrap();
+    c.train.schedule = Schedule::Cosine;
+    c.train.grad_clip = s["grad_clip"].as_f64().unwrap();
+    c.train.precision = precision;
+    c.checkpoint.every = 0;
+    c.eval.every = 0;
+    c
+}
+
+fn trainer(precision: Precision, micro: Option<usize>, out: &Path) -> Trainer {
+    Trainer::new(
+        config(precision, micro),
+        Path::new("reference.toml"),
+        RunOptions {
+            out: out.to_path_buf(),
+            init: Some(repo().join("testdata/models/tiny-bitnet-a-float")),
+            ..RunOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Worst gradient error of any parameter, relative to that parameter's largest golden entry.
+fn grads_error(t: &Trainer, golden_file: &str) -> (f64, f64) {
+    let bytes = std::fs::read(golden().join(golden_file)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (loss, grads) = t.loss_and_grads().unwrap();
+    let mut worst: f64 = 0.0;
+    assert_eq!(st.names().len(), t.model.names.len(), "parameter count");
+    for (name, g) in t.model.names.iter().zip(&grads) {
+        let want = st.tensor(name).unwrap_or_else(|_| panic!("golden has no {name}"));
+        assert_eq!(want.shape(), g.dims(), "{name}");
+        let want: Vec<f64> = want
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let got: Vec<f64> = g
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        let err = want
+            .iter()
+            .zip(&got)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        worst = worst.max(err / scale);
+    }
+    (loss, worst)
+}
+
+fn curve(out: &Path) -> Vec<(f64, f64, f64)> {
+    std::fs::read_to_string(out.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<f64> = l.split(',').map(|x| x.parse().unwrap()).collect();
+            (f[1], f[2], f[3])
+        })
+        .collect()
+}
+
+fn golden_curve(run: &str) -> Vec<(f64, f64, f64)> {
+    let r = reference();
+    let c = &r["runs"][run];
+    (0..c["loss"].as_array().unwrap().len())
+        .map(|i| {
+            (
+                c["loss"][i].as_f64().unwrap(),
+                c["lr"][i].as_f64().unwrap(),
+                c["grad_norm"][i].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// (a) and (b) in double precision, against the reference run in float64 throughout: equal to
+/// rounding (measured: loss 8e-16 relative over the 50 steps, gradients 2.5e-15 of each
+/// parameter's largest), so the tolerances are 1e-11.
+#[test]
+fn double_precision_matches_pytorch_at_step_0_and_along_50_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(Precision::F64, None, dir.path());
+    let (loss, gerr) = grads_error(&t, "grads_f64.safetensors");
+    let want = golden_curve("f64");
+    eprintln!("f64 step 0: loss {loss} vs {}, worst gradient error {gerr:e}", want[0].0);
+    assert!((loss - want[0].0).abs() < 1e-11 * want[0].0, "loss {loss} vs {}", want[0].0);
+    assert!(gerr < 1e-11, "gradient error {gerr}");
+    t.run(&mut |_| {}).unwrap();
+    let worst = compare_curve(&curve(dir.path()), &want, 1e-11);
+    eprintln!("f64: worst relative loss error over 50 steps {worst:e}");
+}
+
+/// The same with gradients accumulated over two micro-batches of 2 rows: the same updates.
+#[test]
+fn gradient_accumulation_gives_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(Precision::F64, Some(2), dir.path());
+    let (_, gerr) = grads_error(&t, "grads_f64.safetensors");
+    assert!(gerr < 1e-11, "gradient error {gerr}");
+    t.run(&mut |_| {}).unwrap();
+    let worst = compare_curve(&curve(dir.path()), &golden_curve("f64"), 1e-11);
+    eprintln!("accumulated: worst relative loss error {worst:e}");
+}
+
+/// Every step's loss, learning rate and gradient norm within `tol` (relative); returns the
+/// worst loss error.
+fn compare_curve(got: &[(f64, f64, f64)], want: &[(f64, f64, f64)], tol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "steps");
+    let mut worst: f64 = 0.0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g.1 - w.1).abs() <= 1e-12 * w.1, "lr at step {i}: {} vs {}", g.1, w.1);
+        let e = (g.0 - w.0).abs() / w.0;
+        worst = worst.max(e);
+        assert!(e <= tol, "loss at step {i}: {} vs {} ({e:e})", g.0, w.0);
+        let e = (g.2 - w.2).abs() / w.2;
+        assert!(e <= tol, "grad norm at step {i}: {} vs {} ({e:e})", g.2, w.2);
+    }
+    worst
+}
+
+/// (a) in single precision against transformers as shipped (float32, its quantizers compiled):
+/// the step-0 loss and gradients agree to float32 rounding. Along the run, rounding differences
+/// flip ternary codes and the runs part (the reference's own float32 and float64 runs end 2%
+/// apart), so (b) holds in double precision above; here the curve is checked against the band
+/// that PyTorch itself spans.
+#[test]
+fn single_precision_matches_transformers_at_step_0_and_stays_in_its_band() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(Precision::F32, None, dir.path());
+    let (loss, gerr) = grads_error(&t, "grads_f32.safetensors");
+    let want = golden_curve("f32");
+    eprintln!("f32 step 0: loss {loss} vs {}, worst gradient error {gerr:e}", want[0].0);
+    assert!((loss - want[0].0).abs() < 1e-6 * want[0].0, "loss {loss} vs {}", want[0].0);
+    assert!(gerr < 1e-5, "gradient error {gerr}");
+    t.run(&mut |_| {}).unwrap();
+    let got = curve(dir.path());
+    let f64_run = golden_curve("f64");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let ours_vs_torch = mean(&got.iter().zip(&want).map(|(g, w)| (g.0 - w.0).abs()).collect::<Vec<_>>());
+    let torch_vs_torch =
+        mean(&want.iter().zip(&f64_run).map(|(a, b)| (a.0 - b.0).abs()).collect::<Vec<_>>());
+    let tail = |c: &[(f64, f64, f64)]| mean(&c[c.len() - 10..].iter().map(|x| x.0).collect::<Vec<_>>());
+    let head = |c: &[(f64, f64, f64)]| mean(&c[..10].iter().map(|x| x.0).collect::<Vec<_>>());
+    eprintln!(
+        "f32: mean |ours - torch f32| {ours_vs_torch:.4}, mean |torch f32 - torch f64| {torch_vs_torch:.4}; \
+         last 10 steps: ours {:.4}, torch {:.4}",
+        tail(&got),
+        tail(&want)
+    );
+    // lr follows the same schedule exactly; the loss stays within twice PyTorch's own spread.
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g.1 - w.1).abs() <= 1e-6 * w.1);
+    }
+    assert!(ours_vs_torch <= 2.0 * torch_vs_torch, "{ours_vs_torch} vs {torch_vs_torch}");
+    assert!((tail(&got) - tail(&want)).abs() <= 0.02 * tail(&want));
+    assert!(tail(&got) < head(&got) - 0.5, "the loss did not fall");
+}
