@@ -11,10 +11,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub const FILE: &str = "checkpoint.safetensors";
-const STEP: &str = "bitnet.train.step";
-const ADAM_T: &str = "bitnet.train.adam_t";
-const FINGERPRINT: &str = "bitnet.train.fingerprint";
-const FORMAT: &str = "bitnet.train.format";
+/// The one metadata key (one, so that the header's bytes do not depend on a map's order): a
+/// JSON object with `format`, `step`, `adam_t` and `fingerprint`.
+const META: &str = "bitnet.train";
 
 fn raw(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
     let dims = t.dims().to_vec();
@@ -57,12 +56,13 @@ pub fn save(dir: &Path, model: &TrainModel, opt: &AdamW, step: u64, fingerprint:
                 })
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([
-        (STEP.to_string(), step.to_string()),
-        (ADAM_T.to_string(), opt.t.to_string()),
-        (FINGERPRINT.to_string(), fingerprint.to_string()),
-        (FORMAT.to_string(), "1".to_string()),
-    ]);
+    let state = serde_json::json!({
+        "format": 1,
+        "step": step,
+        "adam_t": opt.t,
+        "fingerprint": fingerprint,
+    });
+    let meta = HashMap::from([(META.to_string(), state.to_string())]);
     let path = dir.join(FILE);
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
@@ -87,19 +87,22 @@ pub fn load(dir: &Path, model: &TrainModel, opt: &mut AdamW, fingerprint: &str) 
     };
     let bytes = std::fs::read(&path).map_err(|e| bad(format!("cannot read it: {e}")))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    let get = |k: &str| {
-        meta.get(k)
-            .ok_or_else(|| bad(format!("not a bitnet training checkpoint (no {k})")))
-    };
-    let theirs = get(FINGERPRINT)?;
+    let state: serde_json::Value = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META))
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| bad(format!("not a bitnet training checkpoint (no {META} metadata)")))?;
+    let theirs = state["fingerprint"].as_str().unwrap_or_default();
     if theirs != fingerprint {
         return Err(bad(format!(
-            "it belongs to another run: its model and optimizer settings are {theirs}, this run's are {fingerprint}"
+            "it belongs to another run: {}",
+            fingerprint_diff(theirs, fingerprint)
         )));
     }
-    let step: u64 = get(STEP)?.parse().map_err(|_| bad("bad step".into()))?;
-    let adam_t: u64 = get(ADAM_T)?.parse().map_err(|_| bad("bad adam_t".into()))?;
+    let (Some(step), Some(adam_t)) = (state["step"].as_u64(), state["adam_t"].as_u64()) else {
+        return Err(bad("its step count is missing".into()));
+    };
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let load = |name: &str, like: &Tensor| -> Result<Tensor> {
         let v = st
@@ -149,4 +152,36 @@ pub fn load(dir: &Path, model: &TrainModel, opt: &mut AdamW, fingerprint: &str) 
     opt.v = v;
     opt.t = adam_t;
     Ok(step)
+}
+
+/// The settings that differ between two fingerprints, as `key: theirs -> ours`.
+fn fingerprint_diff(theirs: &str, ours: &str) -> String {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let parse = |s: &str| {
+        let mut out = Vec::new();
+        flatten("", &serde_json::from_str(s).unwrap_or_default(), &mut out);
+        out
+    };
+    let (a, b) = (parse(theirs), parse(ours));
+    let mut diffs: Vec<String> = b
+        .iter()
+        .filter_map(|(k, v)| {
+            let old = a.iter().find(|(ka, _)| ka == k).map(|(_, v)| v.as_str());
+            (old != Some(v.as_str())).then(|| format!("{k} was {}, is {v}", old.unwrap_or("absent")))
+        })
+        .collect();
+    if diffs.is_empty() {
+        diffs.push("its settings are unreadable".into());
+    }
+    format!("the checkpoint's settings differ from this run's: {}", diffs.join("; "))
 }

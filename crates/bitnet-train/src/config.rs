@@ -376,6 +376,64 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The ternary GGUF type packs rows in blocks: TQ2_0 and TQ1_0 need every linear's input
+    /// width to be a multiple of 256, I2_S every matrix's size a multiple of 128.
+    pub fn check_export(&self, origin: &Path) -> Result<()> {
+        let m = &self.model;
+        let e = &self.export;
+        let bad = |message: String| {
+            Err(TrainError::Config {
+                path: origin.into(),
+                message,
+            })
+        };
+        let kv = m.kv_heads() * m.head_dim();
+        match e.gguf_type.to_ascii_uppercase().as_str() {
+            "TQ2_0" | "TQ1_0" => {
+                for (name, cols) in [
+                    ("hidden_size", m.hidden_size),
+                    ("intermediate_size", m.intermediate_size),
+                ] {
+                    if !cols.is_multiple_of(256) {
+                        return bad(format!(
+                            "{name} {cols} is not a multiple of 256, which export.gguf_type {} needs \
+                             (choose I2_S, which needs matrices of a multiple of 128 weights, or resize)",
+                            e.gguf_type
+                        ));
+                    }
+                }
+            }
+            "I2_S" => {
+                for (what, n) in [
+                    ("hidden_size x hidden_size", m.hidden_size * m.hidden_size),
+                    ("kv width x hidden_size", kv * m.hidden_size),
+                    ("intermediate_size x hidden_size", m.intermediate_size * m.hidden_size),
+                ] {
+                    if !n.is_multiple_of(128) {
+                        return bad(format!(
+                            "{what} = {n} weights is not a multiple of 128, which I2_S needs"
+                        ));
+                    }
+                }
+            }
+            other => {
+                return bad(format!(
+                    "export.gguf_type {other:?} is not a ternary type (TQ2_0, TQ1_0 or I2_S)"
+                ));
+            }
+        }
+        if !matches!(
+            e.float_type.to_ascii_uppercase().as_str(),
+            "F16" | "BF16" | "F32" | "Q8_0"
+        ) {
+            return bad(format!(
+                "export.float_type {:?} must be F16, BF16, F32 or Q8_0",
+                e.float_type
+            ));
+        }
+        Ok(())
+    }
+
     /// What must match for a checkpoint to continue this run: the model and the optimizer's
     /// settings, not the step count or where things are written.
     pub fn fingerprint(&self) -> String {

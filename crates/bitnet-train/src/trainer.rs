@@ -26,6 +26,9 @@ pub struct RunOptions {
     pub init: Option<PathBuf>,
     /// Write `out/hf/` and `out/model.gguf` at the end.
     pub export: bool,
+    /// Stop after this many updates in this invocation, with a checkpoint, to be continued by
+    /// `resume` (a time-sliced or preemptible job).
+    pub stop_after: Option<u64>,
 }
 
 /// One optimizer step, as reported.
@@ -118,6 +121,10 @@ impl Trainer {
                 )?
             }
         };
+        if opts.export && model.shape.quant == Quant::Ternary {
+            // Before any step: a run that cannot be exported fails now, not at the end.
+            cfg.check_export(origin)?;
+        }
         if seq > model.shape.max_pos {
             return Err(TrainError::Config {
                 path: origin.into(),
@@ -311,7 +318,11 @@ impl Trainer {
         let first = self.step;
         let mut last_loss = f64::NAN;
         let mut eval_loss = None;
-        while self.step < steps {
+        let until = match self.opts.stop_after {
+            Some(n) => steps.min(first + n),
+            None => steps,
+        };
+        while self.step < until {
             let mut r = self.train_step()?;
             last_loss = r.loss;
             let every = self.cfg.eval.every;
@@ -323,7 +334,7 @@ impl Trainer {
                 r.eval_loss = eval_loss;
             }
             let every = self.cfg.checkpoint.every;
-            if (every > 0 && self.step.is_multiple_of(every)) || self.step == steps {
+            if (every > 0 && self.step.is_multiple_of(every)) || self.step == until {
                 self.save_checkpoint()?;
             }
             on_step(&r);
@@ -334,7 +345,7 @@ impl Trainer {
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let tokens = (self.step - first) as f64 * self.tokens_per_step() as f64;
         let (mut hf_dir, mut gguf) = (None, None);
-        if self.opts.export {
+        if self.opts.export && self.step == steps {
             let (h, g) = self.export()?;
             hf_dir = Some(h);
             gguf = g;

@@ -13,4 +13,5 @@ pub mod platform;
 pub mod quantize;
 pub mod run;
 pub mod serve;
+pub mod train;
 pub mod worker;
