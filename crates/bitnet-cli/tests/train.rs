@@ -54,7 +54,13 @@ fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
     let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
     assert!(header.contains("'<f4'"), "{header}");
-    let shape = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
     let shape: Vec<usize> = shape
         .split(',')
         .map(str::trim)
@@ -78,12 +84,23 @@ fn exported_gguf_run_by_bitnet_logits_equals_the_trained_forward() {
     let out = tmp.path().join("run");
     succeeds(&mut train(
         &out,
-        &["--steps", "10", "--gguf-type", "i2_s", "--gguf-embeddings", "f32"],
+        &[
+            "--steps",
+            "10",
+            "--gguf-type",
+            "i2_s",
+            "--gguf-embeddings",
+            "f32",
+        ],
     ));
     let gguf = out.join("model.gguf");
     assert!(gguf.is_file() && out.join("hf/config.json").is_file());
     let tokens: Vec<u32> = vec![1, 17, 42, 99, 3, 200, 7, 7, 150, 249, 0, 64];
-    let list = tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
+    let list = tokens
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let npy = tmp.path().join("logits.npy");
     succeeds(
         bitnet()
@@ -98,9 +115,10 @@ fn exported_gguf_run_by_bitnet_logits_equals_the_trained_forward() {
     let (shape, engine) = read_npy_f32(&npy);
     assert_eq!(shape, vec![tokens.len(), 250]);
 
-    let trained = TrainModel::from_hf_dir(&out.join("hf"), Quant::Ternary, candle_core::DType::F32)
-        .unwrap();
-    let ids = candle_core::Tensor::from_vec(tokens.clone(), (1, tokens.len()), &trained.device).unwrap();
+    let trained =
+        TrainModel::from_hf_dir(&out.join("hf"), Quant::Ternary, candle_core::DType::F32).unwrap();
+    let ids =
+        candle_core::Tensor::from_vec(tokens.clone(), (1, tokens.len()), &trained.device).unwrap();
     let own: Vec<f32> = trained
         .forward(&ids)
         .unwrap()
@@ -115,10 +133,20 @@ fn exported_gguf_run_by_bitnet_logits_equals_the_trained_forward() {
         .zip(&engine)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     eprintln!("max |logit| {max}, max |engine - trained| {err:e}");
-    assert!(err <= 1e-4 * max, "engine and trained forward differ by {err} (max {max})");
+    assert!(
+        err <= 1e-4 * max,
+        "engine and trained forward differ by {err} (max {max})"
+    );
     // The model learnt something: the trained logits are not the initial ones.
-    let init = TrainModel::from_hf_dir(&tiny_init(), Quant::Ternary, candle_core::DType::F32).unwrap();
-    let before: Vec<f32> = init.forward(&ids).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let init =
+        TrainModel::from_hf_dir(&tiny_init(), Quant::Ternary, candle_core::DType::F32).unwrap();
+    let before: Vec<f32> = init
+        .forward(&ids)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(before.iter().zip(&own).any(|(a, b)| (a - b).abs() > 1e-2));
 }
 
@@ -134,12 +162,19 @@ fn a_resumed_run_continues_bit_for_bit() {
     let mut first: Vec<&str> = common.to_vec();
     first.extend(["--stop-after", "3"]);
     let o = succeeds(&mut train(&parts, &first));
-    assert!(stderr(&o).contains("stopped after step 3 of 8"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stopped after step 3 of 8"),
+        "{}",
+        stderr(&o)
+    );
     let mut again: Vec<&str> = common.to_vec();
     again.push("--resume");
     succeeds(&mut train(&parts, &again));
     let ck = |d: &Path| std::fs::read(d.join("checkpoint.safetensors")).unwrap();
-    assert!(ck(&whole) == ck(&parts), "the resumed run's checkpoint differs");
+    assert!(
+        ck(&whole) == ck(&parts),
+        "the resumed run's checkpoint differs"
+    );
     let csv = |d: &Path| std::fs::read_to_string(d.join("metrics.csv")).unwrap();
     assert_eq!(csv(&whole), csv(&parts));
     assert_eq!(csv(&whole).lines().count(), 9);
@@ -186,7 +221,15 @@ gguf_type = "I2_S"
     )
     .unwrap();
     let out = tmp.path().join("out");
-    let o = succeeds(bitnet().arg("train").arg("-c").arg(&cfg).arg("-o").arg(&out).arg("--quiet"));
+    let o = succeeds(
+        bitnet()
+            .arg("train")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&out)
+            .arg("--quiet"),
+    );
     let err = stderr(&o);
     assert!(err.contains("held-out loss"), "{err}");
     let eval = std::fs::read_to_string(out.join("eval.csv")).unwrap();
@@ -196,9 +239,13 @@ gguf_type = "I2_S"
         .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
         .collect();
     assert_eq!(losses.len(), 2, "{eval}");
-    assert!(losses[1] < (400f64).ln(), "held-out loss {losses:?} is no better than uniform");
+    assert!(
+        losses[1] < (400f64).ln(),
+        "held-out loss {losses:?} is no better than uniform"
+    );
     let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap())
+            .unwrap();
     assert_eq!(tok["model"]["type"], "BPE");
     let o = succeeds(
         bitnet()
@@ -231,11 +278,19 @@ fn bad_input_is_a_clear_error() {
     };
     let run = |c: &Path| {
         let mut cmd = bitnet();
-        cmd.arg("train").arg("-c").arg(c).arg("-o").arg(tmp.path().join("o")).arg("--quiet");
+        cmd.arg("train")
+            .arg("-c")
+            .arg(c)
+            .arg("-o")
+            .arg(tmp.path().join("o"))
+            .arg("--quiet");
         cmd
     };
     // An unknown key, named.
-    let c = cfg("typo.toml", "[train]\nlearning_rate = 1e-3\n[data]\nnpy = \"x.npy\"\n");
+    let c = cfg(
+        "typo.toml",
+        "[train]\nlearning_rate = 1e-3\n[data]\nnpy = \"x.npy\"\n",
+    );
     fails_with(&mut run(&c), "learning_rate");
     // Shapes that do not divide.
     let c = cfg(
@@ -265,7 +320,17 @@ fn bad_input_is_a_clear_error() {
     succeeds(&mut train(&out, &["--steps", "2", "--no-export"]));
     let before = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
     fails_with(
-        &mut train(&out, &["--steps", "4", "--no-export", "--resume", "--weight-decay", "0.5"]),
+        &mut train(
+            &out,
+            &[
+                "--steps",
+                "4",
+                "--no-export",
+                "--resume",
+                "--weight-decay",
+                "0.5",
+            ],
+        ),
         "train.weight_decay was 0.1, is 0.5",
     );
     assert!(std::fs::read(out.join("checkpoint.safetensors")).unwrap() == before);
@@ -286,7 +351,10 @@ fn bad_input_is_a_clear_error() {
         .unwrap();
     let err = stderr(&o);
     assert!(!o.status.success(), "a checkpoint fit in half its size?");
-    assert!(err.contains("File too large") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("File too large") && !err.contains("panicked"),
+        "{err}"
+    );
     assert!(std::fs::read(out.join("checkpoint.safetensors")).unwrap() == before);
     let leftovers = std::fs::read_dir(&out)
         .unwrap()
@@ -294,6 +362,13 @@ fn bad_input_is_a_clear_error() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .count();
     assert_eq!(leftovers, 0, "temporary files left behind");
-    let o = succeeds(&mut train(&out, &["--steps", "4", "--no-export", "--resume"]));
-    assert!(stderr(&o).contains("resuming after step 2"), "{}", stderr(&o));
+    let o = succeeds(&mut train(
+        &out,
+        &["--steps", "4", "--no-export", "--resume"],
+    ));
+    assert!(
+        stderr(&o).contains("resuming after step 2"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -21,12 +21,20 @@ fn raw(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
         DType::F32 => (
             Dtype::F32,
             dims,
-            t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         ),
         DType::F64 => (
             Dtype::F64,
             dims,
-            t.flatten_all()?.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            t.flatten_all()?
+                .to_vec1::<f64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         ),
         other => {
             return Err(TrainError::Checkpoint {
@@ -38,7 +46,13 @@ fn raw(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
 }
 
 /// Write `dir/checkpoint.safetensors` after `step` updates.
-pub fn save(dir: &Path, model: &TrainModel, opt: &AdamW, step: u64, fingerprint: &str) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    model: &TrainModel,
+    opt: &AdamW,
+    step: u64,
+    fingerprint: &str,
+) -> Result<()> {
     let mut parts = Vec::new();
     for (i, name) in model.names.iter().enumerate() {
         parts.push((format!("param/{name}"), raw(model.vars[i].as_tensor())?));
@@ -69,10 +83,11 @@ pub fn save(dir: &Path, model: &TrainModel, opt: &AdamW, step: u64, fingerprint:
         message: e.to_string(),
     })?;
     bitnet_formats::atomic::write_atomic(&path, |w| {
-        w.write_all(&bytes).map_err(|source| bitnet_formats::FormatError::Io {
-            path: path.clone(),
-            source,
-        })
+        w.write_all(&bytes)
+            .map_err(|source| bitnet_formats::FormatError::Io {
+                path: path.clone(),
+                source,
+            })
     })?;
     Ok(())
 }
@@ -92,7 +107,11 @@ pub fn load(dir: &Path, model: &TrainModel, opt: &mut AdamW, fingerprint: &str) 
         .as_ref()
         .and_then(|m| m.get(META))
         .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or_else(|| bad(format!("not a bitnet training checkpoint (no {META} metadata)")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "not a bitnet training checkpoint (no {META} metadata)"
+            ))
+        })?;
     let theirs = state["fingerprint"].as_str().unwrap_or_default();
     if theirs != fingerprint {
         return Err(bad(format!(
@@ -160,7 +179,11 @@ fn fingerprint_diff(theirs: &str, ours: &str) -> String {
         match v {
             serde_json::Value::Object(m) => {
                 for (k, v) in m {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     flatten(&key, v, out);
                 }
             }
@@ -177,11 +200,15 @@ fn fingerprint_diff(theirs: &str, ours: &str) -> String {
         .iter()
         .filter_map(|(k, v)| {
             let old = a.iter().find(|(ka, _)| ka == k).map(|(_, v)| v.as_str());
-            (old != Some(v.as_str())).then(|| format!("{k} was {}, is {v}", old.unwrap_or("absent")))
+            (old != Some(v.as_str()))
+                .then(|| format!("{k} was {}, is {v}", old.unwrap_or("absent")))
         })
         .collect();
     if diffs.is_empty() {
         diffs.push("its settings are unreadable".into());
     }
-    format!("the checkpoint's settings differ from this run's: {}", diffs.join("; "))
+    format!(
+        "the checkpoint's settings differ from this run's: {}",
+        diffs.join("; ")
+    )
 }

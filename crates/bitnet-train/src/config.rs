@@ -359,7 +359,7 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&t.stage2_start) || !(0.0..=1.0).contains(&t.stage2_lr_ratio) {
             return bad("stage2_start and stage2_lr_ratio must lie in [0, 1]".into());
         }
-        if self.data.npy.is_some() == !self.data.text.is_empty() {
+        if self.data.npy.is_some() != self.data.text.is_empty() {
             return bad("give the data as exactly one of data.npy or data.text".into());
         }
         if !(0.0..1.0).contains(&self.data.heldout_fraction) {
@@ -407,7 +407,10 @@ impl TrainConfig {
                 for (what, n) in [
                     ("hidden_size x hidden_size", m.hidden_size * m.hidden_size),
                     ("kv width x hidden_size", kv * m.hidden_size),
-                    ("intermediate_size x hidden_size", m.intermediate_size * m.hidden_size),
+                    (
+                        "intermediate_size x hidden_size",
+                        m.intermediate_size * m.hidden_size,
+                    ),
                 ] {
                     if !n.is_multiple_of(128) {
                         return bad(format!(

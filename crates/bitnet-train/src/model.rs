@@ -114,6 +114,9 @@ impl Rng {
     }
 }
 
+/// A parameter by name: its shape and its values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The trainable model.
 #[derive(Debug)]
 pub struct TrainModel {
@@ -127,7 +130,11 @@ pub struct TrainModel {
 }
 
 impl TrainModel {
-    fn from_values(shape: Shape, dtype: DType, values: Vec<(String, Vec<usize>, Vec<f64>)>) -> Result<Self> {
+    fn from_values(
+        shape: Shape,
+        dtype: DType,
+        values: Vec<(String, Vec<usize>, Vec<f64>)>,
+    ) -> Result<Self> {
         let device = Device::Cpu;
         let mut names = Vec::new();
         let mut vars = Vec::new();
@@ -136,7 +143,11 @@ impl TrainModel {
             names.push(name);
             vars.push(Var::from_tensor(&t)?);
         }
-        let index = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
         Ok(Self {
             shape,
             dtype,
@@ -191,7 +202,10 @@ impl TrainModel {
             ));
         }
         if c.hidden_act.as_deref().is_some_and(|a| a != "relu2") {
-            return Err(bad(format!("hidden_act {:?}: only relu2 is trained", c.hidden_act)));
+            return Err(bad(format!(
+                "hidden_act {:?}: only relu2 is trained",
+                c.hidden_act
+            )));
         }
         let m = ModelConfig {
             hidden_size: c.hidden_size,
@@ -277,7 +291,10 @@ impl TrainModel {
         if t > s.max_pos {
             return Err(TrainError::Config {
                 path: "model".into(),
-                message: format!("sequences of {t} tokens exceed max_position_embeddings {}", s.max_pos),
+                message: format!(
+                    "sequences of {t} tokens exceed max_position_embeddings {}",
+                    s.max_pos
+                ),
             });
         }
         let ternary = s.quant == Quant::Ternary;
@@ -287,7 +304,13 @@ impl TrainModel {
         let mut x = embed.index_select(&ids.flatten_all()?, 0)?;
         let (cos, sin) = ops::rope_tables(t, hd, s.rope_theta, self.dtype, &self.device)?;
         let mask: Vec<f64> = (0..t * t)
-            .map(|i| if i % t > i / t { f64::NEG_INFINITY } else { 0.0 })
+            .map(|i| {
+                if i % t > i / t {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(self.dtype)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -343,7 +366,7 @@ impl TrainModel {
     }
 
     /// Every parameter as f32 values, by name (for exports).
-    pub fn tensors_f32(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn tensors_f32(&self) -> Result<Vec<NamedTensor>> {
         self.names
             .iter()
             .zip(&self.vars)

@@ -146,7 +146,10 @@ pub fn rope_tables(
     dev: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let (mut cos, mut sin) = (Vec::with_capacity(t * head_dim), Vec::with_capacity(t * head_dim));
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(t * head_dim),
+        Vec::with_capacity(t * head_dim),
+    );
     if dtype == DType::F64 {
         let inv: Vec<f64> = (0..half)
             .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))

@@ -107,7 +107,9 @@ pub fn schedule(s: &TrainSettings, step: u64) -> (f64, f64) {
     }
     let span = s.steps.saturating_sub(s.warmup).max(1) as f64;
     let p = ((step - s.warmup) as f64 / span).clamp(0.0, 1.0);
-    let cosine = |from: f64, to: f64, p: f64| to + (from - to) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
+    let cosine = |from: f64, to: f64, p: f64| {
+        to + (from - to) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+    };
     match s.schedule {
         Schedule::Constant => (lr, s.weight_decay),
         Schedule::Cosine => (cosine(lr, min, p), s.weight_decay),
@@ -118,7 +120,11 @@ pub fn schedule(s: &TrainSettings, step: u64) -> (f64, f64) {
             if p < boundary {
                 (cosine(lr, peak2, p / boundary), s.weight_decay)
             } else {
-                let q = if boundary < 1.0 { (p - boundary) / (1.0 - boundary) } else { 1.0 };
+                let q = if boundary < 1.0 {
+                    (p - boundary) / (1.0 - boundary)
+                } else {
+                    1.0
+                };
                 (peak2 - (peak2 - min) * q, 0.0)
             }
         }

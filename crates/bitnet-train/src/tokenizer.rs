@@ -48,12 +48,18 @@ pub fn expand(patterns: &[String]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in patterns {
         let path = Path::new(p);
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if !name.contains('*') {
             out.push(path.to_path_buf());
             continue;
         }
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let (pre, post) = name.split_once('*').expect("has a star");
         if post.contains('*') {
             return Err(TrainError::Data {
@@ -82,7 +88,9 @@ pub fn expand(patterns: &[String]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Read UTF-8 documents; a file that is not UTF-8 or a corpus with no text is an error.
+/// Read UTF-8 documents, without a leading byte-order mark and with CRLF line ends made LF
+/// (Project Gutenberg texts have both); a file that is not UTF-8 or a corpus with no text is an
+/// error.
 pub fn read_corpus(files: &[PathBuf]) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     for f in files {
@@ -94,6 +102,10 @@ pub fn read_corpus(files: &[PathBuf]) -> Result<Vec<String>> {
                 e.utf8_error().valid_up_to()
             ),
         })?;
+        let text = text
+            .strip_prefix('\u{feff}')
+            .unwrap_or(&text)
+            .replace("\r\n", "\n");
         if !text.trim().is_empty() {
             docs.push(text);
         }
@@ -134,17 +146,20 @@ pub fn train_bpe(docs: &[String], vocab: usize, out: &Path) -> Result<Tokenizer>
     Ok(tok)
 }
 
+/// Training rows, held-out rows, and the tokenizer (its path and vocabulary size).
+pub type TextData = (TokenRows, Option<TokenRows>, Option<(PathBuf, usize)>);
+
 /// Text data: tokenize every document (a trained or given tokenizer), join them with the
 /// end-of-text token, pack into rows of `seq_len + 1` tokens, hold out a spread-out share of
 /// the rows and shuffle the rest with the run's seed.
-pub fn load_text(
-    cfg: &TrainConfig,
-    out: &Path,
-) -> Result<(TokenRows, Option<TokenRows>, Option<(PathBuf, usize)>)> {
+pub fn load_text(cfg: &TrainConfig, out: &Path) -> Result<TextData> {
     let files = expand(&cfg.data.text)?;
     let docs = read_corpus(&files)?;
     let (tok, tok_path) = match &cfg.data.tokenizer {
-        Some(p) => (Tokenizer::from_file(p).map_err(|e| tok_err(p, e))?, p.clone()),
+        Some(p) => (
+            Tokenizer::from_file(p).map_err(|e| tok_err(p, e))?,
+            p.clone(),
+        ),
         None => {
             std::fs::create_dir_all(out).map_err(crate::error::io_err(out))?;
             let p = out.join("tokenizer.json");
@@ -154,7 +169,9 @@ pub fn load_text(
     let eot = tok.token_to_id(EOT);
     let mut ids: Vec<u32> = Vec::new();
     for d in &docs {
-        let e = tok.encode(d.as_str(), false).map_err(|e| tok_err(&tok_path, e))?;
+        let e = tok
+            .encode(d.as_str(), false)
+            .map_err(|e| tok_err(&tok_path, e))?;
         ids.extend_from_slice(e.get_ids());
         ids.extend(eot);
     }

@@ -152,7 +152,10 @@ impl Trainer {
         {
             return Err(data_err(
                 cfg.data.heldout_npy.as_deref().unwrap_or(origin),
-                format!("held-out rows hold {} tokens, training rows {}", h.width, train.width),
+                format!(
+                    "held-out rows hold {} tokens, training rows {}",
+                    h.width, train.width
+                ),
             ));
         }
         std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
@@ -167,7 +170,11 @@ impl Trainer {
             .clone()
             .unwrap_or_else(|| opts.out.join("metrics.csv"));
         start_csv(&metrics_path, "step,loss,lr,grad_norm", step)?;
-        start_csv(&opts.out.join("eval.csv"), "step,eval_loss,eval_ppl", step + 1)?;
+        start_csv(
+            &opts.out.join("eval.csv"),
+            "step,eval_loss,eval_ppl",
+            step + 1,
+        )?;
         let decay = (0..model.vars.len()).map(|i| model.decays(i)).collect();
         Ok(Self {
             cfg,
@@ -197,7 +204,11 @@ impl Trainer {
     }
 
     fn rows_tensor(&self, ids: Vec<u32>, n: usize) -> Result<Tensor> {
-        Ok(Tensor::from_vec(ids, (n, self.train.width), &self.model.device)?)
+        Ok(Tensor::from_vec(
+            ids,
+            (n, self.train.width),
+            &self.model.device,
+        )?)
     }
 
     /// Loss and gradients of one batch, accumulated over micro-batches.
@@ -212,7 +223,11 @@ impl Trainer {
             let rows = self.rows_tensor(self.train.take_wrapping(start, micro), micro)?;
             let loss = self.model.loss(&rows)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let scaled = if accum == 1 { loss } else { (loss / accum as f64)? };
+            let scaled = if accum == 1 {
+                loss
+            } else {
+                (loss / accum as f64)?
+            };
             let store = scaled.backward()?;
             let g = self
                 .model
@@ -232,7 +247,10 @@ impl Trainer {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
-        Ok((loss_sum / accum as f64, grads.expect("at least one micro-batch")))
+        Ok((
+            loss_sum / accum as f64,
+            grads.expect("at least one micro-batch"),
+        ))
     }
 
     /// One optimizer update; appends its row to the metrics.
@@ -307,7 +325,13 @@ impl Trainer {
     }
 
     pub fn save_checkpoint(&self) -> Result<()> {
-        checkpoint::save(&self.opts.out, &self.model, &self.opt, self.step, &self.fingerprint)
+        checkpoint::save(
+            &self.opts.out,
+            &self.model,
+            &self.opt,
+            self.step,
+            &self.fingerprint,
+        )
     }
 
     /// Run to `train.steps`, checkpointing and evaluating as configured; `on_step` sees every
@@ -377,14 +401,16 @@ impl Trainer {
     }
 }
 
-/// Token rows for training and evaluation, and the tokenizer (path, vocabulary size) when the
-/// data is text.
-type Loaded = (TokenRows, Option<TokenRows>, Option<(PathBuf, usize)>);
-
-fn load_data(cfg: &TrainConfig, out: &Path) -> Result<Loaded> {
+/// Token rows for training and evaluation, and the tokenizer when there is one.
+fn load_data(cfg: &TrainConfig, out: &Path) -> Result<crate::tokenizer::TextData> {
     if let Some(p) = &cfg.data.npy {
         let train = data::read_npy(p)?;
-        let heldout = cfg.data.heldout_npy.as_deref().map(data::read_npy).transpose()?;
+        let heldout = cfg
+            .data
+            .heldout_npy
+            .as_deref()
+            .map(data::read_npy)
+            .transpose()?;
         let tok = match &cfg.data.tokenizer {
             Some(t) => Some((t.clone(), crate::tokenizer::vocab_size(t)?)),
             None => None,

@@ -17,7 +17,8 @@ fn golden() -> PathBuf {
 }
 
 fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(golden().join("reference.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(golden().join("reference.json")).unwrap())
+        .unwrap()
 }
 
 fn config(precision: Precision, micro: Option<usize>) -> TrainConfig {
@@ -31,7 +32,10 @@ fn config(precision: Precision, micro: Option<usize>) -> TrainConfig {
     c.train.lr = s["lr"].as_f64().unwrap();
     c.train.min_lr = s["min_lr"].as_f64().unwrap();
     c.train.weight_decay = s["weight_decay"].as_f64().unwrap();
-    c.train.betas = [s["betas"][0].as_f64().unwrap(), s["betas"][1].as_f64().unwrap()];
+    c.train.betas = [
+        s["betas"][0].as_f64().unwrap(),
+        s["betas"][1].as_f64().unwrap(),
+    ];
     c.train.eps = s["eps"].as_f64().unwrap();
     c.train.warmup = s["warmup"].as_u64().unwrap();
     c.train.schedule = Schedule::Cosine;
@@ -63,7 +67,9 @@ fn grads_error(t: &Trainer, golden_file: &str) -> (f64, f64) {
     let mut worst: f64 = 0.0;
     assert_eq!(st.names().len(), t.model.names.len(), "parameter count");
     for (name, g) in t.model.names.iter().zip(&grads) {
-        let want = st.tensor(name).unwrap_or_else(|_| panic!("golden has no {name}"));
+        let want = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("golden has no {name}"));
         assert_eq!(want.shape(), g.dims(), "{name}");
         let want: Vec<f64> = want
             .data()
@@ -122,8 +128,15 @@ fn double_precision_matches_pytorch_at_step_0_and_along_50_steps() {
     let mut t = trainer(Precision::F64, None, dir.path());
     let (loss, gerr) = grads_error(&t, "grads_f64.safetensors");
     let want = golden_curve("f64");
-    eprintln!("f64 step 0: loss {loss} vs {}, worst gradient error {gerr:e}", want[0].0);
-    assert!((loss - want[0].0).abs() < 1e-11 * want[0].0, "loss {loss} vs {}", want[0].0);
+    eprintln!(
+        "f64 step 0: loss {loss} vs {}, worst gradient error {gerr:e}",
+        want[0].0
+    );
+    assert!(
+        (loss - want[0].0).abs() < 1e-11 * want[0].0,
+        "loss {loss} vs {}",
+        want[0].0
+    );
     assert!(gerr < 1e-11, "gradient error {gerr}");
     t.run(&mut |_| {}).unwrap();
     let worst = compare_curve(&curve(dir.path()), &want, 1e-11);
@@ -148,12 +161,22 @@ fn compare_curve(got: &[(f64, f64, f64)], want: &[(f64, f64, f64)], tol: f64) ->
     assert_eq!(got.len(), want.len(), "steps");
     let mut worst: f64 = 0.0;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g.1 - w.1).abs() <= 1e-12 * w.1, "lr at step {i}: {} vs {}", g.1, w.1);
+        assert!(
+            (g.1 - w.1).abs() <= 1e-12 * w.1,
+            "lr at step {i}: {} vs {}",
+            g.1,
+            w.1
+        );
         let e = (g.0 - w.0).abs() / w.0;
         worst = worst.max(e);
         assert!(e <= tol, "loss at step {i}: {} vs {} ({e:e})", g.0, w.0);
         let e = (g.2 - w.2).abs() / w.2;
-        assert!(e <= tol, "grad norm at step {i}: {} vs {} ({e:e})", g.2, w.2);
+        assert!(
+            e <= tol,
+            "grad norm at step {i}: {} vs {} ({e:e})",
+            g.2,
+            w.2
+        );
     }
     worst
 }
@@ -169,17 +192,35 @@ fn single_precision_matches_transformers_at_step_0_and_stays_in_its_band() {
     let mut t = trainer(Precision::F32, None, dir.path());
     let (loss, gerr) = grads_error(&t, "grads_f32.safetensors");
     let want = golden_curve("f32");
-    eprintln!("f32 step 0: loss {loss} vs {}, worst gradient error {gerr:e}", want[0].0);
-    assert!((loss - want[0].0).abs() < 1e-6 * want[0].0, "loss {loss} vs {}", want[0].0);
+    eprintln!(
+        "f32 step 0: loss {loss} vs {}, worst gradient error {gerr:e}",
+        want[0].0
+    );
+    assert!(
+        (loss - want[0].0).abs() < 1e-6 * want[0].0,
+        "loss {loss} vs {}",
+        want[0].0
+    );
     assert!(gerr < 1e-5, "gradient error {gerr}");
     t.run(&mut |_| {}).unwrap();
     let got = curve(dir.path());
     let f64_run = golden_curve("f64");
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let ours_vs_torch = mean(&got.iter().zip(&want).map(|(g, w)| (g.0 - w.0).abs()).collect::<Vec<_>>());
-    let torch_vs_torch =
-        mean(&want.iter().zip(&f64_run).map(|(a, b)| (a.0 - b.0).abs()).collect::<Vec<_>>());
-    let tail = |c: &[(f64, f64, f64)]| mean(&c[c.len() - 10..].iter().map(|x| x.0).collect::<Vec<_>>());
+    let ours_vs_torch = mean(
+        &got.iter()
+            .zip(&want)
+            .map(|(g, w)| (g.0 - w.0).abs())
+            .collect::<Vec<_>>(),
+    );
+    let torch_vs_torch = mean(
+        &want
+            .iter()
+            .zip(&f64_run)
+            .map(|(a, b)| (a.0 - b.0).abs())
+            .collect::<Vec<_>>(),
+    );
+    let tail =
+        |c: &[(f64, f64, f64)]| mean(&c[c.len() - 10..].iter().map(|x| x.0).collect::<Vec<_>>());
     let head = |c: &[(f64, f64, f64)]| mean(&c[..10].iter().map(|x| x.0).collect::<Vec<_>>());
     eprintln!(
         "f32: mean |ours - torch f32| {ours_vs_torch:.4}, mean |torch f32 - torch f64| {torch_vs_torch:.4}; \
@@ -191,7 +232,10 @@ fn single_precision_matches_transformers_at_step_0_and_stays_in_its_band() {
     for (g, w) in got.iter().zip(&want) {
         assert!((g.1 - w.1).abs() <= 1e-6 * w.1);
     }
-    assert!(ours_vs_torch <= 2.0 * torch_vs_torch, "{ours_vs_torch} vs {torch_vs_torch}");
+    assert!(
+        ours_vs_torch <= 2.0 * torch_vs_torch,
+        "{ours_vs_torch} vs {torch_vs_torch}"
+    );
     assert!((tail(&got) - tail(&want)).abs() <= 0.02 * tail(&want));
     assert!(tail(&got) < head(&got) - 0.5, "the loss did not fall");
 }

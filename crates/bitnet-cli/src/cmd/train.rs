@@ -113,7 +113,19 @@ pub fn build_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field.clone() { t.$field = v; } )* };
     }
-    set!(steps, batch_size, lr, min_lr, weight_decay, eps, warmup, schedule, grad_clip, seed, precision);
+    set!(
+        steps,
+        batch_size,
+        lr,
+        min_lr,
+        weight_decay,
+        eps,
+        warmup,
+        schedule,
+        grad_clip,
+        seed,
+        precision
+    );
     if let Some(m) = args.micro_batch_size {
         t.micro_batch_size = Some(m);
     }
@@ -154,7 +166,11 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!(
         "training a {} model: {} layers, hidden {}, {} heads ({} kv), vocab {}, {:.2} M parameters; \
          {} steps of {} rows x {} tokens ({}){}",
-        if s.quant == Quant::Ternary { "ternary (BitLinear)" } else { "float" },
+        if s.quant == Quant::Ternary {
+            "ternary (BitLinear)"
+        } else {
+            "float"
+        },
         s.layers,
         s.hidden,
         s.heads,
@@ -164,8 +180,16 @@ pub fn run(args: Args) -> Result<()> {
         steps,
         t.cfg.train.batch_size,
         t.seq_len(),
-        if t.step > 0 { format!("resuming after step {}", t.step) } else { "from step 0".into() },
-        if t.has_heldout() { "" } else { "; no held-out rows" },
+        if t.step > 0 {
+            format!("resuming after step {}", t.step)
+        } else {
+            "from step 0".into()
+        },
+        if t.has_heldout() {
+            ""
+        } else {
+            "; no held-out rows"
+        },
     );
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -184,7 +208,11 @@ pub fn run(args: Args) -> Result<()> {
     let mut tok_per_s = 0.0;
     let summary = t.run(&mut |r| {
         let rate = r.tokens as f64 / r.seconds.max(1e-9);
-        tok_per_s = if tok_per_s == 0.0 { rate } else { 0.9 * tok_per_s + 0.1 * rate };
+        tok_per_s = if tok_per_s == 0.0 {
+            rate
+        } else {
+            0.9 * tok_per_s + 0.1 * rate
+        };
         bar.set_position(r.step + 1);
         bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
