@@ -247,6 +247,10 @@ gguf_type = "I2_S"
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap())
             .unwrap();
     assert_eq!(tok["model"]["type"], "BPE");
+    // The end-of-text token reaches the GGUF, so generation can stop on it.
+    let o = succeeds(bitnet().arg("inspect").arg(out.join("model.gguf")));
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(info.contains("eos <|endoftext|> (0)"), "{info}");
     let o = succeeds(
         bitnet()
             .arg("run")

@@ -23,7 +23,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// The `config.json` transformers reads for this model.
-pub fn hf_config(model: &TrainModel, tokenizer: Option<&serde_json::Value>) -> serde_json::Value {
+pub fn hf_config(model: &TrainModel, special: Option<&Special>) -> serde_json::Value {
     let s = &model.shape;
     let mut c = serde_json::json!({
         "architectures": ["BitNetForCausalLM"],
@@ -53,15 +53,15 @@ pub fn hf_config(model: &TrainModel, tokenizer: Option<&serde_json::Value>) -> s
             "quantization_mode": "online",
         });
     }
-    if let Some(tok) = tokenizer {
-        for (key, field) in [("bos_token_id", "bos"), ("eos_token_id", "eos")] {
-            if let Some(id) = tok.get(field) {
-                c[key] = id.clone();
-            }
-        }
+    if let Some(((_, bos), (_, eos))) = special {
+        c["bos_token_id"] = (*bos).into();
+        c["eos_token_id"] = (*eos).into();
     }
     c
 }
+
+/// The beginning- and end-of-text tokens: (content, id) each.
+pub type Special = ((String, u64), (String, u64));
 
 /// Write `dir/` as a Hugging Face model directory: `config.json`, `model.safetensors` (f32) and,
 /// when given, `tokenizer.json`.
@@ -92,8 +92,25 @@ pub fn write_hf_dir(model: &TrainModel, dir: &Path, tokenizer_json: Option<&Path
     let mut special = None;
     if let Some(t) = tokenizer_json {
         let text = std::fs::read(t).map_err(io_err(t))?;
-        special = crate::tokenizer::special_ids(&text);
+        special = crate::tokenizer::special_tokens(&text);
         write_file(&dir.join("tokenizer.json"), &text)?;
+        // What transformers' AutoTokenizer and our loaders read the special tokens from.
+        let mut tc = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": model.shape.max_pos,
+            "add_bos_token": false,
+            "add_eos_token": false,
+        });
+        if let Some(((bos, _), (eos, _))) = &special {
+            tc["bos_token"] = bos.clone().into();
+            tc["eos_token"] = eos.clone().into();
+        }
+        write_file(
+            &dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tc)
+                .expect("a JSON value serializes")
+                .as_bytes(),
+        )?;
     }
     let config = hf_config(model, special.as_ref());
     write_file(

@@ -381,3 +381,30 @@ impl TrainModel {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(seed: u64) -> Vec<f32> {
+        let m = ModelConfig {
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            ..ModelConfig::default()
+        };
+        let t = TrainModel::init(Shape::from_config(&m, 50), DType::F32, 0.02, seed).unwrap();
+        t.tensors_f32().unwrap().into_iter().flat_map(|(_, _, v)| v).collect()
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_initial_weights() {
+        let a = weights(7);
+        assert_eq!(a, weights(7));
+        assert_ne!(a, weights(8));
+        let n = a.len() as f64;
+        let mean_sq = a.iter().filter(|v| **v != 1.0).map(|&v| f64::from(v).powi(2)).sum::<f64>() / n;
+        assert!(mean_sq > 1e-4 && mean_sq < 1e-3, "{mean_sq}");
+    }
+}

@@ -1,20 +1,24 @@
 //! Tokenizers for training: an existing `tokenizer.json`, and the special tokens an export
 //! names in its config.
 
-/// `{"bos": id, "eos": id}` from a `tokenizer.json`'s added tokens: the end-of-text token
-/// (`<|endoftext|>`, `</s>`, `<eos>`) serves as both, as GPT-2-style vocabularies use it.
-pub fn special_ids(tokenizer_json: &[u8]) -> Option<serde_json::Value> {
+/// The beginning- and end-of-text tokens of a `tokenizer.json` (content, id), from its added
+/// tokens: the end-of-text token (`<|endoftext|>`, `</s>`, `<eos>`, `<|im_end|>`) serves as
+/// both when there is no separate beginning token, as GPT-2-style vocabularies use it.
+pub fn special_tokens(tokenizer_json: &[u8]) -> Option<((String, u64), (String, u64))> {
     let v: serde_json::Value = serde_json::from_slice(tokenizer_json).ok()?;
     let added = v.get("added_tokens")?.as_array()?;
     let find = |names: &[&str]| {
         added.iter().find_map(|t| {
             let c = t.get("content")?.as_str()?;
-            names.contains(&c).then(|| t.get("id").cloned()).flatten()
+            names
+                .contains(&c)
+                .then(|| Some((c.to_string(), t.get("id")?.as_u64()?)))
+                .flatten()
         })
     };
     let eos = find(&["<|endoftext|>", "</s>", "<eos>", "<|im_end|>"])?;
     let bos = find(&["<|endoftext|>", "<s>", "<bos>"]).unwrap_or_else(|| eos.clone());
-    Some(serde_json::json!({ "bos": bos, "eos": eos }))
+    Some((bos, eos))
 }
 
 use crate::config::TrainConfig;
