@@ -395,7 +395,11 @@ mod tests {
             ..ModelConfig::default()
         };
         let t = TrainModel::init(Shape::from_config(&m, 50), DType::F32, 0.02, seed).unwrap();
-        t.tensors_f32().unwrap().into_iter().flat_map(|(_, _, v)| v).collect()
+        t.tensors_f32()
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, _, v)| v)
+            .collect()
     }
 
     #[test]
@@ -404,7 +408,12 @@ mod tests {
         assert_eq!(a, weights(7));
         assert_ne!(a, weights(8));
         let n = a.len() as f64;
-        let mean_sq = a.iter().filter(|v| **v != 1.0).map(|&v| f64::from(v).powi(2)).sum::<f64>() / n;
+        let mean_sq = a
+            .iter()
+            .filter(|v| **v != 1.0)
+            .map(|&v| f64::from(v).powi(2))
+            .sum::<f64>()
+            / n;
         assert!(mean_sq > 1e-4 && mean_sq < 1e-3, "{mean_sq}");
     }
 }

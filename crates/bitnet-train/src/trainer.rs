@@ -199,6 +199,14 @@ impl Trainer {
         self.cfg.train.batch_size * self.seq_len()
     }
 
+    /// Rows of training and of held-out data.
+    pub fn data_rows(&self) -> (usize, usize) {
+        (
+            self.train.rows(),
+            self.heldout.as_ref().map_or(0, |h| h.rows()),
+        )
+    }
+
     pub fn has_heldout(&self) -> bool {
         self.heldout.as_ref().is_some_and(|h| h.rows() > 0)
     }

@@ -165,7 +165,7 @@ pub fn run(args: Args) -> Result<()> {
     let s = &t.model.shape;
     eprintln!(
         "training a {} model: {} layers, hidden {}, {} heads ({} kv), vocab {}, {:.2} M parameters; \
-         {} steps of {} rows x {} tokens ({}){}",
+         {} steps of {} rows x {} tokens ({}); data: {} rows, {} held out",
         if s.quant == Quant::Ternary {
             "ternary (BitLinear)"
         } else {
@@ -185,11 +185,8 @@ pub fn run(args: Args) -> Result<()> {
         } else {
             "from step 0".into()
         },
-        if t.has_heldout() {
-            ""
-        } else {
-            "; no held-out rows"
-        },
+        t.data_rows().0,
+        t.data_rows().1,
     );
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -233,16 +230,18 @@ pub fn run(args: Args) -> Result<()> {
             summary.steps
         );
     }
-    eprintln!(
-        "done: {} steps, last batch loss {:.4}{}, {:.0} tokens/s",
-        summary.steps,
-        summary.final_loss,
-        summary
-            .eval_loss
-            .map(|e| format!(", held-out loss {e:.4} (perplexity {:.2})", e.exp()))
-            .unwrap_or_default(),
-        summary.tokens_per_second
-    );
+    let held = summary
+        .eval_loss
+        .map(|e| format!("held-out loss {e:.4} (perplexity {:.2})", e.exp()))
+        .unwrap_or_else(|| "no held-out rows".into());
+    if summary.final_loss.is_nan() {
+        eprintln!("nothing left to train at step {}: {held}", summary.steps);
+    } else {
+        eprintln!(
+            "done: {} steps, last batch loss {:.4}, {held}, {:.0} tokens/s",
+            summary.steps, summary.final_loss, summary.tokens_per_second
+        );
+    }
     print_path("checkpoint", &args.out.join(bitnet_train::checkpoint::FILE));
     if let Some(h) = &summary.hf_dir {
         print_path("Hugging Face directory", h);
