@@ -53,3 +53,8 @@ pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>
     }
     Ok(())
 }
+
+/// [`write_atomic`] of bytes already in memory.
+pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |w| w.write_all(bytes).map_err(io_err(path)))
+}

@@ -82,13 +82,7 @@ pub fn save(
         path: path.clone(),
         message: e.to_string(),
     })?;
-    bitnet_formats::atomic::write_atomic(&path, |w| {
-        w.write_all(&bytes)
-            .map_err(|source| bitnet_formats::FormatError::Io {
-                path: path.clone(),
-                source,
-            })
-    })?;
+    bitnet_formats::atomic::write_atomic_bytes(&path, &bytes)?;
     Ok(())
 }
 

@@ -6,21 +6,11 @@
 use crate::config::{ExportConfig, Quant};
 use crate::error::{Result, TrainError, io_err};
 use crate::model::TrainModel;
+use bitnet_formats::atomic::write_atomic_bytes as write_file;
 use bitnet_formats::gguf::GgmlType;
 use bitnet_model::convert::{ConvertOptions, convert_hf_to_gguf};
 use safetensors::{Dtype, tensor::TensorView};
 use std::path::{Path, PathBuf};
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    bitnet_formats::atomic::write_atomic(path, |w| {
-        w.write_all(bytes)
-            .map_err(|source| bitnet_formats::FormatError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-    })?;
-    Ok(())
-}
 
 /// The `config.json` transformers reads for this model.
 pub fn hf_config(model: &TrainModel, special: Option<&Special>) -> serde_json::Value {

@@ -140,13 +140,7 @@ pub fn train_bpe(docs: &[String], vocab: usize, out: &Path) -> Result<Tokenizer>
     tok.train(&mut trainer, docs.iter())
         .map_err(|e| tok_err(out, e))?;
     let json = tok.to_string(false).map_err(|e| tok_err(out, e))?;
-    bitnet_formats::atomic::write_atomic(out, |w| {
-        w.write_all(json.as_bytes())
-            .map_err(|source| bitnet_formats::FormatError::Io {
-                path: out.to_path_buf(),
-                source,
-            })
-    })?;
+    bitnet_formats::atomic::write_atomic_bytes(out, json.as_bytes())?;
     Ok(tok)
 }
 

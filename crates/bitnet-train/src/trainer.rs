@@ -207,10 +207,6 @@ impl Trainer {
         )
     }
 
-    pub fn has_heldout(&self) -> bool {
-        self.heldout.as_ref().is_some_and(|h| h.rows() > 0)
-    }
-
     fn rows_tensor(&self, ids: Vec<u32>, n: usize) -> Result<Tensor> {
         Ok(Tensor::from_vec(
             ids,
@@ -446,13 +442,7 @@ fn start_csv(path: &Path, header: &str, keep_before: u64) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
-    bitnet_formats::atomic::write_atomic(path, |w| {
-        w.write_all(out.as_bytes())
-            .map_err(|source| bitnet_formats::FormatError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-    })?;
+    bitnet_formats::atomic::write_atomic_bytes(path, out.as_bytes())?;
     Ok(())
 }
 
