@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: build the `bitnet` binary and let our own ternary model write.
-# models/shakespeare-ternary.gguf is a BitNet b1.58 model (every linear weight -1, 0 or +1) that
-# `bitnet train` trained from scratch on 42 Shakespeare texts (bash scripts/train-demo-model.sh
-# makes it again); it is small and its English is Shakespearean babble, but it is ternary end to end.
+# models/shakespeare-ternary.gguf is a 27 M-parameter BitNet b1.58 model (every linear weight -1, 0
+# or +1) that `bitnet train` trained from scratch on 42 Shakespeare texts, on an H100
+# (bash scripts/train-demo-model.sh makes it again); small, but ternary end to end.
 #   bash scripts/demo.sh                     # our ternary model continues a prompt
 #   bash scripts/demo.sh "KING RICHARD."     # ... your prompt
 #   bash scripts/demo.sh inspect             # what the model file holds

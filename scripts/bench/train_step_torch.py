@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch's training step time on the demo model's shape, beside `bitnet train`'s.
 
-    python scripts/bench/train_step_torch.py [--threads 2] [--steps 6] [--float]
+    python scripts/bench/train_step_torch.py [--threads 2] [--steps 6] [--float] [--device cuda]
 
 Pinned stack: scripts/golden/requirements.txt. The model is transformers' BitNetForCausalLM with
 the shape of scripts/train/shakespeare.toml (AutoBitLinear online quantization, as transformers
@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--float", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run synchronizes per step)")
     args = ap.parse_args()
+    dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     cfg = BitNetConfig(
         vocab_size=4096,
@@ -59,12 +61,15 @@ def main() -> None:
         BitNetForCausalLM(plain).save_pretrained(d)
         cfg.save_pretrained(d)
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+    model.to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
     b, t = 32, 128
     times = []
     for step in range(args.steps):
-        rows = torch.randint(0, 4096, (b, t + 1))
+        rows = torch.randint(0, 4096, (b, t + 1)).to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         logits = model(input_ids=rows[:, :-1]).logits
         loss = F.cross_entropy(logits.reshape(-1, 4096), rows[:, 1:].reshape(-1))
@@ -72,12 +77,14 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     steady = times[2:] or times
     per = sum(steady) / len(steady)
     kind = "float" if args.float else "ternary (AutoBitLinear)"
     print(
-        f"torch {torch.__version__}, {kind}, {args.threads} threads: "
+        f"torch {torch.__version__}, {kind}, {args.device} ({args.threads} threads): "
         f"{per:.3f} s/step, {b * t / per:.0f} tokens/s"
     )
 

@@ -148,6 +148,93 @@ fn exported_gguf_run_by_bitnet_logits_equals_the_trained_forward() {
 
 /// A run stopped after 3 of 8 steps and resumed ends with the same weights, optimizer state and
 /// metrics, byte for byte, as the run that was never stopped.
+/// The reference run from plain inputs and flags alone (no config file), in f64: its metrics CSV
+/// follows PyTorch's curve (testdata/golden/train/reference.json) at every step. The command is
+/// the one scripts/gpu/train-cuda.sh runs on a GPU.
+#[test]
+fn the_flag_only_reference_run_follows_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("metrics.csv");
+    let mut c = bitnet();
+    c.arg("train")
+        .arg("--init")
+        .arg(tiny_init())
+        .arg("--data")
+        .arg(golden_rows())
+        .args([
+            "--steps",
+            "50",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.003",
+            "--min-lr",
+            "0.0003",
+            "--weight-decay",
+            "0.1",
+            "--betas",
+            "0.9,0.95",
+            "--eps",
+            "1e-8",
+            "--warmup",
+            "5",
+            "--schedule",
+            "cosine",
+            "--grad-clip",
+            "1",
+            "--precision",
+            "f64",
+            "--device",
+            "cpu",
+            "--no-export",
+            "--quiet",
+            "-o",
+        ])
+        .arg(dir.path())
+        .arg("--metrics")
+        .arg(&csv);
+    succeeds(&mut c);
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("testdata/golden/train/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let want = &reference["runs"]["f64"];
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("step,loss,lr,grad_norm"));
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 50);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r[0], i as f64);
+        for (col, key) in [(1, "loss"), (2, "lr"), (3, "grad_norm")] {
+            let w = want[key][i].as_f64().unwrap();
+            assert!(
+                (r[col] - w).abs() <= 1e-11 * w.abs(),
+                "step {i} {key}: {} vs PyTorch {w}",
+                r[col]
+            );
+        }
+    }
+    // The betas are two numbers.
+    let mut bad = bitnet();
+    bad.args(["train", "--betas", "0.9", "--data"])
+        .arg(golden_rows());
+    fails_with(&mut bad, "--betas takes two numbers");
+    // Devices: a name it does not know, and CUDA in a build without it (the tests' build).
+    let out = dir.path().join("d");
+    fails_with(
+        &mut train(&out, &["--device", "gpu"]),
+        "expected cpu, cuda or cuda:N",
+    );
+    fails_with(
+        &mut train(&out, &["--device", "cuda:1"]),
+        "built without CUDA (build one with scripts/build-cuda.sh)",
+    );
+    fails_with(&mut train(&out, &["--tf32"]), "--tf32 is for --device cuda");
+}
+
 #[test]
 fn a_resumed_run_continues_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();

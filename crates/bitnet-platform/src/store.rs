@@ -76,6 +76,27 @@ impl Store {
             // One connection for an in-memory database (each would be its own database).
             .max_connections(if memory { 1 } else { 8 })
             .acquire_timeout(Duration::from_secs(30))
+            // A connection leaves the pool outside any transaction. One left inside (a rollback
+            // lost to a cancelled call) would serve its next user from inside it: on SQLite,
+            // reads from a snapshot taken before later commits (a revoked key still accepted)
+            // and "commits" that only release a savepoint. The pool's test ping has already
+            // run the commands queued before it (a dropped transaction's rollback), so a
+            // transaction still open now is a leak: the connection is closed, not reused.
+            .before_acquire(|conn, _| {
+                Box::pin(async move {
+                    if sqlx::Connection::is_in_transaction(conn) {
+                        sqlx::Connection::ping(conn).await?;
+                        if sqlx::Connection::is_in_transaction(conn) {
+                            tracing::error!(
+                                "a pooled database connection was left inside a transaction; \
+                                 closing it"
+                            );
+                            return Ok(false);
+                        }
+                    }
+                    Ok(true)
+                })
+            })
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -220,4 +241,60 @@ pub(crate) async fn notify_credentials(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Actor;
+    use crate::keys::KeyKind;
+    use crate::testing::{TestDb, backends};
+
+    /// Every pooled connection is left inside a transaction whose rollback was lost (the
+    /// `Transaction` forgotten, as a cancelled call can leave it). A revoke made next must still
+    /// commit, and the revoked key must be refused by this store and by a second one (another
+    /// replica) at once.
+    #[test]
+    fn a_connection_left_inside_a_transaction_is_never_reused() {
+        for backend in backends() {
+            let dir = tempfile::tempdir().unwrap();
+            let db = TestDb::new(backend, dir.path());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let s = Store::open(&db.url).await.unwrap();
+                let cli = Actor::cli();
+                let org = s.create_organization("a", &cli).await.unwrap();
+                let (key, secret) = s.create_admin_key(&org.id, "ops", &cli).await.unwrap();
+                assert!(s.authenticate(&secret).await.unwrap().is_some());
+                let mut held = Vec::new();
+                for _ in 0..8 {
+                    held.push(s.pool.acquire().await.unwrap());
+                }
+                for c in &mut held {
+                    let mut tx = sqlx::Connection::begin(&mut **c).await.unwrap();
+                    sqlx::query("SELECT COUNT(*) FROM api_keys")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    std::mem::forget(tx);
+                }
+                drop(held);
+                s.revoke_key(&org.id, KeyKind::Admin, None, &key.id, &cli)
+                    .await
+                    .unwrap();
+                assert!(
+                    s.authenticate(&secret).await.unwrap().is_none(),
+                    "{backend:?}"
+                );
+                let other = Store::open(&db.url).await.unwrap();
+                assert!(
+                    other.authenticate(&secret).await.unwrap().is_none(),
+                    "{backend:?}: the revoke was not committed"
+                );
+            });
+        }
+    }
 }

@@ -154,6 +154,9 @@ pub enum Precision {
     F32,
     /// Double precision: slow, for comparing with a reference without rounding noise.
     F64,
+    /// Mixed precision: f32 master weights, optimizer state, residual stream, norms, softmax and
+    /// loss; the linears and attention products in bf16 (the tensor cores on a GPU).
+    Bf16,
 }
 
 /// The optimizer and the loop.

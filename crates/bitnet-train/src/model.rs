@@ -78,10 +78,19 @@ impl Shape {
     }
 }
 
+/// The master weights' float type for a precision.
 pub fn dtype(p: Precision) -> DType {
     match p {
-        Precision::F32 => DType::F32,
+        Precision::F32 | Precision::Bf16 => DType::F32,
         Precision::F64 => DType::F64,
+    }
+}
+
+/// The float type the linears and attention compute in.
+pub fn compute_dtype(p: Precision) -> DType {
+    match p {
+        Precision::Bf16 => DType::BF16,
+        p => dtype(p),
     }
 }
 
@@ -121,7 +130,10 @@ pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 #[derive(Debug)]
 pub struct TrainModel {
     pub shape: Shape,
+    /// The master weights' type.
     pub dtype: DType,
+    /// The linears' and attention's type: `dtype`, or bf16 in mixed precision.
+    pub compute: DType,
     pub device: Device,
     /// In [`Shape::parameters`] order.
     pub names: Vec<String>,
@@ -151,6 +163,7 @@ impl TrainModel {
         Ok(Self {
             shape,
             dtype,
+            compute: dtype,
             device,
             names,
             vars,
@@ -246,6 +259,23 @@ impl TrainModel {
         Self::from_values(shape, dtype, values)
     }
 
+    /// The same parameters on `device` (a copy; the CPU is where every model starts).
+    pub fn to_device(self, device: &Device) -> Result<Self> {
+        if self.device.same_device(device) {
+            return Ok(self);
+        }
+        let vars = self
+            .vars
+            .iter()
+            .map(|v| Var::from_tensor(&v.as_tensor().to_device(device)?))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            vars,
+            device: device.clone(),
+            ..self
+        })
+    }
+
     /// The model config that describes this model (for checks and exports).
     pub fn model_config(&self) -> ModelConfig {
         let s = &self.shape;
@@ -300,9 +330,13 @@ impl TrainModel {
         let ternary = s.quant == Quant::Ternary;
         let eps = s.rms_eps;
         let (hd, nh, nkv) = (s.head_dim, s.heads, s.kv_heads);
+        // Mixed precision as autocast does it: the residual stream, norms, softmax and logits
+        // in the masters' type; the linears and attention products in `compute`.
+        let cd = self.compute;
+        let c = |t: &Tensor| t.to_dtype(cd);
         let embed = self.var(names::EMBED.hf)?.as_tensor();
         let mut x = embed.index_select(&ids.flatten_all()?, 0)?;
-        let (cos, sin) = ops::rope_tables(t, hd, s.rope_theta, self.dtype, &self.device)?;
+        let (cos, sin) = ops::rope_tables(t, hd, s.rope_theta, cd, &self.device)?;
         let mask: Vec<f64> = (0..t * t)
             .map(|i| {
                 if i % t > i / t {
@@ -312,10 +346,10 @@ impl TrainModel {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(self.dtype)?;
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(cd)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in 0..s.layers {
-            let h = ops::rms_norm(&x, self.layer(names::ATTN_NORM, l)?, eps)?;
+            let h = c(&ops::rms_norm(&x, self.layer(names::ATTN_NORM, l)?, eps)?)?;
             let heads = |w: LayerTensor, n: usize| -> Result<Tensor> {
                 let y = ops::linear(&h, self.layer(w, l)?, ternary)?;
                 Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
@@ -338,21 +372,27 @@ impl TrainModel {
             let att = ops::softmax_last(&att)?.matmul(&v)?;
             let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
             let att = ops::rms_norm(&att, self.layer(names::ATTN_SUB_NORM, l)?, eps)?;
-            x = (x + ops::linear(&att, self.layer(names::O, l)?, ternary)?)?;
-            let h = ops::rms_norm(&x, self.layer(names::FFN_NORM, l)?, eps)?;
+            let o = ops::linear(&att, self.layer(names::O, l)?, ternary)?;
+            x = (x + o.to_dtype(self.dtype)?)?;
+            let h = c(&ops::rms_norm(&x, self.layer(names::FFN_NORM, l)?, eps)?)?;
             let g = ops::linear(&h, self.layer(names::GATE, l)?, ternary)?;
             let u = ops::linear(&h, self.layer(names::UP, l)?, ternary)?;
             let a = (g.relu()?.sqr()? * u)?;
             let a = ops::rms_norm(&a, self.layer(names::FFN_SUB_NORM, l)?, eps)?;
-            x = (x + ops::linear(&a, self.layer(names::DOWN, l)?, ternary)?)?;
+            let d = ops::linear(&a, self.layer(names::DOWN, l)?, ternary)?;
+            x = (x + d.to_dtype(self.dtype)?)?;
         }
-        let x = ops::rms_norm(&x, self.var(names::OUTPUT_NORM.hf)?.as_tensor(), eps)?;
+        let x = c(&ops::rms_norm(
+            &x,
+            self.var(names::OUTPUT_NORM.hf)?.as_tensor(),
+            eps,
+        )?)?;
         let head = if s.tied {
             embed
         } else {
             self.var(names::LM_HEAD.hf)?.as_tensor()
         };
-        Ok(x.matmul(&head.t()?)?)
+        Ok(x.matmul(&c(head)?.t()?)?.to_dtype(self.dtype)?)
     }
 
     /// Mean next-token cross-entropy of rows `[b, t + 1]` (u32): the model reads the first `t`
@@ -400,6 +440,48 @@ mod tests {
             .into_iter()
             .flat_map(|(_, _, v)| v)
             .collect()
+    }
+
+    /// Mixed precision (bf16 linears and attention, f32 everything else) computes the f32 model's
+    /// loss and gradients to bf16's accuracy.
+    #[test]
+    fn bf16_mixed_precision_follows_f32() {
+        let m = ModelConfig {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            ..ModelConfig::default()
+        };
+        let mut model = TrainModel::init(Shape::from_config(&m, 97), DType::F32, 0.05, 3).unwrap();
+        let ids: Vec<u32> = (0..3 * 17).map(|i| (i * 31 + 7) % 97).collect();
+        let rows = Tensor::from_vec(ids, (3, 17), &Device::Cpu).unwrap();
+        let run = |model: &TrainModel| {
+            let loss = model.loss(&rows).unwrap();
+            let g = loss.backward().unwrap();
+            let grads: Vec<f32> = model
+                .vars
+                .iter()
+                .flat_map(|v| {
+                    g.get(v.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), grads)
+        };
+        let (l32, g32) = run(&model);
+        model.compute = DType::BF16;
+        let (l16, g16) = run(&model);
+        assert!((l32 - l16).abs() < 0.01 * l32, "loss {l32} vs {l16}");
+        let dot: f64 = g32.iter().zip(&g16).map(|(a, b)| f64::from(a * b)).sum();
+        let norm = |g: &[f32]| g.iter().map(|v| f64::from(v * v)).sum::<f64>().sqrt();
+        let cos = dot / (norm(&g32) * norm(&g16));
+        assert!(cos > 0.99, "gradient cosine {cos}");
     }
 
     #[test]

@@ -115,20 +115,79 @@ impl CustomOp1 for WeightQuant {
     }
 }
 
-/// `x @ w.T` for `x: [n, in]`, `w: [out, in]`; BitLinear when `ternary`.
+/// `x + (q - x).detach()`: the value `q`, the gradient of `x` (the straight-through estimator
+/// written as tensor operations, as PyTorch BitNet trainers write it).
+fn straight_through(x: &Tensor, xd: &Tensor, q: &Tensor) -> Result<Tensor> {
+    x + (q - xd)?
+}
+
+/// [`ActQuant`] built from tensor operations, for devices other than the CPU (CUDA): the same
+/// formula (`127 / absmax` per row, clamped at [`EPS`], rounded, clamped to [-128, 127], divided
+/// back), but rounding half away from zero where the CPU path rounds half to even, which differs
+/// only where `x * 127 / absmax` is an exact tie.
+pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
+    let xd = x.detach();
+    let absmax = xd.abs()?.max_keepdim(D::Minus1)?.maximum(f64::from(EPS))?;
+    let s = (absmax.ones_like()? * 127.0)?.div(&absmax)?;
+    let q = xd
+        .broadcast_mul(&s)?
+        .round()?
+        .clamp(-128.0, 127.0)?
+        .broadcast_div(&s)?;
+    straight_through(x, &xd, &q)
+}
+
+/// [`WeightQuant`] built from tensor operations, for devices other than the CPU: `1 / mean|W|`
+/// over the whole tensor (clamped at [`EPS`]), rounded, clamped to [-1, 1], divided back.
+pub fn weight_quant_ste(w: &Tensor) -> Result<Tensor> {
+    let wd = w.detach();
+    let mean = wd.abs()?.mean_all()?.maximum(f64::from(EPS))?;
+    let s = mean.ones_like()?.div(&mean)?;
+    let q = wd
+        .broadcast_mul(&s)?
+        .round()?
+        .clamp(-1.0, 1.0)?
+        .broadcast_div(&s)?;
+    straight_through(w, &wd, &q)
+}
+
+/// `x @ w.T` for `x: [n, in]`, `w: [out, in]` (the master weight, cast to `x`'s type); BitLinear
+/// when `ternary`. On the CPU in f32 and f64 the quantizers are bitnet-core's own functions (the
+/// inference engine's, bit for bit); elsewhere they are the same formulas as tensor operations
+/// on the device, computed in f32 for a bf16 or f16 `x` and cast after.
 pub fn linear(x: &Tensor, w: &Tensor, ternary: bool) -> Result<Tensor> {
-    if ternary {
-        let xq = x.contiguous()?.apply_op1(ActQuant)?;
-        let wq = w.apply_op1(WeightQuant)?;
-        xq.matmul(&wq.t()?)
-    } else {
-        x.matmul(&w.t()?)
+    let dt = x.dtype();
+    if !ternary {
+        return x.matmul(&w.to_dtype(dt)?.t()?);
     }
+    let (xq, wq) = if x.device().is_cpu() && matches!(dt, DType::F32 | DType::F64) {
+        (
+            x.contiguous()?.apply_op1(ActQuant)?,
+            w.to_dtype(dt)?.apply_op1(WeightQuant)?,
+        )
+    } else {
+        let wide = if matches!(dt, DType::BF16 | DType::F16) {
+            DType::F32
+        } else {
+            dt
+        };
+        (
+            act_quant_ste(&x.to_dtype(wide)?)?.to_dtype(dt)?,
+            weight_quant_ste(&w.to_dtype(wide)?)?.to_dtype(dt)?,
+        )
+    };
+    xq.matmul(&wq.t()?)
 }
 
 /// RMSNorm over the last dimension, as transformers' `BitNetRMSNorm`: `x / sqrt(mean(x^2) +
 /// eps)`, times the weight.
+/// A bf16 or f16 `x` is normalized in f32 and returned in its own type.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    if matches!(dt, DType::BF16 | DType::F16) {
+        return rms_norm(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, eps)?.to_dtype(dt);
+    }
+    let w = &w.to_dtype(dt)?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?
         .broadcast_mul(w)
@@ -187,8 +246,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
 }
 
-/// Softmax over the last dimension (composite, so candle differentiates it).
+/// Softmax over the last dimension (composite, so candle differentiates it); in f32 for a bf16
+/// or f16 `x`, returned in its type.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    if matches!(dt, DType::BF16 | DType::F16) {
+        return softmax_last(&x.to_dtype(DType::F32)?)?.to_dtype(dt);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
@@ -204,4 +268,65 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = shifted.broadcast_sub(&lse)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
     picked.mean_all()?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(n: usize, seed: f64) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f64 * 0.7311 + seed).sin() * (i as f64 * 0.131).cos()) as f32)
+            .collect()
+    }
+
+    /// The device path (tensor operations) computes what the CPU path (bitnet-core) does, value
+    /// and straight-through gradient, so a model trained on a GPU is the model the engine runs.
+    #[test]
+    fn device_quantizers_equal_the_engine_quantizers() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::from_vec(values(6 * 64, 0.3), (6, 64), &dev).unwrap())
+            .unwrap();
+        let w = Var::from_tensor(&Tensor::from_vec(values(32 * 64, 1.9), (32, 64), &dev).unwrap())
+            .unwrap();
+        let target = Tensor::from_vec(values(6 * 32, 4.2), (6, 32), &dev).unwrap();
+        let run = |xq: Tensor, wq: Tensor| {
+            let y = xq.matmul(&wq.t().unwrap()).unwrap();
+            let loss = (y - &target).unwrap().sqr().unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                flat(&xq),
+                flat(&wq),
+                flat(g.get(x.as_tensor()).unwrap()),
+                flat(g.get(w.as_tensor()).unwrap()),
+            )
+        };
+        let engine = run(
+            x.as_tensor().apply_op1(ActQuant).unwrap(),
+            w.as_tensor().apply_op1(WeightQuant).unwrap(),
+        );
+        let device = run(
+            act_quant_ste(x.as_tensor()).unwrap(),
+            weight_quant_ste(w.as_tensor()).unwrap(),
+        );
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(worst <= 1e-6 * scale, "{what}: {worst} of {scale}");
+        };
+        close(&engine.0, &device.0, "quantized activations");
+        close(&engine.1, &device.1, "ternarized weights");
+        close(&engine.2, &device.2, "gradient of x");
+        close(&engine.3, &device.3, "gradient of w");
+        // Ternary: the device path's weights take three values.
+        let s = device.1.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            device
+                .1
+                .iter()
+                .all(|v| v.abs() < 1e-6 * s || (v.abs() - s).abs() <= 1e-6 * s)
+        );
+    }
 }

@@ -66,16 +66,15 @@ impl AdamW {
 }
 
 /// The global L2 norm of all gradients, computed in f64.
+/// The per-tensor sums stay on the device and are read back once (one synchronization per
+/// step on a GPU, not one per tensor).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sum = 0.0;
-    for g in grads {
-        sum += g
-            .to_dtype(candle_core::DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-    }
-    Ok(sum.sqrt())
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    let sums = Tensor::stack(&sums, 0)?.to_vec1::<f64>()?;
+    Ok(sums.iter().sum::<f64>().sqrt())
 }
 
 /// Scale gradients so that their global norm is at most `max_norm`, as

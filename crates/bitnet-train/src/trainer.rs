@@ -8,14 +8,18 @@ use crate::error::{Result, TrainError, io_err};
 use crate::export;
 use crate::model::{self, Shape, TrainModel};
 use crate::optim::{self, AdamW};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What the command line adds to a config.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// Where the model, its gradients and the optimizer's state live (`cpu` by default; see
+    /// [`crate::device`]). Not part of the config's fingerprint: a run checkpointed on one device
+    /// resumes on another.
+    pub device: Device,
     /// Where checkpoints, metrics and exports go.
     pub out: PathBuf,
     /// Continue from `out/checkpoint.safetensors`.
@@ -29,6 +33,20 @@ pub struct RunOptions {
     /// Stop after this many updates in this invocation, with a checkpoint, to be continued by
     /// `resume` (a time-sliced or preemptible job).
     pub stop_after: Option<u64>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            out: PathBuf::new(),
+            resume: false,
+            metrics: None,
+            init: None,
+            export: false,
+            stop_after: None,
+        }
+    }
 }
 
 /// One optimizer step, as reported.
@@ -55,7 +73,11 @@ pub struct Summary {
     pub steps: u64,
     pub final_loss: f64,
     pub eval_loss: Option<f64>,
+    /// Over the whole invocation: steps, evaluations and checkpoints.
     pub tokens_per_second: f64,
+    /// Over the training steps after this invocation's first two (which load kernels and warm
+    /// caches), steps alone; `None` when it ran three steps or fewer.
+    pub steady_tokens_per_second: Option<f64>,
     pub hf_dir: Option<PathBuf>,
     pub gguf: Option<PathBuf>,
 }
@@ -159,6 +181,8 @@ impl Trainer {
             ));
         }
         std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+        let mut model = model.to_device(&opts.device)?;
+        model.compute = model::compute_dtype(cfg.train.precision);
         let mut opt = AdamW::new(&model.vars, &cfg.train)?;
         let fingerprint = cfg.fingerprint();
         let mut step = 0;
@@ -350,9 +374,13 @@ impl Trainer {
             Some(n) => steps.min(first + n),
             None => steps,
         };
+        let mut steady = (0usize, 0f64);
         while self.step < until {
             let mut r = self.train_step()?;
             last_loss = r.loss;
+            if self.step - first > 2 {
+                steady = (steady.0 + r.tokens, steady.1 + r.seconds);
+            }
             let every = self.cfg.eval.every;
             if (every > 0 && self.step.is_multiple_of(every)) || self.step == steps {
                 eval_loss = self.evaluate()?;
@@ -383,6 +411,7 @@ impl Trainer {
             final_loss: last_loss,
             eval_loss,
             tokens_per_second: tokens / secs,
+            steady_tokens_per_second: (steady.1 > 0.0).then(|| steady.0 as f64 / steady.1),
             hf_dir,
             gguf,
         })

@@ -4,18 +4,22 @@ use bitnet_train::TrainConfig;
 use std::path::Path;
 
 #[test]
-fn the_demo_models_config_is_valid() {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/train/shakespeare.toml");
-    let c = TrainConfig::from_file(&p).unwrap();
-    c.validate(&p).unwrap();
-    c.check_export(&p).unwrap();
-    assert_eq!(c.export.gguf_type, "TQ2_0");
-    // Relative corpus paths are taken from the config's own directory.
-    assert!(
-        c.data.text[0].contains("scripts/train/../../target/corpus"),
-        "{:?}",
-        c.data.text
-    );
+fn the_demo_models_configs_are_valid() {
+    for name in ["shakespeare.toml", "shakespeare-27m.toml"] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scripts/train")
+            .join(name);
+        let c = TrainConfig::from_file(&p).unwrap();
+        c.validate(&p).unwrap();
+        c.check_export(&p).unwrap();
+        assert_eq!(c.export.gguf_type, "TQ2_0");
+        // Relative corpus paths are taken from the config's own directory.
+        assert!(
+            c.data.text[0].contains("scripts/train/../../target/corpus"),
+            "{:?}",
+            c.data.text
+        );
+    }
 }
 
 #[test]

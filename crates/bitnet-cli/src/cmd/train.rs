@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// AdamW's betas: B1,B2.
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     pub betas: Option<Vec<f64>>,
     #[arg(long)]
     pub eps: Option<f64>,
@@ -53,9 +53,17 @@ pub struct Args {
     pub grad_clip: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// f32 (default) or f64.
+    /// f32 (default), f64, or bf16 (mixed: f32 masters, bf16 linears and attention).
     #[arg(long, value_parser = parse_precision)]
     pub precision: Option<Precision>,
+    /// Where to train: cpu, cuda (GPU 0) or cuda:N. CUDA needs a bitnet built with
+    /// `--features cuda` (scripts/build-cuda.sh) and CUDA 13's libraries on the library path.
+    #[arg(long, env = "BITNET_TRAIN_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// On CUDA, let cuBLAS multiply f32 matrices on the tensor cores in TF32 (about 1e-3
+    /// relative error per product; faster).
+    #[arg(long)]
+    pub tf32: bool,
     /// Train plain float linears instead of BitLinear (the baseline to compare with).
     #[arg(long)]
     pub float: bool,
@@ -92,7 +100,8 @@ fn parse_precision(s: &str) -> Result<Precision, String> {
     match s {
         "f32" => Ok(Precision::F32),
         "f64" => Ok(Precision::F64),
-        o => Err(format!("unknown precision {o:?} (f32 or f64)")),
+        "bf16" => Ok(Precision::Bf16),
+        o => Err(format!("unknown precision {o:?} (f32, f64 or bf16)")),
     }
 }
 
@@ -130,7 +139,10 @@ pub fn build_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
         t.micro_batch_size = Some(m);
     }
     if let Some(b) = &args.betas {
-        t.betas = [b[0], b[1]];
+        let [b1, b2] = b[..] else {
+            bail!("--betas takes two numbers, B1,B2 (got {})", b.len());
+        };
+        t.betas = [b1, b2];
     }
     if args.float {
         c.model.quant = Quant::Float;
@@ -152,7 +164,15 @@ pub fn build_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
 
 pub fn run(args: Args) -> Result<()> {
     let (cfg, origin) = build_config(&args)?;
+    let device = bitnet_train::device(&args.device)?;
+    if args.tf32 {
+        if device.is_cpu() {
+            bail!("--tf32 is for --device cuda");
+        }
+        bitnet_train::set_tf32(true);
+    }
     let opts = RunOptions {
+        device,
         out: args.out.clone(),
         resume: args.resume,
         metrics: args.metrics.clone(),
@@ -164,8 +184,9 @@ pub fn run(args: Args) -> Result<()> {
     let steps = t.cfg.train.steps;
     let s = &t.model.shape;
     eprintln!(
-        "training a {} model: {} layers, hidden {}, {} heads ({} kv), vocab {}, {:.2} M parameters; \
+        "training on {} a {} model: {} layers, hidden {}, {} heads ({} kv), vocab {}, {:.2} M parameters; \
          {} steps of {} rows x {} tokens ({}); data: {} rows, {} held out",
+        args.device,
         if s.quant == Quant::Ternary {
             "ternary (BitLinear)"
         } else {
@@ -237,8 +258,12 @@ pub fn run(args: Args) -> Result<()> {
     if summary.final_loss.is_nan() {
         eprintln!("nothing left to train at step {}: {held}", summary.steps);
     } else {
+        let steady = summary
+            .steady_tokens_per_second
+            .map(|r| format!(" ({r:.0} tokens/s in the steps after the first two)"))
+            .unwrap_or_default();
         eprintln!(
-            "done: {} steps, last batch loss {:.4}, {held}, {:.0} tokens/s",
+            "done: {} steps, last batch loss {:.4}, {held}, {:.0} tokens/s{steady}",
             summary.steps, summary.final_loss, summary.tokens_per_second
         );
     }
