@@ -115,9 +115,22 @@ impl CustomOp1 for WeightQuant {
     }
 }
 
-/// `x + (q - x).detach()`: the value `q`, the gradient of `x` (the straight-through estimator
-/// written as tensor operations, as PyTorch BitNet trainers write it).
-fn straight_through(x: &Tensor, xd: &Tensor, q: &Tensor) -> Result<Tensor> {
+/// Fake quantization with the straight-through estimator, written as tensor operations (as
+/// PyTorch BitNet trainers write it): the value `round(x * s).clamp(lo, hi) / s`, the gradient of
+/// `x`, as `x + (q - x).detach()`.
+fn fake_quant_ste(
+    x: &Tensor,
+    s: impl Fn(&Tensor) -> Result<Tensor>,
+    lo: f64,
+    hi: f64,
+) -> Result<Tensor> {
+    let xd = x.detach();
+    let s = s(&xd)?;
+    let q = xd
+        .broadcast_mul(&s)?
+        .round()?
+        .clamp(lo, hi)?
+        .broadcast_div(&s)?;
     x + (q - xd)?
 }
 
@@ -126,29 +139,21 @@ fn straight_through(x: &Tensor, xd: &Tensor, q: &Tensor) -> Result<Tensor> {
 /// back), but rounding half away from zero where the CPU path rounds half to even, which differs
 /// only where `x * 127 / absmax` is an exact tie.
 pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
-    let xd = x.detach();
-    let absmax = xd.abs()?.max_keepdim(D::Minus1)?.maximum(f64::from(EPS))?;
-    let s = (absmax.ones_like()? * 127.0)?.div(&absmax)?;
-    let q = xd
-        .broadcast_mul(&s)?
-        .round()?
-        .clamp(-128.0, 127.0)?
-        .broadcast_div(&s)?;
-    straight_through(x, &xd, &q)
+    let scale = |x: &Tensor| {
+        let absmax = x.abs()?.max_keepdim(D::Minus1)?.maximum(f64::from(EPS))?;
+        (absmax.ones_like()? * 127.0)?.div(&absmax)
+    };
+    fake_quant_ste(x, scale, -128.0, 127.0)
 }
 
 /// [`WeightQuant`] built from tensor operations, for devices other than the CPU: `1 / mean|W|`
 /// over the whole tensor (clamped at [`EPS`]), rounded, clamped to [-1, 1], divided back.
 pub fn weight_quant_ste(w: &Tensor) -> Result<Tensor> {
-    let wd = w.detach();
-    let mean = wd.abs()?.mean_all()?.maximum(f64::from(EPS))?;
-    let s = mean.ones_like()?.div(&mean)?;
-    let q = wd
-        .broadcast_mul(&s)?
-        .round()?
-        .clamp(-1.0, 1.0)?
-        .broadcast_div(&s)?;
-    straight_through(w, &wd, &q)
+    let scale = |w: &Tensor| {
+        let mean = w.abs()?.mean_all()?.maximum(f64::from(EPS))?;
+        mean.ones_like()?.div(&mean)
+    };
+    fake_quant_ste(w, scale, -1.0, 1.0)
 }
 
 /// `x @ w.T` for `x: [n, in]`, `w: [out, in]` (the master weight, cast to `x`'s type); BitLinear

@@ -66,6 +66,7 @@ impl AdamW {
 }
 
 /// The global L2 norm of all gradients, computed in f64.
+///
 /// The per-tensor sums stay on the device and are read back once (one synchronization per
 /// step on a GPU, not one per tensor).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
