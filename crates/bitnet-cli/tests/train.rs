@@ -4,6 +4,8 @@
 //! and a full disk leaves the previous checkpoint usable.
 
 mod cli;
+#[path = "../../bitnet-formats/tests/common/mod.rs"]
+mod common;
 
 use bitnet_train::config::Quant;
 use bitnet_train::model::TrainModel;
@@ -345,6 +347,129 @@ gguf_type = "I2_S"
             .arg("8"),
     );
     assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+}
+
+/// Distillation from the real SmolLM2-135M-Instruct that the engine runs: text is tokenized with
+/// the teacher's tokenizer (written to OUT/tokenizer.json and carried into the GGUF), the student
+/// takes the teacher's vocabulary, the metrics carry both terms, the KL divergence to the teacher
+/// falls, and a student whose vocabulary differs, or a teacher without a tokenizer for text, is a
+/// clear error.
+#[test]
+fn distillation_from_smollm2_moves_the_student_toward_it() {
+    let Some(teacher) = common::smollm2() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[model]
+hidden_size = 64
+intermediate_size = 128
+num_hidden_layers = 2
+num_attention_heads = 4
+max_position_embeddings = 64
+
+[data]
+text = ["{}"]
+seq_len = 32
+heldout_fraction = 0.1
+
+[train]
+steps = 12
+batch_size = 4
+lr = 1e-2
+warmup = 2
+
+[export]
+gguf_type = "I2_S"
+
+[distill]
+teacher = "{}"
+alpha = 0.9
+"#,
+            repo().join("testdata/text/*.txt").display(),
+            teacher.display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let o = succeeds(
+        bitnet()
+            .arg("train")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&out)
+            .arg("--quiet"),
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("distilling from") && err.contains("vocab 49152"),
+        "{err}"
+    );
+    let tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap())
+            .unwrap();
+    assert!(
+        tok["added_tokens"].to_string().contains("<|im_start|>"),
+        "not SmolLM2's tokenizer"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let mut lines = metrics.lines();
+    assert_eq!(lines.next(), Some("step,loss,lr,grad_norm,ce,kl"));
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 12);
+    for r in &rows {
+        let mix = 0.9 * r[5] + 0.1 * r[4];
+        assert!((r[1] - mix).abs() <= 1e-5 * r[1], "objective {r:?}");
+    }
+    let (first, last) = (rows[0][5], rows[11][5]);
+    eprintln!("KL to SmolLM2: {first} -> {last}");
+    assert!(last < 0.8 * first, "the KL did not fall: {first} -> {last}");
+    let o = succeeds(
+        bitnet()
+            .arg("run")
+            .arg("-m")
+            .arg(out.join("model.gguf"))
+            .arg("-p")
+            .arg("To be")
+            .arg("-n")
+            .arg("4"),
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+    // The tiny model's vocabulary (250) is not SmolLM2's.
+    fails_with(
+        train(&tmp.path().join("v"), &["--teacher"]).arg(&teacher),
+        "the teacher's vocabulary has 49152 entries, the student's 250",
+    );
+    // A teacher with no tokenizer cannot tokenize text.
+    fails_with(
+        bitnet()
+            .arg("train")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("--teacher")
+            .arg(tiny_init())
+            .arg("-o")
+            .arg(tmp.path().join("t")),
+        "the teacher ships no tokenizer",
+    );
+    fails_with(
+        bitnet()
+            .arg("train")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("--distill-alpha")
+            .arg("1.5")
+            .arg("-o")
+            .arg(tmp.path().join("a")),
+        "distill.alpha must lie in [0, 1]",
+    );
 }
 
 fn fails_with(cmd: &mut Command, needle: &str) {

@@ -17,6 +17,7 @@ pub struct TrainConfig {
     pub eval: EvalConfig,
     pub checkpoint: CheckpointConfig,
     pub export: ExportConfig,
+    pub distill: DistillConfig,
 }
 
 /// How linear layers compute.
@@ -248,6 +249,29 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Knowledge distillation from a float teacher (see [`crate::distill`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillConfig {
+    /// A model the inference engine runs (GGUF file or Hugging Face directory) with the
+    /// student's vocabulary. Text data is then tokenized with the teacher's tokenizer.
+    pub teacher: Option<PathBuf>,
+    /// Weight of the distillation term; the data's cross-entropy gets `1 - alpha`.
+    pub alpha: f64,
+    /// Softmax temperature of both distributions in the distillation term.
+    pub temperature: f64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self {
+            teacher: None,
+            alpha: 0.5,
+            temperature: 1.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExportConfig {
@@ -295,6 +319,9 @@ impl TrainConfig {
             rebase(p);
         }
         if let Some(p) = cfg.data.tokenizer.as_mut() {
+            rebase(p);
+        }
+        if let Some(p) = cfg.distill.teacher.as_mut() {
             rebase(p);
         }
         for t in cfg.data.text.iter_mut() {
@@ -361,6 +388,14 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&t.stage2_start) || !(0.0..=1.0).contains(&t.stage2_lr_ratio) {
             return bad("stage2_start and stage2_lr_ratio must lie in [0, 1]".into());
+        }
+        let d = &self.distill;
+        if !((0.0..=1.0).contains(&d.alpha) && d.temperature.is_finite() && d.temperature > 0.0) {
+            return bad(format!(
+                "distill.alpha must lie in [0, 1] and distill.temperature be positive (alpha {}, \
+                 temperature {})",
+                d.alpha, d.temperature
+            ));
         }
         if self.data.npy.is_some() != self.data.text.is_empty() {
             return bad("give the data as exactly one of data.npy or data.text".into());
@@ -440,12 +475,17 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// What must match for a checkpoint to continue this run: the model and the optimizer's
-    /// settings, not the step count or where things are written.
-    pub fn fingerprint(&self) -> String {
+    /// What must match for a checkpoint to continue this run: the model, the optimizer's
+    /// settings and the objective (distillation's weights), not the step count or where things
+    /// are written.
+    pub fn fingerprint(&self, distilling: bool) -> String {
         let mut t = self.train.clone();
         t.steps = 0;
-        serde_json::json!({ "model": self.model, "train": t, "seq_len": self.data.seq_len })
-            .to_string()
+        let mut j =
+            serde_json::json!({ "model": self.model, "train": t, "seq_len": self.data.seq_len });
+        if distilling {
+            j["distill"] = serde_json::json!([self.distill.alpha, self.distill.temperature]);
+        }
+        j.to_string()
     }
 }

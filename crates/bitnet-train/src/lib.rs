@@ -15,6 +15,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod export;
 pub mod model;

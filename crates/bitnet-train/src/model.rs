@@ -398,11 +398,31 @@ impl TrainModel {
     /// Mean next-token cross-entropy of rows `[b, t + 1]` (u32): the model reads the first `t`
     /// tokens of each row and is scored on the last `t`.
     pub fn loss(&self, rows: &Tensor) -> Result<Tensor> {
+        Ok(self.loss_terms(rows, None)?.0)
+    }
+
+    /// The cross-entropy of [`Self::loss`] and, given the teacher's logits of the same positions
+    /// (`[b * t, vocab]`) and a temperature, the distillation term [`ops::distill_kl`]; one
+    /// forward pass serves both.
+    pub fn loss_terms(
+        &self,
+        rows: &Tensor,
+        teacher: Option<(&Tensor, f64)>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let w = rows.dim(D::Minus1)?;
         let input = rows.narrow(1, 0, w - 1)?.contiguous()?;
         let target = rows.narrow(1, 1, w - 1)?.flatten_all()?.contiguous()?;
         let logits = self.forward(&input)?;
-        Ok(ops::cross_entropy(&logits, &target)?)
+        let ce = ops::cross_entropy(&logits, &target)?;
+        let kl = match teacher {
+            Some((t, temperature)) => Some(ops::distill_kl(
+                &logits,
+                &t.to_dtype(logits.dtype())?,
+                temperature,
+            )?),
+            None => None,
+        };
+        Ok((ce, kl))
     }
 
     /// Every parameter as f32 values, by name (for exports).

@@ -264,15 +264,33 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&s)
 }
 
+/// `log_softmax` over the last dimension, shifted by the (constant) row maximum.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
 /// Mean cross-entropy of `logits: [n, vocab]` against `targets: [n]` (u32), as
 /// `torch.nn.functional.cross_entropy` with the default mean reduction.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let logp = shifted.broadcast_sub(&lse)?;
+    let logp = log_softmax_last(logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
     picked.mean_all()?.neg()
+}
+
+/// The distillation term `T² * KL(softmax(teacher / T) || softmax(student / T))` of
+/// `[n, vocab]` logits, summed over the vocabulary and averaged over the `n` positions: as
+/// `T**2 * kl_div(log_softmax(s / T), log_softmax(t / T), reduction="batchmean",
+/// log_target=True)`. No gradient flows into `teacher`.
+pub fn distill_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    let log_q = log_softmax_last(&(student / temperature)?)?;
+    let log_p = log_softmax_last(&(teacher.detach() / temperature)?)?.detach();
+    let kl = (log_p.exp()? * (log_p - log_q)?)?
+        .sum(D::Minus1)?
+        .mean_all()?;
+    kl * (temperature * temperature)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use crate::checkpoint;
 use crate::config::{Quant, TrainConfig};
 use crate::data::{self, TokenRows};
+use crate::distill::{EngineTeacher, Teacher, TeacherFeed};
 use crate::error::{Result, TrainError, io_err};
 use crate::export;
 use crate::model::{self, Shape, TrainModel};
@@ -11,6 +12,7 @@ use crate::optim::{self, AdamW};
 use candle_core::{DType, Device, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What the command line adds to a config.
@@ -33,6 +35,8 @@ pub struct RunOptions {
     /// Stop after this many updates in this invocation, with a checkpoint, to be continued by
     /// `resume` (a time-sliced or preemptible job).
     pub stop_after: Option<u64>,
+    /// Distil from this teacher (in place of loading `distill.teacher` from the config).
+    pub teacher: Option<Arc<dyn Teacher>>,
 }
 
 impl Default for RunOptions {
@@ -45,6 +49,7 @@ impl Default for RunOptions {
             init: None,
             export: false,
             stop_after: None,
+            teacher: None,
         }
     }
 }
@@ -55,8 +60,13 @@ pub struct StepReport {
     /// 0-based index of the update just made.
     pub step: u64,
     pub steps: u64,
-    /// Mean cross-entropy of the step's batch, before the update.
+    /// The objective of the step's batch, before the update: the mean cross-entropy, or with
+    /// a teacher `alpha * kl + (1 - alpha) * ce`.
     pub loss: f64,
+    /// The data's mean cross-entropy.
+    pub ce: f64,
+    /// The distillation term, when there is a teacher.
+    pub kl: Option<f64>,
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -97,6 +107,15 @@ pub struct Trainer {
     metrics_path: PathBuf,
     fingerprint: String,
     decay: Vec<bool>,
+    feed: Option<TeacherFeed>,
+}
+
+/// The objective of one batch, as [`Trainer::batch_grads`] reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLoss {
+    pub loss: f64,
+    pub ce: f64,
+    pub kl: Option<f64>,
 }
 
 fn data_err(path: &Path, message: String) -> TrainError {
@@ -111,6 +130,7 @@ impl Trainer {
     pub fn new(mut cfg: TrainConfig, origin: &Path, opts: RunOptions) -> Result<Self> {
         cfg.validate(origin)?;
         let dtype = model::dtype(cfg.train.precision);
+        let teacher = load_teacher(&mut cfg, &opts)?;
         let (train, heldout, tokenizer) = load_data(&cfg, &opts.out)?;
         let seq = train.width - 1;
         if let Some(s) = cfg.data.seq_len
@@ -132,6 +152,7 @@ impl Trainer {
                 let vocab = cfg
                     .model
                     .vocab_size
+                    .or(teacher.as_ref().map(|t| t.vocab()))
                     .or(tokenizer.as_ref().map(|t| t.1))
                     .unwrap_or_else(|| train.vocab_needed());
                 cfg.model.vocab_size = Some(vocab);
@@ -143,6 +164,19 @@ impl Trainer {
                 )?
             }
         };
+        if let Some(t) = &teacher
+            && t.vocab() != model.shape.vocab
+        {
+            return Err(TrainError::Config {
+                path: cfg.distill.teacher.clone().unwrap_or_else(|| origin.into()),
+                message: format!(
+                    "the teacher's vocabulary has {} entries, the student's {}: distillation \
+                     needs the same vocabulary",
+                    t.vocab(),
+                    model.shape.vocab
+                ),
+            });
+        }
         if opts.export && model.shape.quant == Quant::Ternary {
             // Before any step: a run that cannot be exported fails now, not at the end.
             cfg.check_export(origin)?;
@@ -184,7 +218,7 @@ impl Trainer {
         let mut model = model.to_device(&opts.device)?;
         model.compute = model::compute_dtype(cfg.train.precision);
         let mut opt = AdamW::new(&model.vars, &cfg.train)?;
-        let fingerprint = cfg.fingerprint();
+        let fingerprint = cfg.fingerprint(teacher.is_some());
         let mut step = 0;
         if opts.resume {
             step = checkpoint::load(&opts.out, &model, &mut opt, &fingerprint)?;
@@ -193,7 +227,12 @@ impl Trainer {
             .metrics
             .clone()
             .unwrap_or_else(|| opts.out.join("metrics.csv"));
-        start_csv(&metrics_path, "step,loss,lr,grad_norm", step)?;
+        let header = if teacher.is_some() {
+            "step,loss,lr,grad_norm,ce,kl"
+        } else {
+            "step,loss,lr,grad_norm"
+        };
+        start_csv(&metrics_path, header, step)?;
         start_csv(
             &opts.out.join("eval.csv"),
             "step,eval_loss,eval_ppl",
@@ -212,7 +251,13 @@ impl Trainer {
             metrics_path,
             fingerprint,
             decay,
+            feed: teacher.map(TeacherFeed::new),
         })
+    }
+
+    /// The teacher of a distillation run.
+    pub fn teacher(&self) -> Option<&dyn Teacher> {
+        self.feed.as_ref().map(TeacherFeed::teacher)
     }
 
     pub fn seq_len(&self) -> usize {
@@ -241,16 +286,66 @@ impl Trainer {
 
     /// Loss and gradients of one batch, accumulated over micro-batches.
     pub fn loss_and_grads(&self) -> Result<(f64, Vec<Tensor>)> {
+        let (l, g) = self.batch_grads()?;
+        Ok((l.loss, g))
+    }
+
+    /// The token rows of micro-batch `a` of update `step`.
+    fn micro_rows(&self, step: u64, a: usize) -> Vec<u32> {
+        let t = &self.cfg.train;
+        let micro = t.micro();
+        self.train
+            .take_wrapping(step * t.batch_size as u64 + (a * micro) as u64, micro)
+    }
+
+    /// What the teacher scores for `rows`: every row less its last token.
+    fn teacher_job(&self, rows: &[u32]) -> (Vec<u32>, usize, usize) {
+        let w = self.train.width;
+        let ids = rows.chunks(w).flat_map(|r| &r[..w - 1]).copied().collect();
+        (ids, rows.len() / w, w - 1)
+    }
+
+    /// The objective of one batch and its gradients, accumulated over micro-batches.
+    pub fn batch_grads(&self) -> Result<(BatchLoss, Vec<Tensor>)> {
         let t = &self.cfg.train;
         let micro = t.micro();
         let accum = t.batch_size / micro;
+        let alpha = self.cfg.distill.alpha;
         let mut grads: Option<Vec<Tensor>> = None;
-        let mut loss_sum = 0.0;
+        let (mut loss_sum, mut ce_sum, mut kl_sum) = (0.0, 0.0, 0.0);
+        let scalar =
+            |x: &Tensor| -> Result<f64> { Ok(x.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         for a in 0..accum {
-            let start = self.step * t.batch_size as u64 + (a * micro) as u64;
-            let rows = self.rows_tensor(self.train.take_wrapping(start, micro), micro)?;
-            let loss = self.model.loss(&rows)?;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let ids = self.micro_rows(self.step, a);
+            let teacher = match &self.feed {
+                Some(feed) => {
+                    let next = if a + 1 < accum {
+                        self.micro_rows(self.step, a + 1)
+                    } else {
+                        self.micro_rows(self.step + 1, 0)
+                    };
+                    let v = feed.teacher().vocab();
+                    let logits =
+                        feed.logits(self.teacher_job(&ids), Some(self.teacher_job(&next)))?;
+                    let n = logits.len() / v;
+                    Some(Tensor::from_vec(logits, (n, v), &self.model.device)?)
+                }
+                None => None,
+            };
+            let rows = self.rows_tensor(ids, micro)?;
+            let (ce, kl) = self.model.loss_terms(
+                &rows,
+                teacher.as_ref().map(|l| (l, self.cfg.distill.temperature)),
+            )?;
+            let loss = match &kl {
+                Some(kl) => {
+                    ce_sum += scalar(&ce)?;
+                    kl_sum += scalar(kl)?;
+                    ((kl * alpha)? + (&ce * (1.0 - alpha))?)?
+                }
+                None => ce,
+            };
+            loss_sum += scalar(&loss)?;
             let scaled = if accum == 1 {
                 loss
             } else {
@@ -275,17 +370,29 @@ impl Trainer {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
-        Ok((
-            loss_sum / accum as f64,
-            grads.expect("at least one micro-batch"),
-        ))
+        let n = accum as f64;
+        let loss = loss_sum / n;
+        let report = match self.feed {
+            Some(_) => BatchLoss {
+                loss,
+                ce: ce_sum / n,
+                kl: Some(kl_sum / n),
+            },
+            None => BatchLoss {
+                loss,
+                ce: loss,
+                kl: None,
+            },
+        };
+        Ok((report, grads.expect("at least one micro-batch")))
     }
 
     /// One optimizer update; appends its row to the metrics.
     pub fn train_step(&mut self) -> Result<StepReport> {
         let started = Instant::now();
         let (lr, wd) = optim::schedule(&self.cfg.train, self.step);
-        let (loss, mut grads) = self.loss_and_grads()?;
+        let (batch, mut grads) = self.batch_grads()?;
+        let loss = batch.loss;
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
                 step: self.step,
@@ -306,16 +413,19 @@ impl Trainer {
             step: self.step,
             steps: self.cfg.train.steps,
             loss,
+            ce: batch.ce,
+            kl: batch.kl,
             lr,
             grad_norm: norm,
             tokens: self.tokens_per_step(),
             seconds: started.elapsed().as_secs_f64(),
             eval_loss: None,
         };
-        append_line(
-            &self.metrics_path,
-            &format!("{},{},{},{}", self.step, loss, lr, norm),
-        )?;
+        let mut row = format!("{},{},{},{}", self.step, loss, lr, norm);
+        if let Some(kl) = batch.kl {
+            row.push_str(&format!(",{},{kl}", batch.ce));
+        }
+        append_line(&self.metrics_path, &row)?;
         self.step += 1;
         Ok(report)
     }
@@ -432,6 +542,41 @@ impl Trainer {
         };
         Ok((hf, gguf))
     }
+}
+
+/// The teacher of a distillation run: the one given in `opts`, or `distill.teacher` loaded by
+/// the engine. Text data without a tokenizer of its own is tokenized with the teacher's (written
+/// to `out/tokenizer.json`, which the exports then carry).
+fn load_teacher(cfg: &mut TrainConfig, opts: &RunOptions) -> Result<Option<Arc<dyn Teacher>>> {
+    if let Some(t) = &opts.teacher {
+        return Ok(Some(t.clone()));
+    }
+    let Some(path) = cfg.distill.teacher.clone() else {
+        return Ok(None);
+    };
+    let (teacher, tokenizer) = EngineTeacher::load(&path)?;
+    if !cfg.data.text.is_empty() && cfg.data.tokenizer.is_none() {
+        let Some(tok) = tokenizer else {
+            return Err(TrainError::Config {
+                path,
+                message: "the teacher ships no tokenizer: give data.tokenizer (the teacher's \
+                          tokenizer.json)"
+                    .into(),
+            });
+        };
+        let json = tok
+            .inner()
+            .to_string(false)
+            .map_err(|e| TrainError::Config {
+                path: path.clone(),
+                message: format!("cannot write the teacher's tokenizer: {e}"),
+            })?;
+        std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+        let p = opts.out.join("tokenizer.json");
+        bitnet_formats::atomic::write_atomic_bytes(&p, json.as_bytes())?;
+        cfg.data.tokenizer = Some(p);
+    }
+    Ok(Some(Arc::new(teacher)))
 }
 
 /// Token rows for training and evaluation, and the tokenizer when there is one.

@@ -53,4 +53,9 @@ fn mistakes_are_named() {
             .contains("not a ternary type")
     );
     assert!(err("[data]\nnpy = \"a.npy\"\nseq_len = 9999\n").contains("max_position_embeddings"));
+    assert!(err("[distill]\ntemprature = 2.0\n").contains("temprature"));
+    assert!(
+        err("[data]\nnpy = \"a.npy\"\n[distill]\ntemperature = 0.0\n")
+            .contains("distill.temperature")
+    );
 }

@@ -64,6 +64,17 @@ pub struct Args {
     /// relative error per product; faster).
     #[arg(long)]
     pub tf32: bool,
+    /// Distil from this float teacher (a GGUF file or Hugging Face directory the engine runs,
+    /// with the student's vocabulary): the loss becomes ALPHA * T² * KL(teacher || student) +
+    /// (1 - ALPHA) * cross-entropy. Text data is tokenized with the teacher's tokenizer.
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// Weight ALPHA of the distillation term (default 0.5).
+    #[arg(long)]
+    pub distill_alpha: Option<f64>,
+    /// Softmax temperature T of the distillation term (default 1).
+    #[arg(long)]
+    pub distill_temperature: Option<f64>,
     /// Train plain float linears instead of BitLinear (the baseline to compare with).
     #[arg(long)]
     pub float: bool,
@@ -147,6 +158,15 @@ pub fn build_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
     if args.float {
         c.model.quant = Quant::Float;
     }
+    if let Some(t) = &args.teacher {
+        c.distill.teacher = Some(t.clone());
+    }
+    if let Some(a) = args.distill_alpha {
+        c.distill.alpha = a;
+    }
+    if let Some(t) = args.distill_temperature {
+        c.distill.temperature = t;
+    }
     if let Some(t) = &args.gguf_type {
         c.export.gguf_type = t.to_ascii_uppercase();
     }
@@ -179,6 +199,7 @@ pub fn run(args: Args) -> Result<()> {
         init: args.init.clone(),
         export: !args.no_export,
         stop_after: args.stop_after,
+        teacher: None,
     };
     let mut t = Trainer::new(cfg, &origin, opts).context("cannot start the run")?;
     let steps = t.cfg.train.steps;
@@ -209,6 +230,14 @@ pub fn run(args: Args) -> Result<()> {
         t.data_rows().0,
         t.data_rows().1,
     );
+    if let Some(teacher) = t.teacher() {
+        eprintln!(
+            "distilling from {} (alpha {}, temperature {})",
+            teacher.describe(),
+            t.cfg.distill.alpha,
+            t.cfg.distill.temperature
+        );
+    }
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
@@ -232,8 +261,11 @@ pub fn run(args: Args) -> Result<()> {
             0.9 * tok_per_s + 0.1 * rate
         };
         bar.set_position(r.step + 1);
+        let kl =
+            r.kl.map(|kl| format!(" (ce {:.4}, kl {kl:.4})", r.ce))
+                .unwrap_or_default();
         bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+            "loss {:.4}{kl}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
             r.loss, r.lr, r.grad_norm, tok_per_s
         ));
         if let Some(e) = r.eval_loss {
