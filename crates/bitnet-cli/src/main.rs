@@ -35,7 +35,7 @@ enum Command {
     Perplexity(cmd::perplexity::Args),
     /// Train a ternary (BitNet b1.58) model: quantization-aware, from scratch or from float
     /// weights, with checkpoints, --resume and exports to GGUF and Hugging Face.
-    Train(cmd::train::Args),
+    Train(Box<cmd::train::Args>),
     /// Write the configuration file, asking for each setting (or `--yes` for the defaults).
     Init(cmd::init::Args),
     /// Check this machine and configuration, and say what to fix.
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Command::Quantize(args) => cmd::quantize::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Perplexity(args) => cmd::perplexity::run(args),
-        Command::Train(args) => cmd::train::run(args),
+        Command::Train(args) => cmd::train::run(*args),
         Command::Init(args) => cmd::init::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Models(args) => cmd::models::run(args),

@@ -9,8 +9,9 @@
 //! next-token cross-entropy (Hinton et al., "Distilling the Knowledge in a Neural Network", 2015:
 //! the `T²` keeps the soft term's gradient on the scale of the hard one's).
 //!
-//! The teacher runs on the CPU in its own thread, one batch ahead of the student: on a GPU the
-//! teacher's next batch is computed while the student trains on this one.
+//! The teacher runs on the CPU in its own thread. For a student on a GPU it scores one
+//! micro-batch ahead, so that its next batch is computed while the student trains on this one;
+//! a student on the CPU waits for it instead of competing for the same cores.
 
 use crate::error::{Result, TrainError};
 use bitnet_formats::tokenizer::TextTokenizer;
@@ -102,7 +103,11 @@ impl Teacher for EngineTeacher {
     }
 
     fn describe(&self) -> String {
-        format!("{} ({})", self.path.display(), self.description)
+        if self.description.contains(&*self.path.to_string_lossy()) {
+            self.description.clone()
+        } else {
+            format!("{} ({})", self.path.display(), self.description)
+        }
     }
 }
 

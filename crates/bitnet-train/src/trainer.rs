@@ -108,6 +108,7 @@ pub struct Trainer {
     fingerprint: String,
     decay: Vec<bool>,
     feed: Option<TeacherFeed>,
+    lookahead: bool,
 }
 
 /// The objective of one batch, as [`Trainer::batch_grads`] reports it.
@@ -238,6 +239,9 @@ impl Trainer {
             "step,eval_loss,eval_ppl",
             step + 1,
         )?;
+        // Scoring ahead overlaps the teacher's CPU work with a GPU student's step; a CPU
+        // student would only fight the teacher for the same cores.
+        let lookahead = !opts.device.is_cpu();
         let decay = (0..model.vars.len()).map(|i| model.decays(i)).collect();
         Ok(Self {
             cfg,
@@ -252,7 +256,14 @@ impl Trainer {
             fingerprint,
             decay,
             feed: teacher.map(TeacherFeed::new),
+            lookahead,
         })
+    }
+
+    /// Whether the teacher scores the next micro-batch while the student trains on this one
+    /// (by default when the student is not on the CPU). The run is the same either way.
+    pub fn set_teacher_lookahead(&mut self, on: bool) {
+        self.lookahead = on;
     }
 
     /// The teacher of a distillation run.
@@ -319,14 +330,16 @@ impl Trainer {
             let ids = self.micro_rows(self.step, a);
             let teacher = match &self.feed {
                 Some(feed) => {
-                    let next = if a + 1 < accum {
-                        self.micro_rows(self.step, a + 1)
-                    } else {
-                        self.micro_rows(self.step + 1, 0)
-                    };
+                    let next = self.lookahead.then(|| {
+                        let rows = if a + 1 < accum {
+                            self.micro_rows(self.step, a + 1)
+                        } else {
+                            self.micro_rows(self.step + 1, 0)
+                        };
+                        self.teacher_job(&rows)
+                    });
                     let v = feed.teacher().vocab();
-                    let logits =
-                        feed.logits(self.teacher_job(&ids), Some(self.teacher_job(&next)))?;
+                    let logits = feed.logits(self.teacher_job(&ids), next)?;
                     let n = logits.len() / v;
                     Some(Tensor::from_vec(logits, (n, v), &self.model.device)?)
                 }
@@ -430,18 +443,48 @@ impl Trainer {
         Ok(report)
     }
 
-    /// Mean cross-entropy over the held-out rows (at most `eval.max_rows` of them).
-    pub fn evaluate(&self) -> Result<Option<f64>> {
-        let Some(h) = &self.heldout else {
-            return Ok(None);
-        };
+    /// The held-out rows an evaluation reads: at most `eval.max_rows` of them.
+    fn eval_rows(&self) -> Option<(&TokenRows, usize)> {
+        let h = self.heldout.as_ref()?;
         let n = match self.cfg.eval.max_rows {
             0 => h.rows(),
             m => h.rows().min(m),
         };
-        if n == 0 {
+        (n > 0).then_some((h, n))
+    }
+
+    /// The teacher's own mean cross-entropy over the rows [`Self::evaluate`] reads: what the
+    /// student is measured against. `None` without a teacher or held-out rows.
+    pub fn teacher_heldout_loss(&self) -> Result<Option<f64>> {
+        let (Some(feed), Some((h, n))) = (&self.feed, self.eval_rows()) else {
             return Ok(None);
+        };
+        let (w, v) = (h.width, feed.teacher().vocab());
+        let (mut sum, mut count) = (0.0, 0usize);
+        let micro = self.cfg.train.micro();
+        let mut done = 0;
+        while done < n {
+            let k = micro.min(n - done);
+            let rows = h.take_wrapping(done as u64, k);
+            let (ids, r, seq) = self.teacher_job(&rows);
+            let logits = feed.teacher().logits(&ids, r, seq)?;
+            for (i, z) in logits.chunks(v).enumerate() {
+                let target = rows[(i / seq) * w + i % seq + 1] as usize;
+                let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                let lse = max + z.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                sum += lse - z[target] as f64;
+                count += 1;
+            }
+            done += k;
         }
+        Ok(Some(sum / count as f64))
+    }
+
+    /// Mean cross-entropy over the held-out rows (at most `eval.max_rows` of them).
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        let Some((h, n)) = self.eval_rows() else {
+            return Ok(None);
+        };
         let micro = self.cfg.train.micro();
         let mut sum = 0.0;
         let mut done = 0;

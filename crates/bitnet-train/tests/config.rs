@@ -5,7 +5,11 @@ use std::path::Path;
 
 #[test]
 fn the_demo_models_configs_are_valid() {
-    for name in ["shakespeare.toml", "shakespeare-27m.toml"] {
+    for name in [
+        "shakespeare.toml",
+        "shakespeare-27m.toml",
+        "shakespeare-distill.toml",
+    ] {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../scripts/train")
             .join(name);

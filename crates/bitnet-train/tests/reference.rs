@@ -303,6 +303,8 @@ fn distillation_matches_pytorch_in_double_precision() {
             },
         )
         .unwrap();
+        // With two micro-batches, the teacher also scores ahead (as it does for a GPU student).
+        t.set_teacher_lookahead(micro.is_some());
         let (loss, gerr) = grads_error(&t, "distill_grads_f64.safetensors");
         let l0 = want["loss"][0].as_f64().unwrap();
         eprintln!("distill micro {micro:?}: step-0 objective {loss} vs {l0}, gradients {gerr:e}");
@@ -349,6 +351,8 @@ fn an_engine_teacher_equal_to_the_student_gives_no_divergence() {
     let mut c = config(Precision::F32, Some(2));
     c.distill.teacher = Some(init.clone());
     c.distill.alpha = 1.0;
+    c.data.heldout_npy = Some(golden().join("data.npy"));
+    c.eval.max_rows = 24;
     let t = Trainer::new(
         c,
         Path::new("reference.toml"),
@@ -371,4 +375,14 @@ fn an_engine_teacher_equal_to_the_student_gives_no_divergence() {
     assert!(l.ce > 4.0, "{}", l.ce);
     assert!(kl.abs() < 1e-5, "kl {kl}");
     assert_eq!(l.loss, kl, "alpha 1 leaves the KL alone");
+    // The teacher's own held-out loss, computed from its logits, is the student's.
+    let (teacher, student) = (
+        t.teacher_heldout_loss().unwrap().unwrap(),
+        t.evaluate().unwrap().unwrap(),
+    );
+    eprintln!("held-out loss: teacher {teacher}, student {student}");
+    assert!(
+        (teacher - student).abs() < 1e-4 * student,
+        "{teacher} vs {student}"
+    );
 }

@@ -20,6 +20,9 @@ pub struct Args {
     /// Pre-tokenized rows: int32 .npy [N, seq_len + 1], used in order, no shuffling.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// The tokenizer.json that text data is tokenized with (in place of one trained on it).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Held-out rows for evaluation (.npy, the same width).
     #[arg(long)]
     pub heldout: Option<PathBuf>,
@@ -125,6 +128,9 @@ pub fn build_config(args: &Args) -> Result<(TrainConfig, PathBuf)> {
     if let Some(d) = &args.data {
         c.data.npy = Some(d.clone());
         c.data.text.clear();
+    }
+    if let Some(t) = &args.tokenizer {
+        c.data.tokenizer = Some(t.clone());
     }
     if let Some(h) = &args.heldout {
         c.data.heldout_npy = Some(h.clone());
@@ -297,6 +303,12 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!(
             "done: {} steps, last batch loss {:.4}, {held}, {:.0} tokens/s{steady}",
             summary.steps, summary.final_loss, summary.tokens_per_second
+        );
+    }
+    if let Some(e) = t.teacher_heldout_loss()? {
+        eprintln!(
+            "the teacher on the same held-out rows: loss {e:.4} (perplexity {:.2})",
+            e.exp()
         );
     }
     print_path("checkpoint", &args.out.join(bitnet_train::checkpoint::FILE));
