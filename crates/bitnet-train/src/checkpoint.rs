@@ -36,6 +36,17 @@ fn raw(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
         ),
+        // bf16 is the top half of an f32, so the widening is exact and the bytes are its bits.
+        DType::BF16 => (
+            Dtype::BF16,
+            dims,
+            t.to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+                .collect(),
+        ),
         other => {
             return Err(TrainError::Checkpoint {
                 path: FILE.into(),
@@ -144,6 +155,18 @@ pub fn load(dir: &Path, model: &TrainModel, opt: &mut AdamW, fingerprint: &str) 
                 v.shape(),
                 like.device(),
             )?,
+            (Dtype::BF16, DType::BF16) => Tensor::from_vec(
+                d.chunks_exact(2)
+                    .map(|c| {
+                        f32::from_bits(
+                            u32::from(u16::from_le_bytes(c.try_into().expect("2 bytes"))) << 16,
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+                v.shape(),
+                like.device(),
+            )?
+            .to_dtype(DType::BF16)?,
             (a, b) => return Err(bad(format!("{name} is {a:?}, the run trains in {b:?}"))),
         };
         Ok(t)
@@ -154,8 +177,8 @@ pub fn load(dir: &Path, model: &TrainModel, opt: &mut AdamW, fingerprint: &str) 
     for (i, name) in model.names.iter().enumerate() {
         let like = model.vars[i].as_tensor();
         params.push(load(&format!("param/{name}"), like)?);
-        m.push(load(&format!("adam_m/{name}"), like)?);
-        v.push(load(&format!("adam_v/{name}"), like)?);
+        m.push(load(&format!("adam_m/{name}"), &opt.m[i])?);
+        v.push(load(&format!("adam_v/{name}"), &opt.v[i])?);
     }
     // Only now that everything has been read: set the state.
     for (var, p) in model.vars.iter().zip(&params) {

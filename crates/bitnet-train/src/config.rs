@@ -158,6 +158,11 @@ pub enum Precision {
     /// Mixed precision: f32 master weights, optimizer state, residual stream, norms, softmax and
     /// loss; the linears and attention products in bf16 (the tensor cores on a GPU).
     Bf16,
+    /// bf16 master weights, gradients, residual stream and products (half the memory of f32
+    /// weights and gradients); AdamW's moments and its update in f32, rounded to bf16 once per
+    /// step; norms, softmax and the loss in f32.
+    #[serde(rename = "bf16-masters")]
+    Bf16Masters,
 }
 
 /// The optimizer and the loop.

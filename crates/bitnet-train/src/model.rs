@@ -83,13 +83,14 @@ pub fn dtype(p: Precision) -> DType {
     match p {
         Precision::F32 | Precision::Bf16 => DType::F32,
         Precision::F64 => DType::F64,
+        Precision::Bf16Masters => DType::BF16,
     }
 }
 
 /// The float type the linears and attention compute in.
 pub fn compute_dtype(p: Precision) -> DType {
     match p {
-        Precision::Bf16 => DType::BF16,
+        Precision::Bf16 | Precision::Bf16Masters => DType::BF16,
         p => dtype(p),
     }
 }
@@ -392,7 +393,15 @@ impl TrainModel {
         } else {
             self.var(names::LM_HEAD.hf)?.as_tensor()
         };
-        Ok(x.matmul(&c(head)?.t()?)?.to_dtype(self.dtype)?)
+        Ok(x.matmul(&c(head)?.t()?)?.to_dtype(self.logits_dtype())?)
+    }
+
+    /// The logits' type: the masters' type, or f32 for bf16 masters (the loss is computed there).
+    pub fn logits_dtype(&self) -> DType {
+        match self.dtype {
+            DType::BF16 | DType::F16 => DType::F32,
+            d => d,
+        }
     }
 
     /// Mean next-token cross-entropy of rows `[b, t + 1]` (u32): the model reads the first `t`

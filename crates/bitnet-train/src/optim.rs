@@ -5,6 +5,8 @@
 //! The update is PyTorch's `torch.optim.AdamW` (single-tensor path): `p *= 1 - lr * wd`;
 //! `m = b1 m + (1 - b1) g`; `v = b2 v + (1 - b2) g^2`;
 //! `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+//! For bf16 (or f16) masters the moments are f32 and the update is computed in f32 from the
+//! widened weight, then rounded back once.
 
 use crate::config::{Schedule, TrainSettings};
 use candle_core::{Result, Tensor, Var};
@@ -20,9 +22,17 @@ pub struct AdamW {
     pub v: Vec<Tensor>,
 }
 
+/// The type AdamW keeps its moments and computes its update in, for masters of type `dt`.
+pub fn state_dtype(dt: candle_core::DType) -> candle_core::DType {
+    match dt {
+        candle_core::DType::BF16 | candle_core::DType::F16 => candle_core::DType::F32,
+        d => d,
+    }
+}
+
 impl AdamW {
     pub fn new(vars: &[Var], s: &TrainSettings) -> Result<Self> {
-        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let zeros = |v: &Var| v.as_tensor().zeros_like()?.to_dtype(state_dtype(v.dtype()));
         Ok(Self {
             beta1: s.betas[0],
             beta2: s.betas[1],
@@ -48,16 +58,18 @@ impl AdamW {
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         let step_size = lr / bc1;
         for i in 0..vars.len() {
-            let g = &grads[i];
+            let dt = vars[i].dtype();
+            let wide = state_dtype(dt);
+            let g = &grads[i].to_dtype(wide)?;
             let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let mut p = vars[i].as_tensor().clone();
+            let mut p = vars[i].as_tensor().to_dtype(wide)?;
             if decay[i] && weight_decay > 0.0 {
                 p = (p * (1.0 - lr * weight_decay))?;
             }
             let denom = ((v.sqrt()? / bc2_sqrt)? + self.eps)?;
             let p = (p - (m.div(&denom)? * step_size)?)?;
-            vars[i].set(&p)?;
+            vars[i].set(&p.to_dtype(dt)?)?;
             self.m[i] = m;
             self.v[i] = v;
         }

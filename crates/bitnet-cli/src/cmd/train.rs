@@ -56,7 +56,8 @@ pub struct Args {
     pub grad_clip: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// f32 (default), f64, or bf16 (mixed: f32 masters, bf16 linears and attention).
+    /// f32 (default), f64, bf16 (mixed: f32 masters, bf16 linears and attention), or
+    /// bf16-masters (bf16 weights and gradients, AdamW's moments and update in f32).
     #[arg(long, value_parser = parse_precision)]
     pub precision: Option<Precision>,
     /// Where to train: cpu, cuda (GPU 0) or cuda:N. CUDA needs a bitnet built with
@@ -115,7 +116,10 @@ fn parse_precision(s: &str) -> Result<Precision, String> {
         "f32" => Ok(Precision::F32),
         "f64" => Ok(Precision::F64),
         "bf16" => Ok(Precision::Bf16),
-        o => Err(format!("unknown precision {o:?} (f32, f64 or bf16)")),
+        "bf16-masters" => Ok(Precision::Bf16Masters),
+        o => Err(format!(
+            "unknown precision {o:?} (f32, f64, bf16 or bf16-masters)"
+        )),
     }
 }
 
