@@ -47,8 +47,8 @@ done
 "$py" scripts/golden/compare_train_curve.py f64 "$out/ref-f64.csv" f32 "$out/ref-f32.csv" | tee "$out/reference.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || fail "the reference comparison"
 
-echo "== 2. the demo model's shape: bitnet train (f32, TF32, bf16) and PyTorch, same GPU"
-for mode in "" "--tf32" "--precision bf16"; do
+echo "== 2. the demo model's shape: bitnet train (f32, TF32, bf16, bf16 masters) and PyTorch, same GPU"
+for mode in "" "--tf32" "--precision bf16" "--precision bf16-masters"; do
   rm -rf /tmp/shk
   echo "bitnet train ${mode:-f32}:" | tee -a "$out/throughput.txt"
   "$bin" train -c scripts/train/shakespeare.toml --device cuda $mode -o /tmp/shk --stop-after "$steps" \
