@@ -9,7 +9,10 @@
 //! organization's entries (`*` drops all). PostgreSQL delivers a notification within
 //! milliseconds; the bound is one second.
 //!
-//! Three rules keep it from serving a stale caller:
+//! Four rules keep it from serving a stale caller:
+//! - The replica that commits a change clears the organization from its own cache right after
+//!   the commit, not when its notification comes back through its listener (which a loaded
+//!   replica can hear after it has already served the next request).
 //! - An entry read from the database before an invalidation is not stored after it: lookups
 //!   take the cache's generation before they query and [`CredentialCache::put`] refuses an
 //!   older one.
@@ -108,7 +111,7 @@ impl CredentialCache {
         }
     }
 
-    fn set_live(&self, live: bool) {
+    pub(crate) fn set_live(&self, live: bool) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         entries.clear();

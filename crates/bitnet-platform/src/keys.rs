@@ -533,6 +533,7 @@ impl Store {
                     crate::store::notify_credentials(&mut tx, "*").await?;
                 }
                 tx.commit().await?;
+                self.cache.invalidate("*");
             }
         }
         Ok(k)

@@ -177,6 +177,7 @@ impl Store {
             head,
             at: now(),
             backend: self.backend,
+            cache: self.cache.clone(),
         })
     }
 }
@@ -191,6 +192,9 @@ pub(crate) struct Change {
     /// The change's time: the audit events' `effective_at` and the rows' timestamps.
     pub at: i64,
     backend: Backend,
+    /// This replica's credential cache, cleared of the organization as soon as the change
+    /// commits (the other replicas hear of it from PostgreSQL).
+    cache: Arc<CredentialCache>,
 }
 
 impl Change {
@@ -226,6 +230,9 @@ impl Change {
             notify_credentials(&mut self.tx, &self.org).await?;
         }
         self.tx.commit().await?;
+        // This replica forgets them now, not when its own notification comes back through the
+        // listener: a request it serves right after the change must already see it.
+        self.cache.invalidate(&self.org);
         Ok(())
     }
 }
@@ -294,6 +301,40 @@ mod tests {
                     other.authenticate(&secret).await.unwrap().is_none(),
                     "{backend:?}: the revoke was not committed"
                 );
+            });
+        }
+    }
+
+    /// The replica that makes a change refuses a revoked key at once, without waiting for its
+    /// own notification to come back: here its cache is on but no listener runs, so nothing
+    /// but the commit itself can clear it (a loaded replica's listener can lag the next request).
+    #[test]
+    fn the_replica_that_revokes_refuses_at_once_without_its_listener() {
+        for backend in backends() {
+            let dir = tempfile::tempdir().unwrap();
+            let db = TestDb::new(backend, dir.path());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let s = Store::open(&db.url).await.unwrap();
+                s.cache.set_live(true);
+                let cli = Actor::cli();
+                let org = s.create_organization("a", &cli).await.unwrap();
+                let (key, secret) = s.create_admin_key(&org.id, "ops", &cli).await.unwrap();
+                let (_, other) = s.create_admin_key(&org.id, "other", &cli).await.unwrap();
+                assert!(s.authenticate(&secret).await.unwrap().is_some());
+                assert!(s.authenticate(&other).await.unwrap().is_some());
+                assert_eq!(s.cache.len(), 2, "{backend:?}: both callers cached");
+                s.revoke_key(&org.id, KeyKind::Admin, None, &key.id, &cli)
+                    .await
+                    .unwrap();
+                assert!(
+                    s.authenticate(&secret).await.unwrap().is_none(),
+                    "{backend:?}: the revoked key still works on the replica that revoked it"
+                );
+                assert!(s.authenticate(&other).await.unwrap().is_some());
             });
         }
     }
