@@ -39,7 +39,6 @@ import numpy as np  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 DISTILL = dict(steps=20, alpha=0.7, temperature=2.0)
@@ -122,12 +121,7 @@ def main() -> None:
     result = {
         "settings": {**s, **DISTILL},
         "init": "testdata/models/tiny-bitnet-a-float",
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "numpy": np.__version__,
-            "python": sys.version.split()[0],
-        },
+        "versions": mtg.versions(),
         "f64": curve,
     }
     (args.out / "distill.json").write_text(json.dumps(result, indent=1) + "\n")

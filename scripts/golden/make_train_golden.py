@@ -186,6 +186,16 @@ def run(dtype: torch.dtype, data: np.ndarray) -> tuple[dict, dict]:
     return {"loss": losses, "lr": lrs, "grad_norm": norms}, grads0
 
 
+def versions() -> dict:
+    """What made a golden file, recorded beside it."""
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=REPO / "testdata/golden/train")
@@ -197,12 +207,7 @@ def main() -> None:
     result = {
         "settings": SETTINGS,
         "init": "testdata/models/tiny-bitnet-a-float",
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "numpy": np.__version__,
-            "python": sys.version.split()[0],
-        },
+        "versions": versions(),
         "runs": {},
     }
     for name, dtype in [("f32", torch.float32), ("f64", torch.float64)]:
