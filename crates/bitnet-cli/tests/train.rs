@@ -46,6 +46,33 @@ fn train(out: &Path, extra: &[&str]) -> Command {
     c
 }
 
+/// `bitnet train -c CFG -o OUT --quiet`, more flags to follow.
+fn train_config(cfg: &Path, out: &Path) -> Command {
+    let mut c = bitnet();
+    c.arg("train")
+        .arg("-c")
+        .arg(cfg)
+        .arg("-o")
+        .arg(out)
+        .arg("--quiet");
+    c
+}
+
+/// `bitnet run` of a trained GGUF prints some text.
+fn generates(gguf: &Path, prompt: &str, n: usize) {
+    let o = succeeds(
+        bitnet()
+            .arg("run")
+            .arg("-m")
+            .arg(gguf)
+            .arg("-p")
+            .arg(prompt)
+            .arg("-n")
+            .arg(n.to_string()),
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+}
+
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -306,15 +333,7 @@ gguf_type = "I2_S"
     )
     .unwrap();
     let out = tmp.path().join("out");
-    let o = succeeds(
-        bitnet()
-            .arg("train")
-            .arg("-c")
-            .arg(&cfg)
-            .arg("-o")
-            .arg(&out)
-            .arg("--quiet"),
-    );
+    let o = succeeds(&mut train_config(&cfg, &out));
     let err = stderr(&o);
     assert!(err.contains("held-out loss"), "{err}");
     let eval = std::fs::read_to_string(out.join("eval.csv")).unwrap();
@@ -336,17 +355,7 @@ gguf_type = "I2_S"
     let o = succeeds(bitnet().arg("inspect").arg(out.join("model.gguf")));
     let info = String::from_utf8_lossy(&o.stdout);
     assert!(info.contains("eos <|endoftext|> (0)"), "{info}");
-    let o = succeeds(
-        bitnet()
-            .arg("run")
-            .arg("-m")
-            .arg(out.join("model.gguf"))
-            .arg("-p")
-            .arg("The")
-            .arg("-n")
-            .arg("8"),
-    );
-    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+    generates(&out.join("model.gguf"), "The", 8);
 }
 
 /// Distillation from the real SmolLM2-135M-Instruct that the engine runs: text is tokenized with
@@ -396,15 +405,7 @@ alpha = 0.9
     )
     .unwrap();
     let out = tmp.path().join("out");
-    let o = succeeds(
-        bitnet()
-            .arg("train")
-            .arg("-c")
-            .arg(&cfg)
-            .arg("-o")
-            .arg(&out)
-            .arg("--quiet"),
-    );
+    let o = succeeds(&mut train_config(&cfg, &out));
     let err = stderr(&o);
     assert!(
         err.contains("distilling from") && err.contains("vocab 49152"),
@@ -431,17 +432,7 @@ alpha = 0.9
     let (first, last) = (rows[0][5], rows[11][5]);
     eprintln!("KL to SmolLM2: {first} -> {last}");
     assert!(last < 0.8 * first, "the KL did not fall: {first} -> {last}");
-    let o = succeeds(
-        bitnet()
-            .arg("run")
-            .arg("-m")
-            .arg(out.join("model.gguf"))
-            .arg("-p")
-            .arg("To be")
-            .arg("-n")
-            .arg("4"),
-    );
-    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+    generates(&out.join("model.gguf"), "To be", 4);
     // The tiny model's vocabulary (250) is not SmolLM2's.
     fails_with(
         train(&tmp.path().join("v"), &["--teacher"]).arg(&teacher),
@@ -449,25 +440,13 @@ alpha = 0.9
     );
     // A teacher with no tokenizer cannot tokenize text.
     fails_with(
-        bitnet()
-            .arg("train")
-            .arg("-c")
-            .arg(&cfg)
+        train_config(&cfg, &tmp.path().join("t"))
             .arg("--teacher")
-            .arg(tiny_init())
-            .arg("-o")
-            .arg(tmp.path().join("t")),
+            .arg(tiny_init()),
         "the teacher ships no tokenizer",
     );
     fails_with(
-        bitnet()
-            .arg("train")
-            .arg("-c")
-            .arg(&cfg)
-            .arg("--distill-alpha")
-            .arg("1.5")
-            .arg("-o")
-            .arg(tmp.path().join("a")),
+        train_config(&cfg, &tmp.path().join("a")).args(["--distill-alpha", "1.5"]),
         "distill.alpha must lie in [0, 1]",
     );
 }
@@ -488,16 +467,7 @@ fn bad_input_is_a_clear_error() {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let run = |c: &Path| {
-        let mut cmd = bitnet();
-        cmd.arg("train")
-            .arg("-c")
-            .arg(c)
-            .arg("-o")
-            .arg(tmp.path().join("o"))
-            .arg("--quiet");
-        cmd
-    };
+    let run = |c: &Path| train_config(c, &tmp.path().join("o"));
     // An unknown key, named.
     let c = cfg(
         "typo.toml",

@@ -255,7 +255,7 @@ mod tests {
     use super::*;
     use crate::audit::Actor;
     use crate::keys::KeyKind;
-    use crate::testing::{TestDb, backends};
+    use crate::testing::{TestDb, backends, block_on};
 
     /// Every pooled connection is left inside a transaction whose rollback was lost (the
     /// `Transaction` forgotten, as a cancelled call can leave it). A revoke made next must still
@@ -266,11 +266,7 @@ mod tests {
         for backend in backends() {
             let dir = tempfile::tempdir().unwrap();
             let db = TestDb::new(backend, dir.path());
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
+            block_on(async {
                 let s = Store::open(&db.url).await.unwrap();
                 let cli = Actor::cli();
                 let org = s.create_organization("a", &cli).await.unwrap();
@@ -313,11 +309,7 @@ mod tests {
         for backend in backends() {
             let dir = tempfile::tempdir().unwrap();
             let db = TestDb::new(backend, dir.path());
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
+            block_on(async {
                 let s = Store::open(&db.url).await.unwrap();
                 s.cache.set_live(true);
                 let cli = Actor::cli();

@@ -35,7 +35,8 @@ pub fn backends() -> Vec<Backend> {
     b
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+/// Run `f` to completion on a fresh single-threaded runtime (a test's own).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -5,6 +5,7 @@
 use crate::error::{Result, TrainError};
 use crate::model::TrainModel;
 use crate::optim::AdamW;
+use bitnet_core::bf16;
 use candle_core::{DType, Tensor};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::HashMap;
@@ -36,15 +37,13 @@ fn raw(t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
         ),
-        // bf16 is the top half of an f32, so the widening is exact and the bytes are its bits.
         DType::BF16 => (
             Dtype::BF16,
             dims,
-            t.to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?
+            t.flatten_all()?
+                .to_vec1::<bf16>()?
                 .iter()
-                .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+                .flat_map(|v| v.to_le_bytes())
                 .collect(),
         ),
         other => {
@@ -157,16 +156,11 @@ pub fn load(dir: &Path, model: &TrainModel, opt: &mut AdamW, fingerprint: &str) 
             )?,
             (Dtype::BF16, DType::BF16) => Tensor::from_vec(
                 d.chunks_exact(2)
-                    .map(|c| {
-                        f32::from_bits(
-                            u32::from(u16::from_le_bytes(c.try_into().expect("2 bytes"))) << 16,
-                        )
-                    })
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
                     .collect::<Vec<_>>(),
                 v.shape(),
                 like.device(),
-            )?
-            .to_dtype(DType::BF16)?,
+            )?,
             (a, b) => return Err(bad(format!("{name} is {a:?}, the run trains in {b:?}"))),
         };
         Ok(t)

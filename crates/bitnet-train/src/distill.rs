@@ -132,7 +132,7 @@ impl std::fmt::Debug for TeacherFeed {
 }
 
 impl TeacherFeed {
-    pub fn new(teacher: Arc<dyn Teacher>) -> Self {
+    pub fn new(teacher: Arc<dyn Teacher>) -> Result<Self> {
         let (jobs, inbox) = channel::<Job>();
         let (outbox, results) = channel();
         let t = teacher.clone();
@@ -145,12 +145,15 @@ impl TeacherFeed {
                     }
                 }
             })
-            .expect("spawning the teacher thread");
-        Self {
+            .map_err(|e| TrainError::Config {
+                path: "teacher".into(),
+                message: format!("cannot start the teacher's thread: {e}"),
+            })?;
+        Ok(Self {
             teacher,
             jobs,
             results: Mutex::new((results, VecDeque::new())),
-        }
+        })
     }
 
     pub fn teacher(&self) -> &dyn Teacher {

@@ -393,15 +393,8 @@ impl TrainModel {
         } else {
             self.var(names::LM_HEAD.hf)?.as_tensor()
         };
-        Ok(x.matmul(&c(head)?.t()?)?.to_dtype(self.logits_dtype())?)
-    }
-
-    /// The logits' type: the masters' type, or f32 for bf16 masters (the loss is computed there).
-    pub fn logits_dtype(&self) -> DType {
-        match self.dtype {
-            DType::BF16 | DType::F16 => DType::F32,
-            d => d,
-        }
+        // The logits (and the loss) in the masters' type, or in f32 for bf16 masters.
+        Ok(x.matmul(&c(head)?.t()?)?.to_dtype(ops::wide(self.dtype))?)
     }
 
     /// Mean next-token cross-entropy of rows `[b, t + 1]` (u32): the model reads the first `t`

@@ -156,6 +156,15 @@ pub fn weight_quant_ste(w: &Tensor) -> Result<Tensor> {
     fake_quant_ste(w, scale, -1.0, 1.0)
 }
 
+/// Where a half-precision type (bf16, f16) computes what it cannot hold well (quantizers, the
+/// loss, AdamW's moments): f32; any other type is its own.
+pub fn wide(dt: DType) -> DType {
+    match dt {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
 /// `x @ w.T` for `x: [n, in]`, `w: [out, in]` (the master weight, cast to `x`'s type); BitLinear
 /// when `ternary`. On the CPU in f32 and f64 the quantizers are bitnet-core's own functions (the
 /// inference engine's, bit for bit); elsewhere they are the same formulas as tensor operations
@@ -171,11 +180,7 @@ pub fn linear(x: &Tensor, w: &Tensor, ternary: bool) -> Result<Tensor> {
             w.to_dtype(dt)?.apply_op1(WeightQuant)?,
         )
     } else {
-        let wide = if matches!(dt, DType::BF16 | DType::F16) {
-            DType::F32
-        } else {
-            dt
-        };
+        let wide = wide(dt);
         (
             act_quant_ste(&x.to_dtype(wide)?)?.to_dtype(dt)?,
             weight_quant_ste(&w.to_dtype(wide)?)?.to_dtype(dt)?,

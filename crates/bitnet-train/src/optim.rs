@@ -9,6 +9,7 @@
 //! widened weight, then rounded back once.
 
 use crate::config::{Schedule, TrainSettings};
+use crate::ops::wide;
 use candle_core::{Result, Tensor, Var};
 
 #[derive(Debug)]
@@ -22,17 +23,9 @@ pub struct AdamW {
     pub v: Vec<Tensor>,
 }
 
-/// The type AdamW keeps its moments and computes its update in, for masters of type `dt`.
-pub fn state_dtype(dt: candle_core::DType) -> candle_core::DType {
-    match dt {
-        candle_core::DType::BF16 | candle_core::DType::F16 => candle_core::DType::F32,
-        d => d,
-    }
-}
-
 impl AdamW {
     pub fn new(vars: &[Var], s: &TrainSettings) -> Result<Self> {
-        let zeros = |v: &Var| v.as_tensor().zeros_like()?.to_dtype(state_dtype(v.dtype()));
+        let zeros = |v: &Var| v.as_tensor().zeros_like()?.to_dtype(wide(v.dtype()));
         Ok(Self {
             beta1: s.betas[0],
             beta2: s.betas[1],
@@ -59,11 +52,10 @@ impl AdamW {
         let step_size = lr / bc1;
         for i in 0..vars.len() {
             let dt = vars[i].dtype();
-            let wide = state_dtype(dt);
-            let g = &grads[i].to_dtype(wide)?;
+            let g = &grads[i].to_dtype(wide(dt))?;
             let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let mut p = vars[i].as_tensor().to_dtype(wide)?;
+            let mut p = vars[i].as_tensor().to_dtype(wide(dt))?;
             if decay[i] && weight_decay > 0.0 {
                 p = (p * (1.0 - lr * weight_decay))?;
             }

@@ -255,7 +255,7 @@ impl Trainer {
             metrics_path,
             fingerprint,
             decay,
-            feed: teacher.map(TeacherFeed::new),
+            feed: teacher.map(TeacherFeed::new).transpose()?,
             lookahead,
         })
     }
@@ -470,9 +470,7 @@ impl Trainer {
             let logits = feed.teacher().logits(&ids, r, seq)?;
             for (i, z) in logits.chunks(v).enumerate() {
                 let target = rows[(i / seq) * w + i % seq + 1] as usize;
-                let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-                let lse = max + z.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-                sum += lse - z[target] as f64;
+                sum -= f64::from(bitnet_model::sampling::log_prob(z, target));
                 count += 1;
             }
             done += k;

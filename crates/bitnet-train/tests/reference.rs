@@ -47,13 +47,18 @@ fn config(precision: Precision, micro: Option<usize>) -> TrainConfig {
 }
 
 fn trainer(precision: Precision, micro: Option<usize>, out: &Path) -> Trainer {
+    trainer_with(config(precision, micro), out, RunOptions::default())
+}
+
+/// A run of `c` from the tiny model's float masters into `out`, with the other options of `opts`.
+fn trainer_with(c: TrainConfig, out: &Path, opts: RunOptions) -> Trainer {
     Trainer::new(
-        config(precision, micro),
+        c,
         Path::new("reference.toml"),
         RunOptions {
             out: out.to_path_buf(),
             init: Some(repo().join("testdata/models/tiny-bitnet-a-float")),
-            ..RunOptions::default()
+            ..opts
         },
     )
     .unwrap()
@@ -291,18 +296,15 @@ fn distillation_matches_pytorch_in_double_precision() {
         let mut c = config(Precision::F64, micro);
         c.distill.alpha = g["settings"]["alpha"].as_f64().unwrap();
         c.distill.temperature = g["settings"]["temperature"].as_f64().unwrap();
-        let mut t = Trainer::new(
+        let mut t = trainer_with(
             c,
-            Path::new("reference.toml"),
+            dir.path(),
             RunOptions {
-                out: dir.path().to_path_buf(),
-                init: Some(repo().join("testdata/models/tiny-bitnet-a-float")),
                 teacher: Some(std::sync::Arc::new(FormulaTeacher { vocab: 250 })),
                 stop_after: Some(steps),
                 ..RunOptions::default()
             },
-        )
-        .unwrap();
+        );
         // With two micro-batches, the teacher also scores ahead (as it does for a GPU student).
         t.set_teacher_lookahead(micro.is_some());
         let (loss, gerr) = grads_error(&t, "distill_grads_f64.safetensors");
@@ -349,20 +351,11 @@ fn an_engine_teacher_equal_to_the_student_gives_no_divergence() {
     let dir = tempfile::tempdir().unwrap();
     let init = repo().join("testdata/models/tiny-bitnet-a-float");
     let mut c = config(Precision::F32, Some(2));
-    c.distill.teacher = Some(init.clone());
+    c.distill.teacher = Some(init);
     c.distill.alpha = 1.0;
     c.data.heldout_npy = Some(golden().join("data.npy"));
     c.eval.max_rows = 24;
-    let t = Trainer::new(
-        c,
-        Path::new("reference.toml"),
-        RunOptions {
-            out: dir.path().to_path_buf(),
-            init: Some(init),
-            ..RunOptions::default()
-        },
-    )
-    .unwrap();
+    let t = trainer_with(c, dir.path(), RunOptions::default());
     assert!(
         t.teacher()
             .unwrap()
@@ -418,35 +411,30 @@ fn bf16_masters_train_like_f32_and_resume_exactly() {
 
     let parts = tempfile::tempdir().unwrap();
     let run = |resume: bool, stop: Option<u64>| {
-        let mut t = Trainer::new(
+        let mut t = trainer_with(
             config(Precision::Bf16Masters, None),
-            Path::new("reference.toml"),
+            parts.path(),
             RunOptions {
-                out: parts.path().to_path_buf(),
-                init: Some(repo().join("testdata/models/tiny-bitnet-a-float")),
                 resume,
                 stop_after: stop,
                 ..RunOptions::default()
             },
-        )
-        .unwrap();
+        );
         t.run(&mut |_| {}).unwrap();
     };
     run(false, Some(20));
     let bytes = std::fs::read(parts.path().join("checkpoint.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (_, first) = st
-        .tensors()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("param/model.layers"))
-        .unwrap();
-    assert_eq!(first.dtype(), safetensors::Dtype::BF16);
-    let (_, m) = st
-        .tensors()
-        .into_iter()
-        .find(|(n, _)| n.starts_with("adam_m/"))
-        .unwrap();
-    assert_eq!(m.dtype(), safetensors::Dtype::F32);
+    let dtype_of = |prefix: &str| {
+        let (_, t) = st
+            .tensors()
+            .into_iter()
+            .find(|(n, _)| n.starts_with(prefix))
+            .unwrap();
+        t.dtype()
+    };
+    assert_eq!(dtype_of("param/model.layers"), safetensors::Dtype::BF16);
+    assert_eq!(dtype_of("adam_m/"), safetensors::Dtype::F32);
     run(true, None);
     assert_eq!(curve(parts.path()), got, "the resumed run differs");
 }
